@@ -1,0 +1,563 @@
+"""GLNet: convolutions on the pixel grid, self-attention on 64 semantic slots.
+
+Reference implementation of "Revisiting the Integration of Convolution and Attention for Vision
+Backbone" (Zhu, Wang, Zhang, Lau; NeurIPS 2024). Every GLMix block represents the image twice:
+as the fine-grained grid of pixels, where a light-weight local branch of convolutions extracts
+local features, and as a coarse set of 64 semantic slots, where multi-head self-attention (MHSA)
+models global relations. A soft clustering module (grid -> slots) and its conjugate dispatching
+module (slots -> grid) bridge the two (paper Sec. 3.2, Figure 4, Eq. 1-4).
+
+Read in order: the GLMix block, the MHSA blocks, the network (Sec. 3.3), the five released
+variants, checkpoint loading, and the report printed by `python glnet.py`.
+"""
+
+import argparse
+import math
+import os
+import re
+import time
+import warnings
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+from torchvision.ops import StochasticDepth
+
+SLOT_GRID = 8                  # slots are initialised by pooling the grid to 8x8 ...
+NUM_SLOTS = SLOT_GRID ** 2     # ... so M = 64 semantic slots, at every input resolution
+HEAD_DIM = 32                  # attention heads = channels / 32
+LOCAL_KERNEL = 5               # depth-wise kernel of the local branch
+MIN_INPUT_SIZE = 32            # the total stride: stage 4 needs at least one pixel
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks
+# ---------------------------------------------------------------------------------------------
+
+class MHSA(nn.Module):
+    """Multi-head self-attention with torch.nn.MultiheadAttention's parameters (one packed q/k/v
+    projection), so the released weights load, computed by F.scaled_dot_product_attention."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.num_heads = dim // HEAD_DIM
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * dim))
+        self.out_proj = nn.Linear(dim, dim)
+        nn.init.xavier_uniform_(self.in_proj_weight)  # as nn.MultiheadAttention
+
+    def forward(self, x):                                                  # (B, N, C)
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)          # (B, N, 3C)
+        q, k, v = rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
+        x = F.scaled_dot_product_attention(q, k, v)                        # (B, heads, N, 32)
+        return self.out_proj(rearrange(x, "b h n d -> b n (h d)"))
+
+
+class ResidualDWConv(nn.Conv2d):
+    """z + DWConv3x3(z): the conv position encoding and the conv FFN of GLNet-4G/9G/16G."""
+
+    def __init__(self, dim):
+        super().__init__(dim, dim, 3, padding=1, groups=dim)
+
+    def forward(self, x):
+        return x + super().forward(x)
+
+
+class LayerScale(nn.Module):
+    """A learnable per-channel scale on a residual branch (GLNet-16G, initialised to 1e-4)."""
+
+    def __init__(self, shape, init_value):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full(shape, init_value))
+
+    def forward(self, x):
+        return x * self.gamma
+
+
+def norm_pixels(norm, x):
+    """LayerNorm over the channels of each pixel of a (B, C, H, W) grid."""
+    return rearrange(norm(rearrange(x, "b c h w -> b h w c")), "b h w c -> b c h w")
+
+
+def conv_mlp(dim, mlp_ratio, conv_ffn):
+    """The per-pixel FFN on the grid: Conv1x1 -> [z + DWConv3x3(z)] -> GELU -> Conv1x1."""
+    hidden = int(dim * mlp_ratio)
+    return nn.Sequential(
+        nn.Conv2d(dim, hidden, 1),
+        ResidualDWConv(hidden) if conv_ffn else nn.Identity(),
+        nn.GELU(),
+        nn.Conv2d(hidden, dim, 1),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The GLMix block (Sec. 3.2, Figure 4)
+# ---------------------------------------------------------------------------------------------
+
+class GLMixBlock(nn.Module):
+    """Global branch (clustering -> MHSA over the slots -> dispatching) and local branch
+    (Conv1x1 -> DWConv5x5 -> Conv1x1) in parallel on the same normalised grid, fused by addition;
+    then the FFN. Attention costs O(64^2) and clustering O(64 x HW): linear in the pixel count."""
+
+    def __init__(self, dim, mlp_ratio, drop_path=0.0, learned_slots=False, conv_pos=False,
+                 conv_ffn=False, layer_scale=None):
+        super().__init__()
+        self.init_slots = nn.Parameter(0.02 * torch.randn(1, NUM_SLOTS, dim)) if learned_slots else None
+        self.pos_conv = ResidualDWConv(dim) if conv_pos else nn.Identity()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.tau = nn.Parameter(torch.tensor(dim ** -0.5))  # the learnable scale of Eq. 2
+        self.slot_mhsa = MHSA(dim)
+        self.local_branch = nn.Sequential(
+            nn.Conv2d(dim, dim, 1),
+            nn.Conv2d(dim, dim, LOCAL_KERNEL, padding=LOCAL_KERNEL // 2, groups=dim),
+            nn.Conv2d(dim, dim, 1),
+        )
+        self.ls1 = LayerScale((1, dim, 1, 1), layer_scale) if layer_scale else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = conv_mlp(dim, mlp_ratio, conv_ffn)
+        self.ls2 = LayerScale((1, dim, 1, 1), layer_scale) if layer_scale else nn.Identity()
+        self.drop_path = StochasticDepth(drop_path, "row")
+        self.keep_clustering_weights = False  # set by GLNet.clustering_weights (Figure 5)
+
+    def initial_slots(self, x):
+        """Eq. 1: S_init = Flatten(AvgPool(X)), or learned slots shared by all images."""
+        if self.init_slots is not None:
+            return self.init_slots.expand(x.shape[0], -1, -1)
+        return rearrange(F.adaptive_avg_pool2d(x, SLOT_GRID), "b c h w -> b (h w) c")
+
+    def correspondence_logits(self, slots_init, pixels):
+        """Eq. 2: A = tau * CosineSimilarity(S_init, X), shape (B, 64, HW)."""
+        slots_init = self.tau * F.normalize(slots_init, dim=-1)
+        return slots_init @ F.normalize(pixels, dim=-1).transpose(1, 2)
+
+    def forward(self, x):                                              # (B, C, H, W)
+        H = x.shape[2]
+        slots_init = self.initial_slots(x)                             # (B, 64, C)
+        x = self.pos_conv(x)
+        shortcut = x
+        y = self.norm1(rearrange(x, "b c h w -> b h w c"))             # (B, H, W, C)
+        pixels = y.flatten(1, 2)                                       # X: (B, HW, C)
+
+        # Global branch: soft clustering (Eq. 2-3), MHSA over the slots, dispatching (Eq. 4).
+        logits = self.correspondence_logits(slots_init, pixels)        # A: (B, 64, HW)
+        clustering = logits.softmax(dim=-1)                            # each slot: weights over pixels
+        if self.keep_clustering_weights:
+            self.clustering_weights = rearrange(clustering.detach(), "b m (h w) -> b m h w", h=H)
+        slots = clustering @ pixels                                    # S: (B, 64, C)
+        slots = self.slot_mhsa(slots)                                  # S'
+        dispatching = logits.transpose(1, 2).softmax(dim=-1)          # each pixel: weights over slots
+        global_features = rearrange(dispatching @ slots, "b (h w) c -> b c h w", h=H)
+
+        local_features = self.local_branch(rearrange(y, "b h w c -> b c h w"))
+        x = shortcut + self.drop_path(self.ls1(global_features + local_features))
+        return x + self.drop_path(self.ls2(self.mlp(norm_pixels(self.norm2, x))))
+
+
+# ---------------------------------------------------------------------------------------------
+# Full-attention blocks (stage 3 odd blocks and stage 4)
+# ---------------------------------------------------------------------------------------------
+
+class MHSABlock(nn.Module):
+    """MHSA over all pixels, grid layout: conv position encoding, attention on the tokens, then
+    the same conv FFN as the GLMix block (stage 3 odd blocks and stage 4 of GLNet-4G/9G/16G)."""
+
+    def __init__(self, dim, mlp_ratio, drop_path=0.0, conv_pos=False, conv_ffn=False, layer_scale=None):
+        super().__init__()
+        self.pos_conv = ResidualDWConv(dim) if conv_pos else nn.Identity()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.mhsa = MHSA(dim)
+        self.ls1 = LayerScale((dim,), layer_scale) if layer_scale else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = conv_mlp(dim, mlp_ratio, conv_ffn)
+        self.ls2 = LayerScale((1, dim, 1, 1), layer_scale) if layer_scale else nn.Identity()
+        self.drop_path = StochasticDepth(drop_path, "row")
+
+    def forward(self, x):                                              # (B, C, H, W)
+        H = x.shape[2]
+        x = self.pos_conv(x)
+        tokens = rearrange(x, "b c h w -> b (h w) c")                  # (B, HW, C)
+        tokens = tokens + self.drop_path(self.ls1(self.mhsa(self.norm1(tokens))))
+        x = rearrange(tokens, "b (h w) c -> b c h w", h=H)
+        return x + self.drop_path(self.ls2(self.mlp(norm_pixels(self.norm2, x))))
+
+
+class TransformerBlock(nn.Module):
+    """A standard pre-norm transformer block on the tokens (stage 4 of GLNet-STL)."""
+
+    def __init__(self, dim, mlp_ratio, drop_path=0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.mhsa = MHSA(dim)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
+        self.drop_path = StochasticDepth(drop_path, "row")
+
+    def forward(self, x):                                              # (B, C, H, W)
+        H = x.shape[2]
+        tokens = rearrange(x, "b c h w -> b (h w) c")                  # (B, HW, C)
+        tokens = tokens + self.drop_path(self.mhsa(self.norm1(tokens)))
+        tokens = tokens + self.drop_path(self.mlp(self.norm2(tokens)))
+        return rearrange(tokens, "b (h w) c -> b c h w", h=H)
+
+
+# ---------------------------------------------------------------------------------------------
+# The network (Sec. 3.3)
+# ---------------------------------------------------------------------------------------------
+
+class PatchConv(nn.Conv2d):
+    """Non-overlapped patch convolution (kernel = stride). Pads the bottom and right edges to a
+    multiple of the stride, so that sizes not divisible by 32 lose no pixels."""
+
+    def forward(self, x):
+        stride = self.stride[0]
+        pad_h, pad_w = -x.shape[2] % stride, -x.shape[3] % stride
+        if pad_h or pad_w:
+            x = F.pad(x, (0, pad_w, 0, pad_h))
+        return super().forward(x)
+
+
+def stem(in_chans, dim, overlapped):
+    """Downsampling layer 0 (stride 4)."""
+    if overlapped:  # Conv3x3 s2 -> BN -> GELU -> Conv3x3 s2 -> BN
+        return nn.Sequential(
+            nn.Conv2d(in_chans, dim // 2, 3, stride=2, padding=1), nn.BatchNorm2d(dim // 2), nn.GELU(),
+            nn.Conv2d(dim // 2, dim, 3, stride=2, padding=1), nn.BatchNorm2d(dim),
+        )
+    return nn.Sequential(PatchConv(in_chans, dim, 4, stride=4), nn.BatchNorm2d(dim))
+
+
+def downsample(in_dim, out_dim, overlapped):
+    """Downsampling layers 1-3 (stride 2): overlapped conv then norm, or norm then patch conv."""
+    if overlapped:
+        return nn.Sequential(nn.Conv2d(in_dim, out_dim, 3, stride=2, padding=1), nn.BatchNorm2d(out_dim))
+    return nn.Sequential(nn.BatchNorm2d(in_dim), PatchConv(in_dim, out_dim, 2, stride=2))
+
+
+class Stage(nn.Module):
+    def __init__(self, blocks):
+        super().__init__()
+        self.blocks = nn.Sequential(*blocks)
+
+    def forward(self, x):
+        return self.blocks(x)
+
+
+class GLNet(nn.Module):
+    """Four stages at strides 4, 8, 16, 32. GLMix blocks in stages 1-3 (stage 3 optionally
+    alternating with full MHSA: the 'hybrid stage 3'), full MHSA in stage 4 where the grid is
+    small, then BatchNorm, global average pooling and a linear classifier.
+
+    The advanced designs of GLNet-4G/9G/16G (Sec. 3.3) are switches: `overlapped` downsampling,
+    `stage3="hybrid"`, `conv_pos` (conv position encoding), `conv_ffn`, and the deeper layout."""
+
+    def __init__(self, depths, dims, mlp_ratio, stage3="glmix", stage4="token", learned_slots=False,
+                 overlapped=False, conv_pos=False, conv_ffn=False, layer_scale=None,
+                 num_classes=1000, drop_path_rate=0.0, in_chans=3):
+        super().__init__()
+        if stage3 not in ("glmix", "hybrid") or stage4 not in ("token", "grid"):
+            raise ValueError(f"stage3 must be 'glmix' or 'hybrid' and stage4 'token' or 'grid', "
+                             f"got {stage3!r} and {stage4!r}")
+        self.in_chans = in_chans
+        self.stage_channels = tuple(dims)   # channels of the four stage outputs
+        self.stage_strides = (4, 8, 16, 32)
+        self.num_features = dims[-1]
+
+        self.downsample_layers = nn.ModuleList(
+            [stem(in_chans, dims[0], overlapped)]
+            + [downsample(dims[i], dims[i + 1], overlapped) for i in range(3)]
+        )
+        num_blocks = sum(depths)
+        drop_rates = [drop_path_rate * i / max(num_blocks - 1, 1) for i in range(num_blocks)]  # grows with depth
+        grid_block_args = dict(conv_pos=conv_pos, conv_ffn=conv_ffn, layer_scale=layer_scale)
+        stages = []
+        for i, (depth, dim) in enumerate(zip(depths, dims)):
+            blocks = []
+            for j in range(depth):
+                drop_path = drop_rates[sum(depths[:i]) + j]
+                if i == 3 and stage4 == "token":
+                    blocks.append(TransformerBlock(dim, mlp_ratio, drop_path))
+                elif i == 3 or (i == 2 and stage3 == "hybrid" and j % 2 == 1):
+                    blocks.append(MHSABlock(dim, mlp_ratio, drop_path, **grid_block_args))
+                else:
+                    blocks.append(GLMixBlock(dim, mlp_ratio, drop_path, learned_slots, **grid_block_args))
+            stages.append(Stage(blocks))
+        self.stages = nn.ModuleList(stages)
+
+        self.norm = nn.BatchNorm2d(dims[-1])
+        self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m):
+        """The released training's initialisation: convolutions keep PyTorch's default."""
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def check_input(self, x):
+        """Fail early, saying what was expected, instead of deep inside a convolution."""
+        expected = f"a float image batch of shape (B, {self.in_chans}, H, W) with H, W >= {MIN_INPUT_SIZE}"
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"GLNet expects {expected}, got {type(x).__name__}")
+        if x.dim() != 4 or x.shape[1] != self.in_chans:
+            raise ValueError(f"GLNet expects {expected}, got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"GLNet expects {expected}, got dtype {x.dtype} "
+                            f"(convert images with x.float() / 255 and normalise them)")
+        if min(x.shape[2:]) < MIN_INPUT_SIZE:
+            raise ValueError(f"GLNet expects {expected}, got {x.shape[2]}x{x.shape[3]}")
+
+    def forward_features(self, x):
+        """The four stage outputs at strides 4, 8, 16, 32: (B, C_i, ceil(H / s_i), ceil(W / s_i)).
+        Works at any size >= 32: the dense-prediction interface."""
+        self.check_input(x)
+        features = []
+        for downsample_layer, stage in zip(self.downsample_layers, self.stages):
+            x = stage(downsample_layer(x))
+            features.append(x)
+        return features
+
+    def forward_head(self, x):                                         # (B, C4, H/32, W/32)
+        return self.head(self.norm(x).mean(dim=(2, 3)))
+
+    def forward(self, x):
+        """Class logits (B, num_classes); the pooled features (B, C4) when num_classes=0."""
+        return self.forward_head(self.forward_features(x)[-1])
+
+    @torch.no_grad()
+    def clustering_weights(self, x):
+        """The soft clustering weights softmax(A) of Eq. 3 of every GLMix block, for the slot
+        visualisation of Figure 5: {block name: (B, 64, H_i, W_i)}, each map summing to 1."""
+        blocks = {name: m for name, m in self.named_modules() if isinstance(m, GLMixBlock)}
+        for block in blocks.values():
+            block.keep_clustering_weights = True
+        try:
+            self.forward_features(x)
+            return {name: block.__dict__.pop("clustering_weights") for name, block in blocks.items()}
+        finally:
+            for block in blocks.values():
+                block.keep_clustering_weights = False
+
+
+# ---------------------------------------------------------------------------------------------
+# The released variants (paper Table 2; ../shared/reference/ARCHITECTURE.md)
+# ---------------------------------------------------------------------------------------------
+
+ADVANCED_DESIGNS = dict(depths=(4, 4, 18, 4), mlp_ratio=3, stage3="hybrid", stage4="grid",
+                        overlapped=True, conv_pos=True, conv_ffn=True)
+
+
+def glnet_stl(**kwargs):
+    """GLNet-STL: the Swin-T layout with GLMix blocks in stages 1-3."""
+    return GLNet(**{**dict(depths=(2, 2, 6, 2), dims=(96, 192, 384, 768), mlp_ratio=4), **kwargs})
+
+
+def glnet_stl_paramslot(**kwargs):
+    """GLNet-STL with learned instead of pooled slot initialisation (ablation, Table 6)."""
+    return glnet_stl(**{"learned_slots": True, **kwargs})
+
+
+def glnet_4g(**kwargs):
+    return GLNet(**{**ADVANCED_DESIGNS, "dims": (64, 128, 256, 512), **kwargs})
+
+
+def glnet_9g(**kwargs):
+    return GLNet(**{**ADVANCED_DESIGNS, "dims": (96, 192, 384, 768), **kwargs})
+
+
+def glnet_16g(**kwargs):
+    return GLNet(**{**ADVANCED_DESIGNS, "dims": (128, 256, 512, 1024), "layer_scale": 1e-4, **kwargs})
+
+
+MODELS = {f.__name__: f for f in (glnet_stl, glnet_stl_paramslot, glnet_4g, glnet_9g, glnet_16g)}
+
+# The paper's model card: parameters (M), GFLOPs at 224x224, ImageNet-1k top-1 (%).
+PAPER = {
+    "glnet_stl": (30.3, 4.4, 82.5),
+    "glnet_stl_paramslot": (30.5, 4.4, 82.1),
+    "glnet_4g": (27.0, 4.5, 83.7),
+    "glnet_9g": (60.0, 9.7, 84.5),
+    "glnet_16g": (106.1, 16.7, 85.0),
+}
+
+
+def create_model(name, **kwargs):
+    """create_model("glnet_4g", num_classes=10, drop_path_rate=0.1)"""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(MODELS)}")
+    return MODELS[name](**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------
+
+# The released checkpoints use other names for some modules; one renaming step converts them.
+RELEASED_NAMES = [
+    (r"\.slot_scale$", ".tau"),
+    (r"\.relation_mha\.", ".slot_mhsa."),
+    (r"\.feature_conv\.", ".local_branch."),
+    (r"\.mha_op\.", ".mhsa."),
+]
+# The released overlapped stem has a parameter-free module first, so its layers sit one index later.
+RELEASED_OVERLAPPED_STEM = (r"^downsample_layers\.0\.([1245])\.", lambda m: f"downsample_layers.0.{int(m[1]) - 1}.")
+
+
+def convert_released_state_dict(state_dict):
+    """Rename the keys of a released checkpoint to this file's module names."""
+    rules = list(RELEASED_NAMES)
+    if "downsample_layers.0.5.weight" in state_dict:
+        rules.append(RELEASED_OVERLAPPED_STEM)
+    converted = {}
+    for key, value in state_dict.items():
+        for pattern, replacement in rules:
+            key = re.sub(pattern, replacement, key)
+        converted[key] = value
+    return converted
+
+
+def unwrap_state_dict(checkpoint, key=None):
+    """The model weights inside any of the usual checkpoint formats: {'model': ...},
+    {'model_ema': ...} (preferred when present), {'state_dict': ...} or a bare state_dict;
+    a `module.` prefix (DDP, swa_utils.AveragedModel) or `_orig_mod.` prefix (torch.compile)."""
+    if not isinstance(checkpoint, dict):
+        raise TypeError(f"expected a checkpoint dict or state_dict, got {type(checkpoint).__name__}")
+    if key is not None:
+        if key not in checkpoint:
+            raise KeyError(f"checkpoint has no {key!r} entry; its entries: {sorted(checkpoint)[:10]}")
+        state_dict = checkpoint[key]
+    else:
+        wrapped = [k for k in ("model_ema", "model", "state_dict") if isinstance(checkpoint.get(k), dict)]
+        state_dict = checkpoint[wrapped[0]] if wrapped else checkpoint
+    state_dict = {k: v for k, v in state_dict.items() if k != "n_averaged"}
+    for prefix in ("module.", "_orig_mod."):
+        if state_dict and all(k.startswith(prefix) for k in state_dict):
+            state_dict = {k[len(prefix):]: v for k, v in state_dict.items()}
+    if any(".relation_mha." in k for k in state_dict):
+        state_dict = convert_released_state_dict(state_dict)
+    return state_dict
+
+
+def guess_variant(state_dict):
+    """The variant whose tensor names and shapes overlap most with `state_dict`."""
+    num_classes = state_dict["head.weight"].shape[0] if "head.weight" in state_dict else 0
+    given = {(k, tuple(v.shape)) for k, v in state_dict.items()}
+    best, best_score = None, -1.0
+    for name in MODELS:
+        with torch.device("meta"):
+            expected = {(k, tuple(v.shape)) for k, v in create_model(name, num_classes=num_classes).state_dict().items()}
+        score = len(given & expected) / len(given | expected)
+        if score > best_score:
+            best, best_score = name, score
+    exact = "exactly" if best_score == 1.0 else f"most closely ({best_score:.0%} of the tensors match)"
+    return f"{best}(num_classes={num_classes}) {exact}"
+
+
+def load_checkpoint(model, checkpoint, key=None, max_listed=5):
+    """Load a GLNet checkpoint strictly: a file path or a loaded dict, released or trained here.
+
+    On any mismatch it raises a ValueError listing the first missing, unexpected and wrongly
+    shaped tensors and naming the variant the checkpoint looks like."""
+    if isinstance(checkpoint, (str, os.PathLike)):
+        if not os.path.isfile(checkpoint):
+            raise FileNotFoundError(f"checkpoint file not found: {checkpoint}")
+        checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    state_dict = unwrap_state_dict(checkpoint, key)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    wrong_shape = [f"{k}: checkpoint {tuple(state_dict[k].shape)}, model {tuple(v.shape)}"
+                   for k, v in expected.items() if k in state_dict and state_dict[k].shape != v.shape]
+    if missing or unexpected or wrong_shape:
+        lines = [f"checkpoint does not match {type(model).__name__}: {len(missing)} missing, "
+                 f"{len(unexpected)} unexpected, {len(wrong_shape)} wrongly shaped tensors"]
+        for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)):
+            if items:
+                lines.append(f"  {title}: " + ", ".join(items[:max_listed]) + (", ..." if len(items) > max_listed else ""))
+        lines.append(f"  the checkpoint looks like {guess_variant(state_dict)}")
+        raise ValueError("\n".join(lines))
+    model.load_state_dict(state_dict, strict=True)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameters, FLOPs and throughput: `python glnet.py`
+# ---------------------------------------------------------------------------------------------
+
+def count_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def sdpa_flop_handle(inputs, outputs):
+    """fvcore handle for aten::scaled_dot_product_attention: the two matmuls Q K^T and A V,
+    counted in multiply-accumulates like fvcore's own matmul handle."""
+    from fvcore.nn.jit_handles import get_shape
+    q, k, v = (get_shape(t) for t in inputs[:3])
+    *batch, n, d = q
+    return math.prod(batch) * n * k[-2] * (d + v[-1])
+
+
+def flop_analysis(module, inputs):
+    """fvcore's FlopCountAnalysis, plus the attention handle fvcore lacks."""
+    with warnings.catch_warnings():  # fvcore's import uses the deprecated torch.jit.script
+        warnings.simplefilter("ignore", FutureWarning)
+        from fvcore.nn import FlopCountAnalysis
+    flops = FlopCountAnalysis(module, inputs)
+    flops.set_op_handle("aten::scaled_dot_product_attention", sdpa_flop_handle)
+    flops.unsupported_ops_warnings(False)
+    flops.uncalled_modules_warnings(False)
+    return flops
+
+
+def count_flops(model, image_size=224):
+    """GFLOPs of one image (multiply-accumulates, as the paper counts them), by fvcore."""
+    was_training = model.training
+    model.eval()
+    try:
+        return flop_analysis(model, torch.zeros(1, model.in_chans, image_size, image_size)).total() / 1e9
+    finally:
+        model.train(was_training)
+
+
+@torch.inference_mode()
+def measure_throughput(model, batch_size=8, image_size=224, device="cpu", steps=5):
+    """Images per second of eval-mode inference, after one warm-up batch."""
+    model = model.to(device).eval()
+    x = torch.randn(batch_size, model.in_chans, image_size, image_size, device=device)
+    model(x)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        model(x)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return batch_size * steps / (time.perf_counter() - start)
+
+
+def main():
+    parser = argparse.ArgumentParser(description="Parameters, FLOPs and throughput of the GLNet variants.")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: 8 on CPU, 128 on GPU")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--steps", type=int, default=5, help="timed batches per model")
+    args = parser.parse_args()
+    batch_size = args.batch_size or (128 if args.device.startswith("cuda") else 8)
+
+    print(f"{'model':<22}{'params (M)':>11}{'paper':>7}{'GFLOPs':>9}{'paper':>7}"
+          f"{'top-1':>7}{'images/s':>10}   ({args.device}, batch {batch_size}, {args.image_size}x{args.image_size})")
+    for name in args.models:
+        model = create_model(name)
+        params, flops = count_params(model) / 1e6, count_flops(model, args.image_size)
+        speed = measure_throughput(model, batch_size, args.image_size, args.device, args.steps)
+        paper_params, paper_flops, top1 = PAPER[name]
+        print(f"{name:<22}{params:>11.2f}{paper_params:>7.1f}{flops:>9.2f}{paper_flops:>7.1f}{top1:>7.1f}{speed:>10.1f}")
+
+
+if __name__ == "__main__":
+    main()
