@@ -373,7 +373,14 @@ def glnet_16g(**kwargs):
     return GLNet(**{**ADVANCED_DESIGNS, "dims": (128, 256, 512, 1024), "layer_scale": 1e-4, **kwargs})
 
 
-MODELS = {f.__name__: f for f in (glnet_stl, glnet_stl_paramslot, glnet_4g, glnet_9g, glnet_16g)}
+def glnet_mini(**kwargs):
+    """Not released: GLNet-4G's designs at a size that trains in minutes on a laptop CPU
+    (the out-of-the-box runs of train.py, detect_seg.py and analyze.py)."""
+    return GLNet(**{**ADVANCED_DESIGNS, "depths": (1, 1, 3, 1), "dims": (32, 64, 128, 256), **kwargs})
+
+
+RELEASED = ("glnet_stl", "glnet_stl_paramslot", "glnet_4g", "glnet_9g", "glnet_16g")
+MODELS = {f.__name__: f for f in (glnet_stl, glnet_stl_paramslot, glnet_4g, glnet_9g, glnet_16g, glnet_mini)}
 
 # The paper's model card: parameters (M), GFLOPs at 224x224, ImageNet-1k top-1 (%).
 PAPER = {
@@ -447,7 +454,7 @@ def guess_variant(state_dict):
     num_classes = state_dict["head.weight"].shape[0] if "head.weight" in state_dict else 0
     given = {(k, tuple(v.shape)) for k, v in state_dict.items()}
     best, best_score = None, -1.0
-    for name in MODELS:
+    for name in RELEASED:
         with torch.device("meta"):
             expected = {(k, tuple(v.shape)) for k, v in create_model(name, num_classes=num_classes).state_dict().items()}
         score = len(given & expected) / len(given | expected)
@@ -541,7 +548,7 @@ def measure_throughput(model, batch_size=8, image_size=224, device="cpu", steps=
 
 def main():
     parser = argparse.ArgumentParser(description="Parameters, FLOPs and throughput of the GLNet variants.")
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--models", nargs="+", default=list(RELEASED), choices=list(MODELS))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch-size", type=int, default=None, help="default: 8 on CPU, 128 on GPU")
     parser.add_argument("--image-size", type=int, default=224)
@@ -555,8 +562,8 @@ def main():
         model = create_model(name)
         params, flops = count_params(model) / 1e6, count_flops(model, args.image_size)
         speed = measure_throughput(model, batch_size, args.image_size, args.device, args.steps)
-        paper_params, paper_flops, top1 = PAPER[name]
-        print(f"{name:<22}{params:>11.2f}{paper_params:>7.1f}{flops:>9.2f}{paper_flops:>7.1f}{top1:>7.1f}{speed:>10.1f}")
+        paper = "".join(f"{v:>7.1f}" for v in PAPER[name]) if name in PAPER else f"{'-':>7}" * 3
+        print(f"{name:<22}{params:>11.2f}{paper[:7]}{flops:>9.2f}{paper[7:]}{speed:>10.1f}")
 
 
 if __name__ == "__main__":

@@ -79,7 +79,7 @@ def test_golden_outputs(variant):
         assert_close_relative(feature[GOLDEN_SAMPLE], sample)
 
 
-@pytest.mark.parametrize("variant", list(glnet.MODELS))
+@pytest.mark.parametrize("variant", glnet.RELEASED)
 def test_released_key_list_loads_strictly(variant):
     state_dict = deterministic_state_dict(variant)
     wrapper = "model_ema" if variant == "glnet_16g" else "model"
@@ -171,7 +171,7 @@ def test_checkpoint_with_other_num_classes_lists_shapes():
 def test_checkpoint_missing_file_and_unknown_model(tmp_path):
     with pytest.raises(FileNotFoundError, match="nothing.pth"):
         glnet.load_checkpoint(glnet.glnet_stl(), str(tmp_path / "nothing.pth"))
-    with pytest.raises(ValueError, match="known models: glnet_stl, glnet_stl_paramslot, glnet_4g, glnet_9g, glnet_16g"):
+    with pytest.raises(ValueError, match="known models: glnet_stl, glnet_stl_paramslot, glnet_4g, glnet_9g, glnet_16g, glnet_mini"):
         glnet.create_model("glnet_8g")
 
 
