@@ -12,6 +12,8 @@ import sys
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import glnet
 
@@ -264,6 +266,81 @@ def test_num_classes_zero_gives_pooled_features():
 def test_bad_input_is_explained(bad_input, error, message):
     with pytest.raises(error, match=message):
         glnet.glnet_stl()(bad_input)
+
+
+# --- speed-related properties (the speed itself is a benchmark: python glnet.py --bench) -------------
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest tensor any operation creates."""
+
+    def __init__(self):
+        super().__init__()
+        self.numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.numel = max([self.numel] + [t.numel() for t in tree_leaves(out) if isinstance(t, torch.Tensor)])
+        return out
+
+
+def largest_tensor(fn, *args):
+    with torch.inference_mode(), LargestTensor() as mode:
+        fn(*args)
+    return mode.numel
+
+
+def test_glmix_block_tensors_are_at_most_64_or_mlp_width_times_pixels():
+    block = glnet.GLMixBlock(dim=32, mlp_ratio=3, conv_pos=True, conv_ffn=True).eval()
+    for size in (16, 48):
+        pixels = size * size
+        assert largest_tensor(block, torch.randn(2, 32, size, size)) == 2 * pixels * max(glnet.NUM_SLOTS, 3 * 32)
+
+
+@pytest.mark.parametrize("variant", ["glnet_stl", "glnet_4g"])
+def test_no_tensor_grows_with_the_square_of_the_pixel_count(variant):
+    """Full attention (stage 3 odd blocks, stage 4) must not materialise the N x N matrix either:
+    at 512x512 it would be 10x larger than at 256x256 instead of 4x."""
+    model = glnet.create_model(variant).eval()
+    small, large = (largest_tensor(model.forward_features, torch.randn(1, 3, s, s)) for s in (256, 512))
+    assert large <= 4 * small
+
+
+def test_compiles_without_graph_breaks():
+    for model in (glnet.glnet_mini().eval(), glnet.glnet_stl(num_classes=0).eval()):
+        explanation = torch._dynamo.explain(model)(torch.randn(1, 3, 64, 64))
+        assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
+@pytest.mark.parametrize("variant", ["glnet_stl", "glnet_4g"])
+def test_bf16_autocast_stays_close_to_fp32(variant):
+    model = glnet.load_checkpoint(glnet.create_model(variant).eval(), deterministic_state_dict(variant))
+    with torch.no_grad():
+        reference = model(golden_input())
+        with torch.autocast("cpu", torch.bfloat16):
+            logits = model(golden_input()).float()
+    assert (logits - reference).abs().max() <= 0.05 * reference.abs().max()
+    assert torch.nn.functional.cosine_similarity(logits, reference).min() >= 0.999
+    assert torch.equal(logits.argmax(1), reference.argmax(1))
+
+
+def test_residual_dwconv_is_z_plus_dwconv():
+    conv = glnet.ResidualDWConv(8)
+    z = torch.randn(2, 8, 9, 11)
+    expected = z + torch.nn.functional.conv2d(z, conv.weight, conv.bias, padding=1, groups=8)
+    torch.testing.assert_close(conv(z), expected)
+    assert list(conv.state_dict()) == ["weight", "bias"]
+
+
+def test_benchmark_runs():
+    result = subprocess.run([sys.executable, "glnet.py", "--bench", "--models", "glnet_mini", "--rounds", "1",
+                             "--batch-size", "1", "--image-size", "64",
+                             "--latency-sizes", "64", "128", "--memory-sizes", "128"],
+                            cwd=HERE, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    rows = {line.split()[0]: line.split() for line in result.stdout.splitlines() if line.strip()}
+    assert float(rows["swin_t"][2]) == 1.0 and float(rows["convnext_tiny"][3]) == 1.0
+    assert float(rows["glnet_mini"][1]) > 0 and float(rows["128x128:"][1]) > 0
+    assert "training step" in result.stdout and float(rows["128"][3]) == 4.0
 
 
 # --- parameters, FLOPs, the report ---------------------------------------------------------------
