@@ -7,8 +7,9 @@ local features, and as a coarse set of 64 semantic slots, where multi-head self-
 models global relations. A soft clustering module (grid -> slots) and its conjugate dispatching
 module (slots -> grid) bridge the two (paper Sec. 3.2, Figure 4, Eq. 1-4).
 
-Read in order: the GLMix block, the MHSA blocks, the network (Sec. 3.3), the five released
-variants, checkpoint loading, and the report printed by `python glnet.py`.
+Read in order: the building blocks, the GLMix block, the full-attention blocks, the network
+(Sec. 3.3), the released variants, checkpoint loading, and the report and benchmark printed by
+`python glnet.py` and `python glnet.py --bench`.
 """
 
 import argparse

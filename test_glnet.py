@@ -1,26 +1,48 @@
 """Tests for the GLNet reference implementation: `python -m pytest -q test_glnet.py`.
 
+One section per file: glnet.py, train.py, analyze.py, detect_seg.py. Everything runs on the CPU
+on data the tests generate (real image files in tmp_path) or that testdata/ ships.
+
 testdata/ holds the released checkpoints' tensor layouts (<variant>.keys.txt) and, in goldens.pt,
 the released model's logits and a strided sample of its stage outputs for the deterministic
 weights below (both copied from ../shared/reference, which the last test checks when present).
 """
 
+import copy
+import json
 import math
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
 
+import numpy as np
 import pytest
 import torch
+import torch.nn as nn
+from PIL import Image
+from pycocotools import mask as mask_util
+from pycocotools.coco import COCO
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
+from torchvision.ops import FrozenBatchNorm2d
 
+import analyze
+import detect_seg
 import glnet
+import train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TESTDATA = os.path.join(HERE, "testdata")
 REFERENCE = os.path.join(HERE, "..", "shared", "reference")
 GOLDEN_SAMPLE = (slice(None), slice(None, None, 8), slice(None, None, 4), slice(None, None, 4))
+
+
+# =================================================================================================
+# glnet.py: the model, released checkpoints, speed-related properties, FLOPs
+# =================================================================================================
 
 
 def released_keys(variant):
@@ -373,6 +395,659 @@ def test_report_script_runs():
     assert float(speed) > 0
 
 
-def test_import_has_no_side_effects():
-    result = subprocess.run([sys.executable, "-c", "import glnet"], cwd=HERE, capture_output=True, text=True)
+@pytest.mark.parametrize("module", ["glnet", "train", "detect_seg", "analyze"])
+def test_import_has_no_side_effects(module, tmp_path):
+    result = subprocess.run([sys.executable, "-c", f"import {module}"], cwd=HERE, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": HERE, "XDG_CACHE_HOME": str(tmp_path)})
     assert result.returncode == 0 and result.stdout == "" and result.stderr == ""
+    assert not os.listdir(tmp_path)  # nothing generated, nothing downloaded
+
+
+# =================================================================================================
+# train.py
+# =================================================================================================
+
+TINY = ["--model", "glnet_mini", "--image-size", "32", "--batch-size", "4", "--workers", "0",
+        "--print-freq", "1", "--warmup-epochs", "0.5", "--threads", "1"]
+
+
+@pytest.fixture(autouse=True)
+def restore_threads():
+    """In-process runs set torch's thread count (--threads 1: fast on a busy CPU); restore it."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """3 classes, 8 train and 5 val images each: 15 val images, odd for 2 ranks."""
+    root = str(tmp_path_factory.mktemp("data") / "shapes")
+    return train.make_synthetic_dataset(root, train_per_class=8, val_per_class=5, image_size=40,
+                                        classes=("circle", "square", "vertical_stripes"))
+
+
+def run_script(args, launcher=(sys.executable,), timeout=120):
+    result = subprocess.run([*launcher, os.path.join(HERE, "train.py"), *args], cwd=HERE, capture_output=True,
+                            text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def torchrun(nproc):
+    return (sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}")
+
+
+def file_bytes(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+# --- shared helpers ------------------------------------------------------------------------------
+
+def test_param_groups_exempt_norms_biases_tau_gammas_and_slots():
+    for name in ("glnet_16g", "glnet_stl_paramslot"):
+        with torch.device("meta"):
+            model = glnet.create_model(name)
+        decay, no_decay = train.param_groups(model, 0.05)
+        assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+        names = {id(p): n for n, p in model.named_parameters()}
+        exempt = {names[id(p)] for p in no_decay["params"]}
+        decayed = {names[id(p)] for p in decay["params"]}
+        assert exempt.isdisjoint(decayed) and len(exempt) + len(decayed) == len(names)
+        norms = {f"{m}.{p}".lstrip(".") for m, module in model.named_modules()
+                 if isinstance(module, (torch.nn.LayerNorm, torch.nn.BatchNorm2d))
+                 for p, _ in module.named_parameters(recurse=False)}
+        assert exempt == norms | {n for n in names.values() if n.endswith(("bias", ".tau", ".gamma", ".init_slots"))}
+        assert any(n.endswith(".gamma") and model.get_parameter(n).ndim == 4 for n in exempt) == (name == "glnet_16g")
+        assert any(n.endswith(".init_slots") for n in exempt) == (name == "glnet_stl_paramslot")
+
+
+def test_small_helpers():
+    assert train.format_eta(3723) == "1:02:03" and train.format_eta(59) == "0:00:59"
+    assert train.format_eta(100 * 3600) == "100:00:00"
+    train.check_finite(torch.tensor(1.5), "step 1")
+    with pytest.raises(FloatingPointError, match="non-finite loss .* at epoch 2 step 7; the last good checkpoint is kept"):
+        train.check_finite(torch.tensor(float("nan")), "epoch 2 step 7")
+    assert train.setup_distributed() == (0, 1, torch.device("cuda:0" if torch.cuda.is_available() else "cpu"))
+    assert train.is_main_process()
+    train.seed_everything(3)
+    a = torch.rand(3)
+    train.seed_everything(3)
+    assert torch.equal(a, torch.rand(3))
+    train.seed_everything(3, rank=1)
+    assert not torch.equal(a, torch.rand(3))
+
+
+def test_checkpoint_and_metrics_files(tmp_path):
+    assert train.find_last_checkpoint(tmp_path) is None
+    train.save_checkpoint({"step": 1, "w": torch.ones(3)}, tmp_path / "last.pth")
+    train.save_checkpoint({"step": 2, "w": torch.zeros(3)}, tmp_path / "last.pth")
+    assert train.find_last_checkpoint(tmp_path) == os.path.join(tmp_path, "last.pth")
+    assert torch.load(tmp_path / "last.pth")["step"] == 2 and sorted(os.listdir(tmp_path)) == ["last.pth"]
+    train.append_metrics(tmp_path / "run", {"epoch": 1, "val_top1": 50.0})
+    train.append_metrics(tmp_path / "run", {"epoch": 2, "val_top1": 60.0})
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
+
+
+SAVE_FOREVER = """
+import sys, torch, train
+train.save_checkpoint({"version": 1, "w": torch.full((4,), 1.0)}, sys.argv[1])
+print("saved", flush=True)
+big = {"version": 2, "w": torch.randn(16 * 2 ** 20)}  # 64 MiB: the kill lands inside the write
+while True:
+    train.save_checkpoint(big, sys.argv[1])
+"""
+
+
+def test_sigkill_during_save_keeps_a_readable_checkpoint(tmp_path):
+    path = tmp_path / "last.pth"
+    child = subprocess.Popen([sys.executable, "-c", SAVE_FOREVER, str(path)], cwd=HERE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "saved"
+        deadline = time.time() + 60
+        while not (os.path.exists(f"{path}.tmp") and os.path.getsize(f"{path}.tmp") > 0) and time.time() < deadline:
+            time.sleep(0.001)
+        os.kill(child.pid, signal.SIGKILL)
+    finally:
+        child.kill()
+        child.wait()
+    assert os.path.exists(f"{path}.tmp"), "the kill did not land inside a save"
+    checkpoint = torch.load(path)
+    assert checkpoint["version"] in (1, 2)
+    if checkpoint["version"] == 1:
+        assert torch.equal(checkpoint["w"], torch.ones(4))
+
+
+# --- datasets and bad input ----------------------------------------------------------------------
+
+def test_builtin_dataset_is_an_imagefolder_tree(data):
+    train_set, val_set = train.build_datasets(data, 32)
+    assert train_set.classes == val_set.classes == ["circle", "square", "vertical_stripes"]
+    assert len(train_set) == 24 and len(val_set) == 15
+    image, label = val_set[0]
+    assert image.shape == (3, 32, 32) and image.dtype == torch.float32 and label == 0
+    assert all(f.endswith(".png") for f in os.listdir(os.path.join(data, "val", "circle")))
+
+
+def test_bad_data_layouts_are_named(tmp_path, data):
+    missing = tmp_path / "nope"
+    with pytest.raises(FileNotFoundError, match=f"--data {missing} does not exist; expected the ImageNet layout"):
+        train.check_layout(str(missing))
+    (tmp_path / "flat" / "train" / "cat").mkdir(parents=True)
+    (tmp_path / "flat" / "val").mkdir(parents=True)
+    (tmp_path / "flat" / "val" / "ILSVRC2012_val_00000001.JPEG").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="val has no class sub-folders .*sort them into class folders"):
+        train.check_layout(str(tmp_path / "flat"))
+    (tmp_path / "noval" / "train" / "cat").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="noval/val is missing"):
+        train.check_layout(str(tmp_path / "noval"))
+    (tmp_path / "mismatch" / "train" / "cat").mkdir(parents=True)
+    (tmp_path / "mismatch" / "val" / "dog").mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"train and val classes differ .*only in train: \['cat'\], only in val: \['dog'\]"):
+        train.check_layout(str(tmp_path / "mismatch"))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        train.main(["--data", str(missing), "--output-dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+def test_unreadable_image_is_named(tmp_path, data):
+    broken = tmp_path / "broken"
+    shutil.copytree(data, broken)
+    bad = broken / "train" / "square" / "00003.png"
+    bad.write_bytes(b"not a png")
+    with pytest.raises(OSError, match=f"cannot read image {bad}"):
+        train.main(["--data", str(broken), "--output-dir", str(tmp_path / "out"), "--epochs", "1", *TINY])
+    assert not (tmp_path / "out" / "last.pth").exists()
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, data, monkeypatch):
+    out = tmp_path / "out"
+    train.main(["--data", data, "--output-dir", str(out), "--epochs", "1", *TINY])
+    good = file_bytes(out / "last.pth")
+
+    class NaNLoss(torch.nn.CrossEntropyLoss):
+        def forward(self, logits, targets):
+            return super().forward(logits, targets) * float("nan")
+
+    monkeypatch.setattr(train.nn, "CrossEntropyLoss", NaNLoss)
+    with pytest.raises(FloatingPointError, match="at epoch 2 step 1; the last good checkpoint is kept"):
+        train.main(["--data", data, "--output-dir", str(out), "--epochs", "2", *TINY])
+    assert file_bytes(out / "last.pth") == good
+
+
+def test_resuming_another_model_or_class_count_fails_and_touches_nothing(tmp_path, data):
+    out = tmp_path / "out"
+    train.main(["--data", data, "--output-dir", str(out), "--epochs", "1", *TINY])
+    before = {name: file_bytes(out / name) for name in os.listdir(out)}
+    other = train.make_synthetic_dataset(str(tmp_path / "two"), 4, 2, 40, classes=("circle", "ring"))
+    with pytest.raises(ValueError, match="is a checkpoint of glnet_mini with 3 classes, but this run trains glnet_mini with 2"):
+        train.main(["--data", other, "--output-dir", str(out), "--epochs", "1", *TINY])
+    with pytest.raises(ValueError, match="checkpoint of glnet_mini with 3 classes, but this run trains glnet_stl with 3"):
+        train.main(["--data", data, "--output-dir", str(out), "--epochs", "1", *TINY, "--model", "glnet_stl"])
+    assert {name: file_bytes(out / name) for name in os.listdir(out)} == before
+
+
+# --- training runs -------------------------------------------------------------------------------
+
+def test_eval_of_the_best_checkpoint_matches_its_record(tmp_path, data):
+    out = tmp_path / "out"
+    train.main(["--data", data, "--output-dir", str(out), "--epochs", "2", *TINY])
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+    best = max(records, key=lambda r: max(r["val_top1"], r["ema_top1"]))
+    metrics = train.main(["--eval", "--checkpoint", str(out / "best.pth")])
+    assert metrics["images"] == 15
+    assert metrics["top1"] == pytest.approx(max(best["val_top1"], best["ema_top1"]))
+
+
+def test_eval_of_a_checkpoint_from_elsewhere(tmp_path, data):
+    """A released-style checkpoint ({'model_ema': AveragedModel state}) needs --model and --data;
+    the top-1 equals a plain loop over the validation images."""
+    model = glnet.create_model("glnet_mini", num_classes=3).eval()
+    path = str(tmp_path / "foreign.pth")
+    torch.save({"model_ema": torch.optim.swa_utils.AveragedModel(model).state_dict()}, path)
+    with pytest.raises(ValueError, match="pass --model .* and --data"):
+        train.main(["--eval", "--checkpoint", path])
+    with pytest.raises(ValueError, match="checkpoint does not match GLNet"):
+        train.main(["--eval", "--checkpoint", path, "--model", "glnet_4g", "--data", data, "--workers", "0"])
+    metrics = train.main(["--eval", "--checkpoint", path, "--model", "glnet_mini", "--data", data,
+                          "--image-size", "32", "--workers", "0"])
+    val_set = train.build_val_dataset(data, 32)
+    with torch.no_grad():
+        correct = sum(model(image[None]).argmax().item() == label for image, label in val_set)
+    assert metrics["images"] == 15 and metrics["top1"] == pytest.approx(100 * correct / 15)
+
+
+def test_resume_after_sigkill_gives_the_same_weights(tmp_path, data):
+    """Kill a run with SIGKILL after its first mid-epoch checkpoint, restart the same command:
+    the weights equal those of an uninterrupted run, augmentation, mixup and drop path included."""
+    args = ["--data", data, "--epochs", "3", "--checkpoint-every", "1", "--randaugment", "--mixup", "0.8",
+            "--cutmix", "1.0", "--drop-path", "0.1", *TINY]
+    run_script([*args, "--output-dir", str(tmp_path / "straight")])
+
+    interrupted = str(tmp_path / "interrupted")
+    command = [sys.executable, os.path.join(HERE, "train.py"), *args, "--output-dir", interrupted]
+    child = subprocess.Popen(command, cwd=HERE, stdout=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    while not os.path.exists(os.path.join(interrupted, "last.pth")) and child.poll() is None:
+        time.sleep(0.01)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    killed_at = torch.load(os.path.join(interrupted, "last.pth"))
+    assert (killed_at["epoch"], killed_at["step"]) < (3, 0), "the run finished before it was killed"
+    resumed = run_script([*args, "--output-dir", interrupted])
+    assert f"resuming from {interrupted}/last.pth: epoch {killed_at['epoch'] + 1}, step {killed_at['step']}" in resumed
+
+    straight = torch.load(tmp_path / "straight" / "last.pth")
+    final = torch.load(os.path.join(interrupted, "last.pth"))
+    assert (final["epoch"], final["step"]) == (3, 0)
+    for key in ("model", "model_ema"):
+        for name, tensor in straight[key].items():
+            assert torch.equal(tensor, final[key][name]), f"{key}.{name} differs"
+
+
+def test_torchrun_ddp_training_and_exactly_once_evaluation(tmp_path, data):
+    out = str(tmp_path / "ddp")
+    log = run_script(["--data", data, "--output-dir", out, "--epochs", "1", *TINY], launcher=torchrun(2))
+    assert "global batch 8 = 4 per device x 2 devices x 1 accumulation steps" in log
+    assert "epoch 1/1  step 3/3  loss" in log and "val top-1" in log
+    assert log.count("epoch 1/1 done") == 1  # rank 0 only
+    assert f"python train.py --eval --checkpoint {out}/best.pth" in log
+    assert torch.load(os.path.join(out, "last.pth"))["epoch"] == 1
+
+    two_ranks = run_script(["--eval", "--checkpoint", os.path.join(out, "last.pth"), "--batch-size", "4"],
+                           launcher=torchrun(2))
+    assert "on 15 images" in two_ranks  # 8 + 7: nothing padded, nothing dropped
+    one_rank = train.main(["--eval", "--checkpoint", os.path.join(out, "last.pth")])
+    assert f"top-1 {one_rank['top1']:.2f}  top-5 {one_rank['top5']:.2f}" in two_ranks
+
+
+def test_benchmark_reports_training_speed():
+    speed = train.main(["--benchmark", "1", "--model", "glnet_mini", "--image-size", "32", "--batch-size", "2",
+                        "--workers", "0", "--threads", "1"])
+    assert speed > 0
+
+
+# =================================================================================================
+# analyze.py
+# =================================================================================================
+
+IMAGE_SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    """A few real PNG files per class of the built-in shapes, in the ImageNet layout."""
+    return train.make_synthetic_dataset(str(tmp_path_factory.mktemp("data") / "shapes"), train_per_class=4,
+                                        val_per_class=2, image_size=IMAGE_SIZE)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_data, tmp_path_factory):
+    """A checkpoint in train.py's format: weights under 'model', the run's args beside them."""
+    torch.manual_seed(0)
+    model = glnet.create_model("glnet_mini", num_classes=len(train.SYNTHETIC_CLASSES))
+    path = str(tmp_path_factory.mktemp("run") / "best.pth")
+    train.save_checkpoint({"model": model.state_dict(), "num_classes": len(train.SYNTHETIC_CLASSES),
+                           "args": {"model": "glnet_mini", "image_size": IMAGE_SIZE, "data": tiny_data}}, path)
+    return path
+
+
+def random_batches(count, batch_size=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(batch_size, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g), None) for _ in range(count)]
+
+
+def test_fit_recovers_an_exactly_linear_block():
+    torch.manual_seed(0)
+    model = glnet.create_model("glnet_mini", num_classes=10).eval()
+    channels = model.stage_channels[2]
+    exact = nn.Conv2d(channels, channels, 1)
+    model.stages[2].blocks[1] = exact                    # h_2 = T(h_1) exactly
+    statistics = analyze.calibrate(model, random_batches(4), torch.device("cpu"), stages=(3,))[3]
+    fitted = analyze.fit_linear_map(statistics, 1, 2)
+    torch.testing.assert_close(fitted.weight, exact.weight, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(fitted.bias, exact.bias, atol=1e-3, rtol=1e-3)
+
+
+def test_similarities_of_identical_and_scaled_representations():
+    h = torch.randn(3, 16, 4, 5)
+    other = torch.randn(3, 16, 4, 5)
+    stats = analyze.StageStatistics(4, 16, torch.device("cpu"))
+    stats.update([h, h.clone(), 2 * h, other])
+    br, cka, cosine = stats.block_redundancy(), stats.linear_cka(), stats.cosine()
+    assert br[0, 1] == 0 and (br.diagonal() == 0).all()
+    positions = lambda x: x.permute(0, 2, 3, 1).reshape(-1, 16).double()
+    torch.testing.assert_close(br[0, 2], -(positions(h) ** 2).sum(1).mean())
+    torch.testing.assert_close(br[0, 3], -((positions(h) - positions(other)) ** 2).sum(1).mean())
+    torch.testing.assert_close(cka[0, 2], torch.tensor(1.0, dtype=torch.float64))  # CKA ignores scale, BR does not
+    torch.testing.assert_close(cosine[0, 2], torch.tensor(1.0, dtype=torch.float64))
+    x, y = positions(h), positions(other)
+    x, y = x - x.mean(0), y - y.mean(0)
+    expected_cka = (y.T @ x).norm() ** 2 / ((x.T @ x).norm() * (y.T @ y).norm())
+    torch.testing.assert_close(cka[0, 3], expected_cka)
+    torch.testing.assert_close(br, br.T)
+
+
+def test_statistics_accumulate_batch_by_batch():
+    reps = [torch.randn(6, 8, 3, 3) for _ in range(3)]
+    whole = analyze.StageStatistics(3, 8, torch.device("cpu"))
+    whole.update(reps)
+    parts = analyze.StageStatistics(3, 8, torch.device("cpu"))
+    parts.update([r[:2] for r in reps])
+    parts.update([r[2:] for r in reps])
+    for method in ("block_redundancy", "linear_cka", "cosine"):
+        torch.testing.assert_close(getattr(parts, method)(), getattr(whole, method)())
+
+
+def test_approximated_model_loads_back_with_the_same_outputs(tmp_path):
+    torch.manual_seed(0)
+    model = glnet.create_model("glnet_mini", num_classes=10).eval()
+    statistics = analyze.calibrate(model, random_batches(2), torch.device("cpu"), stages=(3,))
+    approximated, skipped = analyze.variants(model, statistics, (3, 1, 3))
+    assert isinstance(approximated.stages[2].blocks[1], nn.Conv2d)
+    assert isinstance(approximated.stages[2].blocks[2], nn.Identity)
+    assert glnet.count_params(skipped) < glnet.count_params(approximated) < glnet.count_params(model)
+    path = tmp_path / "approximated.pth"
+    info = {"model": "glnet_mini", "image_size": IMAGE_SIZE, "data": None, "cache_dir": str(tmp_path),
+            "approximated": []}
+    analyze.save_approximated(approximated, info, [(3, 1, 3)], path)
+    loaded, name = analyze.build_model(torch.load(path, weights_only=True))
+    x = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), approximated(x))
+        assert not torch.allclose(loaded(x), model(x))
+    assert name == "glnet_mini"
+
+
+def test_approximate_cli_saves_a_model_that_evaluates_the_same(checkpoint, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    common = ["--checkpoint", checkpoint, "--workers", "0", "--batch-size", "16", "--output-dir", out]
+    results = analyze.main(["approximate", *common, "--blocks", "3:1-3", "--latency-rounds", "1"])
+    printed = capsys.readouterr().out
+    assert {mode for _, mode in results} == {"original", "approximate", "skip"}
+    assert "3:1-3" in printed and "approximate" in printed and "skip" in printed
+    saved = str(tmp_path / "out" / "approximated.pth")
+    metrics = analyze.main(["evaluate", "--checkpoint", saved, "--workers", "0"])
+    assert metrics["top1"] == results[(3, 1, 3), "approximate"]["top1"]
+    assert results[(3, 1, 3), "approximate"]["gflops"] < results[None, "original"]["gflops"]
+    with pytest.raises(ValueError, match="already replaced"):
+        analyze.main(["approximate", "--checkpoint", saved, "--blocks", "3:0-2", "--workers", "0"])
+
+
+def test_search_evaluates_the_most_redundant_runs(checkpoint, tmp_path, capsys):
+    common = ["--checkpoint", checkpoint, "--workers", "0", "--batch-size", "16", "--output-dir", str(tmp_path)]
+    matrices = analyze.main(["redundancy", *common])
+    size = 4 * analyze.CELL + analyze.PADDING                            # 4 representations in stage 3
+    assert Image.open(tmp_path / "redundancy.png").size == (4 * size + analyze.PADDING, 3 * size + analyze.PADDING)
+    for per_stage in matrices.values():
+        assert [m.shape[0] for m in per_stage.values()] == [2, 2, 4, 2]   # glnet_mini: depths (1, 1, 3, 1)
+    results = analyze.main(["approximate", *common, "--search", "2", "--latency-rounds", "1"])
+    chosen = {run for run, _ in results if run}
+    assert len(chosen) == 2
+    all_runs = [(s, i, j, float(m[i, j])) for s, m in matrices["BR"].items()
+                for i in range(len(m)) for j in range(i + 1, len(m))]
+    worst_chosen = min(br for s, i, j, br in all_runs if (s, i, j) in chosen)
+    assert all(br <= worst_chosen for s, i, j, br in all_runs if (s, i, j) not in chosen)
+
+
+def test_slots_png(checkpoint, tiny_data, tmp_path):
+    image = f"{tiny_data}/val/circle/00000.png"
+    path = analyze.main(["slots", "--checkpoint", checkpoint, "--image", image, "--output", str(tmp_path / "s.png")])
+    panel, pad = analyze.PANEL, analyze.PADDING
+    assert Image.open(path).size == (3 * panel + 4 * pad, panel + 2 * pad)
+    with pytest.raises(ValueError, match="not a GLMix block"):
+        analyze.main(["slots", "--checkpoint", checkpoint, "--image", image, "--block", "4.1"])
+
+
+def test_k_medoids_picks_one_point_per_cluster():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.eye(4, 16) * 10
+    points = torch.cat([c + 0.1 * torch.randn(10, 16, generator=g) for c in centres])
+    medoids = analyze.k_medoids(points, 4)
+    assert sorted(m // 10 for m in medoids) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("text, message", [("3:2-1", "0 <= I < J"), ("5:0-1", "stage must be"),
+                                           ("3-1", "STAGE:I-J"), ("3:0-4", "0 <= I < J")])
+def test_bad_runs_are_explained(text, message):
+    with pytest.raises(ValueError, match=message):
+        analyze.parse_run(text, glnet.create_model("glnet_mini", num_classes=10))
+
+
+def test_checkpoint_without_a_model_name_asks_for_model(tmp_path):
+    path = tmp_path / "bare.pth"
+    torch.save(glnet.create_model("glnet_mini", num_classes=10).state_dict(), path)
+    with pytest.raises(ValueError, match="--model"):
+        analyze.main(["slots", "--checkpoint", str(path), "--image", "x.png"])
+
+
+# =================================================================================================
+# detect_seg.py
+# =================================================================================================
+
+SMALL = dict(fpn_channels=32, rois_per_image=32, min_size=96, max_size=160)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    """A cache folder holding tiny synthetic scenes where detect_seg.py looks for them."""
+    cache = tmp_path_factory.mktemp("cache")
+    detect_seg.make_synthetic_dataset(str(cache / detect_seg.SYNTHETIC_VERSION), splits={"train": 12, "val": 4})
+    return cache
+
+
+@pytest.fixture(scope="module")
+def scenes(cache_dir):
+    return str(cache_dir / detect_seg.SYNTHETIC_VERSION)
+
+
+def training_batch(scenes, count=2):
+    dataset = detect_seg.coco_dataset(scenes, "train", train=True, with_masks=True)
+    images, targets = zip(*(dataset[i] for i in range(count)))
+    return list(images), [{k: v for k, v in t.items() if k != "image_id"} for t in targets]
+
+
+def test_synthetic_scenes_are_consistent(scenes):
+    coco = COCO(os.path.join(scenes, "annotations", "instances_train2017.json"))
+    assert [c["name"] for c in coco.loadCats(coco.getCatIds())] == list(detect_seg.SYNTHETIC_CLASSES)
+    for image_id in coco.getImgIds():
+        info = coco.loadImgs(image_id)[0]
+        image = np.array(Image.open(os.path.join(scenes, "train2017", info["file_name"])))
+        semantic = np.array(Image.open(os.path.join(scenes, "semantic", "train2017", info["file_name"])))
+        assert image.shape == (info["height"], info["width"], 3) and semantic.shape == image.shape[:2]
+        annotations = coco.loadAnns(coco.getAnnIds(imgIds=image_id))
+        assert annotations, "every synthetic scene has at least one shape"
+        for ann in annotations:
+            mask = mask_util.decode(ann["segmentation"])
+            ys, xs = np.nonzero(mask)
+            assert mask.sum() == ann["area"] > 0
+            assert ann["bbox"] == [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]
+            assert (semantic[mask > 0] == ann["category_id"] + 1).all()  # label 1 = background
+        instances = sum(mask_util.decode(a["segmentation"]) for a in annotations)
+        assert (semantic[instances == 0] == 1).all() and instances.max() == 1
+
+
+@pytest.mark.parametrize("task", ["maskrcnn", "retinanet"])
+def test_detector_forward_backward(scenes, task):
+    torch.manual_seed(0)
+    model = detect_seg.create_detector(task, "glnet_mini", num_classes=4, **SMALL)
+    images, targets = training_batch(scenes)
+    losses = model(images, targets)
+    expected = {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg"} \
+        if task == "maskrcnn" else {"classification", "bbox_regression"}
+    assert set(losses) == expected and all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    stem = model.backbone.body.downsample_layers[0][0].weight
+    assert stem.grad is not None and stem.grad.abs().sum() > 0
+
+    model.eval()
+    odd = [torch.rand(3, 97, 131), torch.rand(3, 120, 88)]
+    with torch.no_grad():
+        outputs = model(odd)
+    for image, output in zip(odd, outputs):
+        assert output["boxes"].shape[1] == 4 and len(output["boxes"]) == len(output["scores"]) == len(output["labels"])
+        if task == "maskrcnn":
+            assert output["masks"].shape[1:] == (1, *image.shape[1:])
+
+
+def test_semantic_fpn_forward_backward():
+    torch.manual_seed(0)
+    model = detect_seg.SemanticFPN("glnet_mini", num_classes=5, fpn_channels=64)
+    images = torch.rand(2, 3, 65, 97)  # not a multiple of 32
+    logits = model(images)
+    assert logits.shape == (2, 5, 65, 97)
+    labels = torch.randint(0, 5, (2, 65, 97))
+    labels[:, :10] = detect_seg.IGNORE_INDEX
+    torch.nn.functional.cross_entropy(logits, labels, ignore_index=detect_seg.IGNORE_INDEX).backward()
+    for module in (model.backbone.body.stages[0], model.scale_heads[3], model.classifier):
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
+
+
+def test_backbone_from_imagenet_checkpoint(tmp_path):
+    classifier = glnet.create_model("glnet_mini", num_classes=10)
+    with torch.no_grad():
+        classifier.downsample_layers[1][1].running_mean.uniform_()
+    torch.save({"model_ema": classifier.state_dict()}, tmp_path / "imagenet.pth")
+    detector = detect_seg.create_detector("maskrcnn", "glnet_mini", 4, pretrained=str(tmp_path / "imagenet.pth"), **SMALL)
+    body = detector.backbone.body
+    assert torch.equal(body.stages[2].blocks[0].slot_mhsa.in_proj_weight, classifier.stages[2].blocks[0].slot_mhsa.in_proj_weight)
+    frozen = body.downsample_layers[1][1]
+    assert isinstance(frozen, FrozenBatchNorm2d)
+    assert torch.equal(frozen.running_mean, classifier.downsample_layers[1][1].running_mean)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in body.modules())
+    with pytest.raises(FileNotFoundError, match="nothere.pth"):
+        detect_seg.create_backbone("glnet_mini", str(tmp_path / "nothere.pth"))
+    with pytest.raises(ValueError, match="missing"):
+        detect_seg.create_backbone("glnet_4g", str(tmp_path / "imagenet.pth"))
+
+
+def test_fpn_levels_and_strides():
+    fpn = detect_seg.GLNetFPN(detect_seg.create_backbone("glnet_mini"), out_channels=32)
+    features = fpn(torch.rand(1, 3, 100, 132))
+    assert [tuple(f.shape) for f in features.values()] == [(1, 32, 25, 33), (1, 32, 13, 17), (1, 32, 7, 9), (1, 32, 4, 5)]
+
+
+def ground_truth_as_detections(coco, image_id):
+    """torchvision-style output equal to the ground truth: XYXY boxes, (N, 1, H, W) mask probabilities."""
+    info, anns = coco.loadImgs(image_id)[0], coco.loadAnns(coco.getAnnIds(imgIds=image_id))
+    boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32)
+    boxes[:, 2:] += boxes[:, :2]
+    masks = torch.stack([torch.from_numpy(mask_util.decode(a["segmentation"])).float() for a in anns])[:, None]
+    assert masks.shape[2:] == (info["height"], info["width"])
+    return dict(boxes=boxes, labels=torch.tensor([a["category_id"] for a in anns]), scores=torch.ones(len(anns)), masks=masks)
+
+
+def test_coco_evaluation_of_ground_truth_is_perfect(scenes):
+    coco = COCO(os.path.join(scenes, "annotations", "instances_val2017.json"))
+    results = [r for i in coco.getImgIds() for r in detect_seg.detections_to_coco(ground_truth_as_detections(coco, i), i)]
+    for iou_type in ("bbox", "segm"):
+        metrics = detect_seg.coco_evaluate(coco, results, iou_type)
+        assert metrics["AP"] == metrics["AP50"] == metrics["AP75"] == 1.0
+    shifted = copy.deepcopy(results)
+    for r in shifted[::2]:
+        r["bbox"][0] += r["bbox"][2] / 2  # IoU 1/3: a miss
+    assert detect_seg.coco_evaluate(coco, shifted, "bbox")["AP50"] < 1.0
+    assert detect_seg.coco_evaluate(coco, [], "bbox")["AP"] == 0.0
+
+
+def test_miou_of_a_known_confusion_matrix():
+    label = torch.tensor([0, 0, 0, 0, 1, 1, 2, 2, detect_seg.IGNORE_INDEX])
+    prediction = torch.tensor([0, 0, 0, 1, 1, 1, 2, 0, 2])
+    confusion = detect_seg.confusion_matrix(prediction, label, num_classes=4)
+    assert confusion.tolist() == [[3, 1, 0, 0], [0, 2, 0, 0], [1, 0, 1, 0], [0, 0, 0, 0]]
+    metrics = detect_seg.segmentation_metrics(confusion)
+    # IoU: class 0 = 3 / (4 + 4 - 3), class 1 = 2 / (2 + 3 - 2), class 2 = 1 / (2 + 1 - 1); class 3 absent
+    assert metrics["mIoU"] == pytest.approx((3 / 5 + 2 / 3 + 1 / 2) / 3, abs=1e-12)
+    assert metrics["aAcc"] == pytest.approx(6 / 8, abs=1e-12)
+
+
+def test_missing_coco_files_are_named(tmp_path, scenes):
+    with pytest.raises(FileNotFoundError, match="instances_train2017.json"):
+        detect_seg.coco_dataset(str(tmp_path), "train", train=True, with_masks=True)
+    os.makedirs(tmp_path / "annotations")
+    with open(tmp_path / "annotations" / "instances_val2017.json", "w") as f:
+        f.write(open(os.path.join(scenes, "annotations", "instances_val2017.json")).read())
+    with pytest.raises(FileNotFoundError, match="val2017"):
+        detect_seg.coco_dataset(str(tmp_path), "val", train=False, with_masks=True)
+    with pytest.raises(FileNotFoundError, match="label folder"):
+        detect_seg.SegmentationFolder(os.path.join(scenes, "val2017"), str(tmp_path / "labels"), None)
+
+
+def test_unannotated_images_skipped_and_degenerate_boxes_dropped(tmp_path, scenes):
+    with open(os.path.join(scenes, "annotations", "instances_train2017.json")) as f:
+        data = json.load(f)
+    first, second = data["images"][0]["id"], data["images"][1]["id"]
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] != first]
+    degenerate = dict(copy.deepcopy(next(a for a in data["annotations"] if a["image_id"] == second)), id=10 ** 6)
+    degenerate["bbox"][2] = 0.0
+    data["annotations"].append(degenerate)
+    os.makedirs(tmp_path / "annotations")
+    with open(tmp_path / "annotations" / "instances_train2017.json", "w") as f:
+        json.dump(data, f)
+    os.symlink(os.path.join(scenes, "train2017"), tmp_path / "train2017")
+
+    with pytest.warns(UserWarning, match="dropped 1 annotation.*degenerate box.*annotation 1000000"):
+        dataset = detect_seg.coco_dataset(str(tmp_path), "train", train=True, with_masks=True)
+    assert len(dataset) == len(data["images"]) - 1
+    image_ids = [dataset[i][1]["image_id"] for i in range(len(dataset))]
+    assert first not in image_ids and second in image_ids
+    _, target = dataset[image_ids.index(second)]
+    widths = target["boxes"][:, 2] - target["boxes"][:, 0]
+    assert (widths > 0).all() and len(target["boxes"]) == len(target["masks"]) == len(target["labels"])
+
+
+def read_metrics(folder):
+    with open(os.path.join(folder, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_semantic_fpn_training_lowers_the_loss_and_resumes(cache_dir, tmp_path, capsys):
+    args = ["--task", "semfpn", "--cache-dir", str(cache_dir), "--output-dir", str(tmp_path), "--batch-size", "4",
+            "--crop-size", "64", "--scale", "80", "--fpn-channels", "32", "--lr", "2e-3", "--warmup-iters", "3",
+            "--workers", "0", "--print-freq", "1"]
+    detect_seg.main(args + ["--iters", "12"])  # 12 training images: 3 steps per epoch, 4 epochs
+    records = read_metrics(tmp_path / "semfpn")
+    assert [r["epoch"] for r in records] == [1, 2, 3, 4]
+    assert records[-1]["train_loss"] < 0.8 * records[0]["train_loss"]
+    assert 0 <= records[-1]["mIoU"] <= 1 and 0 <= records[-1]["aAcc"] <= 1
+    assert "epoch 1/4  step 1/3  loss " in capsys.readouterr().out
+
+    results = detect_seg.main(args + ["--iters", "15"])  # the same command, longer: resumes at epoch 5
+    assert "resumed from" in capsys.readouterr().out
+    assert [r["epoch"] for r in read_metrics(tmp_path / "semfpn")] == [1, 2, 3, 4, 5]
+    assert results["semfpn"]["mIoU"] == read_metrics(tmp_path / "semfpn")[-1]["mIoU"]
+    assert os.path.isfile(tmp_path / "semfpn" / "best.pth")
+
+
+def test_mask_rcnn_run_evaluates_and_predict_draws(cache_dir, scenes, tmp_path):
+    args = ["--task", "maskrcnn", "--cache-dir", str(cache_dir), "--output-dir", str(tmp_path), "--epochs", "1",
+            "--lr-steps", "1", "--batch-size", "4", "--min-size", "96", "--max-size", "160", "--fpn-channels", "32",
+            "--rois-per-image", "32", "--workers", "0"]
+    results = detect_seg.main(args)["maskrcnn"]
+    for iou_type in ("bbox", "segm"):
+        assert all(0 <= results[f"{iou_type}_{key}"] <= 1 for key in ("AP", "AP50", "AP75", "APm"))
+    assert {"last.pth", "best.pth", "metrics.jsonl"} <= set(os.listdir(tmp_path / "maskrcnn"))
+
+    image = os.path.join(scenes, "val2017", sorted(os.listdir(os.path.join(scenes, "val2017")))[0])
+    output = str(tmp_path / "drawn.png")
+    detect_seg.main(["--task", "maskrcnn", "--output-dir", str(tmp_path), "--predict", image,
+                     "--predict-output", output, "--score-threshold", "0.0"])
+    drawn, original = np.array(Image.open(output)), np.array(Image.open(image).convert("RGB"))
+    assert drawn.shape == original.shape and (drawn != original).any()
+    with pytest.raises(FileNotFoundError, match="nothere.png"):
+        detect_seg.main(["--output-dir", str(tmp_path), "--predict", str(tmp_path / "nothere.png")])
+
+
+def test_torchrun_two_processes(cache_dir, tmp_path):
+    """Real DDP on CPU (gloo): two processes train Semantic FPN and evaluate each image once."""
+    command = [*torchrun(2), os.path.join(HERE, "detect_seg.py"), "--task", "semfpn", "--cache-dir", str(cache_dir),
+               "--output-dir", str(tmp_path), "--iters", "6", "--batch-size", "4", "--crop-size", "64",
+               "--scale", "96", "--fpn-channels", "32", "--workers", "0"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(command, cwd=HERE, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = read_metrics(tmp_path / "semfpn")
+    assert len(records) == 2 and "mIoU" in records[-1]
+    assert result.stdout.count("semfpn result:") == 1  # rank 0 only

@@ -1,0 +1,563 @@
+"""Look inside a trained GLNet: its semantic slots, and its redundant blocks.
+
+    python analyze.py slots --checkpoint runs/glnet_mini-builtin/best.pth --image photo.jpg
+    python analyze.py redundancy --checkpoint runs/glnet_mini-builtin/best.pth
+    python analyze.py approximate --checkpoint runs/glnet_mini-builtin/best.pth --blocks 3:1-3
+    python analyze.py approximate --checkpoint runs/glnet_mini-builtin/best.pth --search 2
+    python analyze.py evaluate --checkpoint analysis/approximated.pth
+
+`slots` is Figure 5 of the GLNet paper: the soft clustering weights softmax(A) (Eq. 3) of one GLMix
+block, one map per semantic slot, and 4 representative slots chosen by k-medoids.
+
+`redundancy` and `approximate` follow "Detecting and Approximating Redundant Computational Blocks in
+Neural Networks" (ICLR 2025 submission). Stages and blocks are numbered from 1 as in the papers; the
+representations of a stage are h_0 (the stage input: the output of its downsampling layer) and h_i,
+the output of its block i. Block Redundancy (Eq. 1) is the negative mean squared distance
+BR(i, j) = -E_{x, p} ||h_i(x)_p - h_j(x)_p||^2 over the calibration images x and all positions p;
+0 means identical representations. Redundant Blocks Approximation (RBA) replaces blocks i+1..j by one
+linear map T with h_j ~ T(h_i), fitted in closed form on the calibration subset; on a feature grid,
+a map shared by all positions is a 1x1 convolution. Linear CKA and cosine similarity are computed
+beside BR, as in the paper's rebuttal (its Figure 7).
+
+Checkpoints of train.py say which model, data and image size they are for; the approximated models
+this script saves record their base model and replaced runs, so every command reads them too.
+"""
+
+import argparse
+import copy
+import json
+import os
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+from torch.utils.data import DataLoader, Subset
+from torchvision.utils import draw_segmentation_masks, make_grid, save_image
+
+import glnet
+import train
+
+# ---------------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------------
+
+CALIBRATION_IMAGES = 3000      # the paper's calibration subset of the training set
+BATCH_SIZE = 64
+PRINT_FREQ = 10                # a progress line every N calibration batches
+OUTPUT_DIR = "analysis"
+SLOT_BLOCK = "3.1"             # Figure 5: the first block of stage 3
+REPRESENTATIVE_SLOTS = 4
+PANEL = 258                    # pixels of each of the three panels of the slot figure
+PADDING = 4
+CELL = 32                      # pixels of one entry of a redundancy heatmap
+LATENCY_ROUNDS = 20
+METRICS = ("BR", "linear CKA", "cosine")
+# A jet-like colour map: dark blue (low) -> cyan -> yellow -> dark red (high).
+COLORMAP = torch.tensor([[0.0, 0.0, 0.5], [0.0, 0.0, 1.0], [0.0, 1.0, 1.0],
+                         [1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.5, 0.0, 0.0]])
+OVERLAY_COLORS = ["red", "lime", "blue", "yellow"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Models: train.py checkpoints, released weights and approximated models
+# ---------------------------------------------------------------------------------------------
+
+def replace_blocks(model, stage, i, j, replacement=None):
+    """Replace blocks i+1..j of `stage` (1-based) by `replacement` (the linear map T) followed by
+    identities, or by identities only (skipping them). Keeping the block count keeps the names of
+    all other parameters, so an approximated model's state_dict reads like its base model's."""
+    blocks = model.stages[stage - 1].blocks
+    blocks[i] = replacement if replacement is not None else nn.Identity()
+    for k in range(i + 1, j):
+        blocks[k] = nn.Identity()
+    return model
+
+
+def linear_map(channels):
+    """T of RBA: one linear map with a bias shared by all positions of the grid."""
+    return nn.Conv2d(channels, channels, 1)
+
+
+def build_model(checkpoint, model_name=None):
+    """The model a loaded checkpoint is for, with its weights: train.py's (args.model), ours (with
+    'approximated' runs rebuilt first), or a released one (give `model_name`)."""
+    trained = checkpoint.get("args", {})
+    name = model_name or checkpoint.get("base_model") or trained.get("model")
+    if name is None:
+        raise ValueError(f"the checkpoint does not say which model it is for: "
+                         f"pass --model ({', '.join(glnet.MODELS)})")
+    state_dict = glnet.unwrap_state_dict(checkpoint)
+    num_classes = state_dict["head.weight"].shape[0] if "head.weight" in state_dict else 0
+    model = glnet.create_model(name, num_classes=num_classes)
+    for stage, i, j in checkpoint.get("approximated", []):
+        replace_blocks(model, stage, i, j, linear_map(model.stage_channels[stage - 1]))
+    glnet.load_checkpoint(model, state_dict)
+    return model.eval(), name
+
+
+def load_model(args):
+    """(model, info): info has the base model name, image size and data folder to use, taken from
+    the command line first, then from the checkpoint."""
+    if not os.path.isfile(args.checkpoint):
+        raise FileNotFoundError(f"checkpoint file not found: {args.checkpoint}")
+    checkpoint = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+    if not isinstance(checkpoint, dict):
+        raise TypeError(f"{args.checkpoint} holds a {type(checkpoint).__name__}, expected a checkpoint dict")
+    model, name = build_model(checkpoint, args.model)
+    trained = checkpoint.get("args", {})
+    image_size = args.image_size or trained.get("image_size") or train.IMAGENET_RECIPE["image_size"]
+    info = dict(model=name, image_size=image_size,
+                data=args.data or trained.get("data"), cache_dir=trained.get("cache_dir", train.DEFAULT_CACHE),
+                approximated=checkpoint.get("approximated", []))
+    return model, info
+
+
+def save_approximated(model, info, runs, path):
+    """Atomically, with what build_model needs to rebuild the structure before a strict load."""
+    state = {"model": {k: v.cpu() for k, v in model.state_dict().items()}, "base_model": info["model"],
+             "approximated": [list(run) for run in info["approximated"] + runs],
+             "args": {"model": info["model"], "image_size": info["image_size"], "data": info["data"],
+                      "cache_dir": info["cache_dir"]}}
+    train.save_checkpoint(state, path)
+
+
+def data_dir(info):
+    return info["data"] or train.builtin_dataset(info["cache_dir"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Semantic slots (GLNet paper, Sec. 4.4 and Figure 5)
+# ---------------------------------------------------------------------------------------------
+
+def parse_block(text, model):
+    """'3.1' -> 'stages.2.blocks.0' (stage 3, block 1), checked against the model's GLMix blocks."""
+    try:
+        stage, block = (int(v) for v in text.split("."))
+    except ValueError:
+        raise ValueError(f"--block must be STAGE.BLOCK, numbered from 1 (e.g. 3.1), got {text!r}") from None
+    name = f"stages.{stage - 1}.blocks.{block - 1}"
+    glmix = [n for n, m in model.named_modules() if isinstance(m, glnet.GLMixBlock)]
+    if name not in glmix:
+        known = ", ".join(f"{int(n.split('.')[1]) + 1}.{int(n.split('.')[3]) + 1}" for n in glmix)
+        raise ValueError(f"--block {text} is not a GLMix block of this model; its GLMix blocks: {known}")
+    return name
+
+
+def k_medoids(points, k, iterations=50):
+    """Indices of k medoids of the rows of `points` under cosine distance: farthest-point
+    initialisation from the most central point, then alternate assignment and medoid update."""
+    unit = F.normalize(points, dim=1)
+    distance = 1 - unit @ unit.T
+    medoids = [int(distance.sum(1).argmin())]
+    while len(medoids) < k:
+        medoids.append(int(distance[:, medoids].min(1).values.argmax()))
+    medoids = torch.tensor(medoids)
+    for _ in range(iterations):
+        assignment = distance[:, medoids].argmin(1)
+        updated = medoids.clone()
+        for c in range(k):
+            members = (assignment == c).nonzero().flatten()
+            if len(members):  # empty only when medoids coincide (identical maps)
+                updated[c] = members[distance[members][:, members].sum(1).argmin()]
+        if torch.equal(updated, medoids):
+            break
+        medoids = updated
+    return medoids.tolist()
+
+
+def pseudo_color(maps):
+    """(N, H, W) in [0, 1] -> (N, 3, H, W) through COLORMAP."""
+    position = maps.clamp(0, 1) * (len(COLORMAP) - 1)
+    low = position.floor().long().clamp(max=len(COLORMAP) - 2)
+    weight = (position - low).unsqueeze(1)
+    return COLORMAP[low].permute(0, 3, 1, 2) * (1 - weight) + COLORMAP[low + 1].permute(0, 3, 1, 2) * weight
+
+
+def slot_figure(image, weights, k=REPRESENTATIVE_SLOTS):
+    """(3, H, W) figure in [0, 1]: the input image, the 64 assignment maps as an 8x8 grid, and the
+    k representative slots overlaid on the image (where a map is above half its range). Each map is
+    stretched to its own range: a briefly trained model's maps are close to uniform.
+    `image` (3, S, S) in [0, 1], `weights` (64, h, w)."""
+    low, high = weights.flatten(1).aminmax(dim=1)
+    maps = (weights - low[:, None, None]) / (high - low).clamp_min(1e-12)[:, None, None]  # each in [0, 1]
+    picture = F.interpolate(image[None], size=(PANEL, PANEL), mode="bilinear", antialias=True)[0].clamp(0, 1)
+
+    tile = (PANEL - 2) // 8 - 2                                            # 8 tiles + paddings of 2 = PANEL
+    tiles = F.interpolate(maps[:, None], size=(tile, tile), mode="bilinear")[:, 0]
+    all_slots = make_grid(pseudo_color(tiles), nrow=8, padding=2, pad_value=1.0)
+
+    representative = k_medoids(maps.flatten(1), k)
+    overlay_size = (PANEL - 2) // 2 - 2
+    small = (255 * F.interpolate(picture[None], size=(overlay_size, overlay_size), mode="bilinear",
+                                 antialias=True)[0]).round().to(torch.uint8)
+    masks = F.interpolate(maps[representative][:, None], size=(overlay_size, overlay_size), mode="bilinear")[:, 0]
+    masks = masks >= 0.5
+    overlays = [draw_segmentation_masks(small, mask, alpha=0.6, colors=color).float() / 255
+                for mask, color in zip(masks, OVERLAY_COLORS)]
+    chosen = make_grid(overlays, nrow=2, padding=2, pad_value=1.0)
+
+    return make_grid([picture, all_slots, chosen], nrow=3, padding=PADDING, pad_value=1.0), representative
+
+
+def slots(args):
+    model, info = load_model(args)
+    block = parse_block(args.block, model)
+    image = train.load_image(args.image)
+    x = train.eval_transform(info["image_size"])(image)[None]
+    weights = model.to(args.device).clustering_weights(x.to(args.device))[block][0].cpu()
+    shown = x[0] * torch.tensor(train.STD)[:, None, None] + torch.tensor(train.MEAN)[:, None, None]
+    figure, representative = slot_figure(shown, weights)
+    path = args.output or os.path.join(OUTPUT_DIR, f"slots-{os.path.splitext(os.path.basename(args.image))[0]}.png")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    save_image(figure, path)
+    peak = float(weights.flatten(1).amax(1).mean() * weights[0].numel())
+    train.log(f"{block} of {info['model']} at {info['image_size']}x{info['image_size']}: 64 slots of "
+              f"{weights.shape[1]}x{weights.shape[2]} clustering weights, peaks on average {peak:.2f}x the "
+              f"uniform weight; representative slots "
+              f"(k-medoids) {representative}\nsaved {path} ({figure.shape[2]}x{figure.shape[1]}): "
+              f"input | all 64 slots (8x8, row-major) | the {len(representative)} representative slots")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibration: the statistics every similarity and every closed-form fit needs, in one pass
+# ---------------------------------------------------------------------------------------------
+
+def calibration_loader(info, num_images, batch_size, workers):
+    """The first `num_images` of a fixed shuffle of the training set, without augmentation."""
+    folder = data_dir(info)
+    train.check_layout(folder, splits=("train",))
+    dataset = train.image_folder(folder, "train", train.eval_transform(info["image_size"]))
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))
+    subset = Subset(dataset, order[:min(num_images, len(dataset))].tolist())
+    return DataLoader(subset, batch_size, num_workers=workers)
+
+
+class StageStatistics:
+    """Running float64 sums over all calibration positions of the representations h_0..h_n of one
+    stage, stacked along the channels: their Gram matrix P = H^T H (all pairs h_a^T h_b), their
+    sums, and the summed per-position cosine of every pair. BR, linear CKA and every least-squares
+    fit h_i -> h_j follow from these, so 3000 images never sit in memory."""
+
+    def __init__(self, num_representations, channels, device):
+        self.n, self.channels, self.count = num_representations, channels, 0
+        size = num_representations * channels
+        self.gram = torch.zeros(size, size, dtype=torch.float64, device=device)
+        self.sums = torch.zeros(size, dtype=torch.float64, device=device)
+        self.cosine_sums = torch.zeros(num_representations, num_representations, dtype=torch.float64, device=device)
+
+    def update(self, representations):
+        h = torch.stack([rearrange(r, "b c h w -> (b h w) c") for r in representations]).double()  # (n, N, C)
+        stacked = rearrange(h, "n N c -> N (n c)")
+        self.gram += stacked.T @ stacked
+        self.sums += stacked.sum(0)
+        unit = F.normalize(h, dim=2)
+        self.cosine_sums += torch.einsum("aNc,bNc->ab", unit, unit)
+        self.count += h.shape[1]
+
+    def block(self, matrix, a, b):
+        c = self.channels
+        return matrix[a * c:(a + 1) * c, b * c:(b + 1) * c]
+
+    def mean(self, a):
+        return self.sums[a * self.channels:(a + 1) * self.channels] / self.count
+
+    def block_redundancy(self):
+        """Eq. 1: BR(a, b) = -E ||h_a - h_b||^2 = -(E|h_a|^2 + E|h_b|^2 - 2 E h_a.h_b)."""
+        inner = torch.stack([torch.stack([self.block(self.gram, a, b).trace() for b in range(self.n)])
+                             for a in range(self.n)]) / self.count
+        squares = inner.diagonal()
+        return (2 * inner - squares[:, None] - squares[None, :]).clamp_max(0)
+
+    def linear_cka(self):
+        """Kornblith et al. 2019, positions as examples: ||C_ab||_F^2 / (||C_aa||_F ||C_bb||_F) with
+        C_ab the cross-covariance of h_a and h_b."""
+        cov = [[self.block(self.gram, a, b) / self.count - torch.outer(self.mean(a), self.mean(b))
+                for b in range(self.n)] for a in range(self.n)]
+        norms = torch.stack([cov[a][a].norm() for a in range(self.n)])
+        cross = torch.stack([torch.stack([cov[a][b].norm() ** 2 for b in range(self.n)]) for a in range(self.n)])
+        return cross / (norms[:, None] * norms[None, :]).clamp_min(1e-30)
+
+    def cosine(self):
+        """Mean over positions of the cosine similarity of the two channel vectors."""
+        return self.cosine_sums / self.count
+
+    def fit(self, i, j):
+        """RBA's closed form: least squares h_j ~ W h_i + b over all positions, from the normal
+        equations [X 1]^T [X 1] [W^T; b^T] = [X 1]^T Y. Returns (W (C, C), b (C,))."""
+        c = self.channels
+        xtx = torch.zeros(c + 1, c + 1, dtype=torch.float64, device=self.gram.device)
+        xtx[:c, :c] = self.block(self.gram, i, i)
+        xtx[:c, c] = xtx[c, :c] = self.sums[i * c:(i + 1) * c]
+        xtx[c, c] = self.count
+        xty = torch.cat([self.block(self.gram, i, j), self.sums[j * c:(j + 1) * c][None]])
+        solution = torch.linalg.lstsq(xtx.cpu(), xty.cpu(), driver="gelsd").solution  # rank-deficient safe
+        return solution[:c].T.float(), solution[c].float()
+
+
+def stage_representations(model, stage):
+    """Forward hooks that collect h_0 (the downsampling layer's output) and h_1..h_n of a stage."""
+    outputs = []
+    modules = [model.downsample_layers[stage - 1], *model.stages[stage - 1].blocks]
+    hooks = [m.register_forward_hook(lambda module, inputs, output: outputs.append(output)) for m in modules]
+    return outputs, hooks
+
+
+@torch.no_grad()
+def calibrate(model, loader, device, stages=(1, 2, 3, 4), print_freq=PRINT_FREQ):
+    """One pass over the calibration subset: {stage: StageStatistics}."""
+    model.eval().to(device)
+    collected = {s: stage_representations(model, s) for s in stages}
+    statistics = {s: StageStatistics(len(model.stages[s - 1].blocks) + 1, model.stage_channels[s - 1], device)
+                  for s in stages}
+    start, total, done = time.perf_counter(), len(loader), 0
+    try:
+        for step, (images, _) in enumerate(loader, 1):
+            model.forward_features(images.to(device))
+            for s, (outputs, _) in collected.items():
+                statistics[s].update(outputs)
+                outputs.clear()
+            done += len(images)
+            if step % print_freq == 0 or step == total:
+                seconds = time.perf_counter() - start
+                train.log(f"calibration  batch {step}/{total}  {done} images  {done / seconds:.1f} img/s  "
+                          f"eta {train.format_eta(seconds / step * (total - step))}")
+    finally:
+        for _, hooks in collected.values():
+            for hook in hooks:
+                hook.remove()
+    return statistics
+
+
+def fit_linear_map(statistics, i, j):
+    weight, bias = statistics.fit(i, j)
+    conv = linear_map(statistics.channels)
+    with torch.no_grad():
+        conv.weight.copy_(weight[:, :, None, None])
+        conv.bias.copy_(bias)
+    return conv
+
+
+# ---------------------------------------------------------------------------------------------
+# Block Redundancy matrices
+# ---------------------------------------------------------------------------------------------
+
+def similarity_matrices(statistics):
+    """{metric: {stage: (n, n) matrix}} for BR, linear CKA and cosine."""
+    return {metric: {s: getattr(stats, method)().cpu() for s, stats in statistics.items()}
+            for metric, method in zip(METRICS, ("block_redundancy", "linear_cka", "cosine"))}
+
+
+def format_matrix(matrix):
+    header = "      " + "".join(f"{f'h{b}':>10}" for b in range(len(matrix)))
+    rows = [f"{f'h{a}':>6}" + "".join(f"{v:>10.4g}" for v in row.tolist()) for a, row in enumerate(matrix)]
+    return "\n".join([header, *rows])
+
+
+def heatmap(matrices):
+    """(3, H, W) image in [0, 1]: one row per metric, one column per stage; entry (a, b) of each matrix is a
+    CELL x CELL square, bright = similar. CKA and cosine on the scale [0, 1]; BR on [m, 0], m its
+    most negative entry over all stages, so that the stages compare."""
+    size = max(m.shape[0] for per_stage in matrices.values() for m in per_stage.values()) * CELL
+    tiles = []
+    for metric, per_stage in matrices.items():
+        lowest = min(float(m.min()) for m in per_stage.values()) if metric == "BR" else 0.0
+        for matrix in per_stage.values():
+            scaled = 1 - matrix / lowest if metric == "BR" and lowest < 0 else matrix
+            cells = pseudo_color(scaled.float()[None])[0].repeat_interleave(CELL, 1).repeat_interleave(CELL, 2)
+            tiles.append(F.pad(cells, (0, size - cells.shape[2], 0, size - cells.shape[1]), value=1.0))
+    return make_grid(tiles, nrow=len(next(iter(matrices.values()))), padding=PADDING, pad_value=1.0)
+
+
+def redundancy(args):
+    model, info = load_model(args)
+    device = torch.device(args.device)
+    loader = calibration_loader(info, args.calibration_images, args.batch_size, args.workers)
+    train.log(f"{info['model']} at {info['image_size']}x{info['image_size']}: calibration on "
+              f"{len(loader.dataset)} training images of {data_dir(info)}")
+    matrices = similarity_matrices(calibrate(model, loader, device, print_freq=args.print_freq))
+    for metric, per_stage in matrices.items():
+        for s, matrix in per_stage.items():
+            train.log(f"\n{metric}, stage {s} (h0 = stage input, hi = output of block i)\n{format_matrix(matrix)}")
+    os.makedirs(args.output_dir, exist_ok=True)
+    png, table = os.path.join(args.output_dir, "redundancy.png"), os.path.join(args.output_dir, "redundancy.json")
+    save_image(heatmap(matrices), png)
+    with open(table, "w") as f:
+        json.dump({metric: {str(s): m.tolist() for s, m in per_stage.items()}
+                   for metric, per_stage in matrices.items()}, f)
+    train.log(f"\nsaved {png} (rows: {', '.join(METRICS)}; columns: stages 1-4) and {table}")
+    return matrices
+
+
+# ---------------------------------------------------------------------------------------------
+# Redundant Blocks Approximation (the paper's Table 2: original / approximate / skip)
+# ---------------------------------------------------------------------------------------------
+
+def parse_run(text, model):
+    """'3:1-3' -> (3, 1, 3): replace blocks 2..3 of stage 3 by a map from h_1 to h_3."""
+    try:
+        stage, rest = text.split(":")
+        i, j = rest.split("-")
+        stage, i, j = int(stage), int(i), int(j)
+    except ValueError:
+        raise ValueError(f"--blocks must be STAGE:I-J (replace blocks I+1..J of STAGE, numbered from 1; "
+                         f"I = 0 is the stage input), e.g. 3:1-3; got {text!r}") from None
+    if not 1 <= stage <= len(model.stages):
+        raise ValueError(f"--blocks {text}: stage must be 1..{len(model.stages)}")
+    depth = len(model.stages[stage - 1].blocks)
+    if not 0 <= i < j <= depth:
+        raise ValueError(f"--blocks {text}: need 0 <= I < J <= {depth} (stage {stage} has {depth} blocks)")
+    if any(is_replaced(b) for b in model.stages[stage - 1].blocks[i:j]):
+        raise ValueError(f"--blocks {text}: some of these blocks were already replaced in this checkpoint")
+    return stage, i, j
+
+
+def is_replaced(block):
+    return isinstance(block, (nn.Identity, nn.Conv2d))
+
+
+def candidate_runs(model, matrices):
+    """Every run (stage, i, j) whose blocks are all still real blocks, most redundant first."""
+    runs = []
+    for s, matrix in matrices["BR"].items():
+        blocks = model.stages[s - 1].blocks
+        for i in range(len(blocks)):
+            for j in range(i + 1, len(blocks) + 1):
+                if not any(is_replaced(b) for b in blocks[i:j]):
+                    runs.append((float(matrix[i, j]), (s, i, j)))
+    return [run for _, run in sorted(runs, key=lambda r: -r[0])]
+
+
+def variants(model, statistics, run):
+    """(approximated, skipped) copies of `model` for one run."""
+    stage, i, j = run
+    approximated = replace_blocks(copy.deepcopy(model), stage, i, j, fit_linear_map(statistics[stage], i, j))
+    return approximated, replace_blocks(copy.deepcopy(model), stage, i, j)
+
+
+def measure(models, val_loader, info, device, rounds):
+    """{key: dict(top1, params, gflops, ms)}; latency: batch 1, medians of rounds that interleave
+    all the models, so that the noise of a shared machine hits them alike."""
+    flops = {key: glnet.count_flops(m.cpu(), info["image_size"]) for key, m in models.items()}
+    models = {key: m.to(device).eval() for key, m in models.items()}
+    x = torch.randn(1, 3, info["image_size"], info["image_size"], device=device)
+    with torch.inference_mode():
+        seconds = glnet.interleaved_medians({key: (lambda m=m: m(x)) for key, m in models.items()}, rounds, device)
+    return {key: dict(top1=train.evaluate(m, val_loader, device)["top1"], params=glnet.count_params(m) / 1e6,
+                      gflops=flops[key], ms=1000 * seconds[key]) for key, m in models.items()}
+
+
+def print_table(results, matrices):
+    """The paper's Table 2 layout, one line per (run, mode), with the run's BR."""
+    train.log(f"\n{'run':<10}{'BR':>10}{'mode':>13}{'top-1':>8}{'params (M)':>12}{'GFLOPs':>9}{'ms':>8}")
+    for (run, mode), r in results.items():
+        label, br = "-", "-"
+        if run:
+            label, br = f"{run[0]}:{run[1]}-{run[2]}", f"{float(matrices['BR'][run[0]][run[1], run[2]]):.4g}"
+        train.log(f"{label:<10}{br:>10}{mode:>13}{r['top1']:>8.2f}{r['params']:>12.3f}"
+                  f"{r['gflops']:>9.4f}{r['ms']:>8.2f}")
+
+
+def approximate(args):
+    model, info = load_model(args)
+    device = torch.device(args.device)
+    runs = [parse_run(args.blocks, model)] if args.blocks else None
+    stages = sorted({run[0] for run in runs}) if runs else [1, 2, 3, 4]
+    loader = calibration_loader(info, args.calibration_images, args.batch_size, args.workers)
+    train.log(f"{info['model']} at {info['image_size']}x{info['image_size']}: calibration on "
+              f"{len(loader.dataset)} training images of {data_dir(info)}")
+    statistics = calibrate(model, loader, device, stages, args.print_freq)
+    matrices = similarity_matrices(statistics)
+    if runs is None:
+        runs = candidate_runs(model, matrices)[:args.search]
+        train.log(f"the {len(runs)} most redundant runs by BR: {', '.join(f'{s}:{i}-{j}' for s, i, j in runs)}")
+    models = {(None, "original"): model}
+    for run in runs:
+        models[run, "approximate"], models[run, "skip"] = variants(model, statistics, run)
+    if args.blocks:
+        path = args.output or os.path.join(args.output_dir, "approximated.pth")
+        save_approximated(models[runs[0], "approximate"], info, runs, path)
+        train.log(f"saved the approximated model to {path}; evaluate it again with\n"
+                  f"    python analyze.py evaluate --checkpoint {path}")
+    val_loader = train.eval_loader(train.build_val_dataset(data_dir(info), info["image_size"]),
+                                   args.batch_size, args.workers)
+    results = measure(models, val_loader, info, device, args.latency_rounds)
+    print_table(results, matrices)
+    train.log(f"top-1 on {len(val_loader.dataset)} validation images; GFLOPs of one {info['image_size']}x"
+              f"{info['image_size']} image (fvcore); ms: one image on {device.type}, median of "
+              f"{args.latency_rounds} interleaved rounds")
+    return results
+
+
+def evaluate(args):
+    model, info = load_model(args)
+    device = torch.device(args.device)
+    val_set = train.build_val_dataset(data_dir(info), info["image_size"])
+    metrics = train.evaluate(model.to(device), train.eval_loader(val_set, args.batch_size, args.workers), device)
+    train.log(f"{args.checkpoint} ({info['model']}, approximated runs {info['approximated']}): top-1 "
+              f"{metrics['top1']:.2f}  top-5 {metrics['top5']:.2f} on {metrics['images']} images; "
+              f"{glnet.count_params(model) / 1e6:.3f} M params")
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--checkpoint", required=True, help="train.py's best.pth / last.pth, a released "
+                                                            "checkpoint (with --model) or one saved by approximate")
+    common.add_argument("--model", choices=list(glnet.MODELS), help="default: read from the checkpoint")
+    common.add_argument("--data", help="ImageNet-layout folder; default: the checkpoint's (the built-in data)")
+    common.add_argument("--image-size", type=int, help="default: the checkpoint's training size")
+    common.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    common.add_argument("--threads", type=int, default=0, help="CPU threads, 0 = torch's default")
+    loading = argparse.ArgumentParser(add_help=False)
+    loading.add_argument("--batch-size", type=int, default=BATCH_SIZE)
+    loading.add_argument("--workers", type=int, default=1, help="data loading processes")
+    calibration = argparse.ArgumentParser(add_help=False)
+    calibration.add_argument("--calibration-images", type=int, default=CALIBRATION_IMAGES,
+                             help="training images the statistics are computed on (all of them when fewer)")
+    calibration.add_argument("--print-freq", type=int, default=PRINT_FREQ, help="a progress line every N batches")
+    calibration.add_argument("--output-dir", default=OUTPUT_DIR)
+
+    p = commands.add_parser("slots", parents=[common], help="Figure 5: the semantic slots of one GLMix block")
+    p.add_argument("--image", required=True)
+    p.add_argument("--block", default=SLOT_BLOCK, help="STAGE.BLOCK, numbered from 1")
+    p.add_argument("--output", help=f"PNG path; default: {OUTPUT_DIR}/slots-<image name>.png")
+    commands.add_parser("redundancy", parents=[common, loading, calibration],
+                        help="BR, linear CKA and cosine matrices of every stage")
+    p = commands.add_parser("approximate", parents=[common, loading, calibration],
+                            help="replace redundant blocks by a linear map")
+    p.add_argument("--blocks", help="STAGE:I-J: replace blocks I+1..J of STAGE by a map from h_I to h_J")
+    p.add_argument("--search", type=int, default=0, metavar="K", help="evaluate the K most redundant runs by BR")
+    p.add_argument("--latency-rounds", type=int, default=LATENCY_ROUNDS)
+    p.add_argument("--output", help="with --blocks: where to save the approximated model; "
+                                    "default: <output-dir>/approximated.pth")
+    commands.add_parser("evaluate", parents=[common, loading],
+                        help="top-1 of any checkpoint, approximated ones included")
+    args = parser.parse_args(argv)
+    if args.command == "approximate" and bool(args.blocks) == (args.search > 0):
+        parser.error("approximate needs either --blocks STAGE:I-J or --search K (K >= 1)")
+    train.require_positive(parser, args, ("batch_size", "calibration_images", "print_freq"))
+    if args.image_size is not None and args.image_size < glnet.MIN_INPUT_SIZE:
+        parser.error(f"--image-size must be at least {glnet.MIN_INPUT_SIZE}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    command = {"slots": slots, "redundancy": redundancy, "approximate": approximate, "evaluate": evaluate}
+    return command[args.command](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,892 @@
+"""GLNet as a dense-prediction backbone: Mask R-CNN and RetinaNet on COCO, Semantic FPN on ADE20K.
+
+The paper (Sec. 4.2-4.3, Appendix B) trains these with MMDetection / MMSegmentation; the released
+code has no detection or segmentation code. Here the detectors are torchvision's own
+(torchvision.models.detection.MaskRCNN / RetinaNet) on a GLNet + FeaturePyramidNetwork backbone,
+Semantic FPN is written out below, and COCO AP comes from pycocotools.
+
+    python detect_seg.py                                   # synthetic scenes, CPU, a few minutes
+    python detect_seg.py --predict scene.png               # draw what the trained Mask R-CNN finds
+    torchrun --nproc_per_node 8 detect_seg.py --task maskrcnn --data /data/coco \\
+        --model glnet_4g --pretrained glnet_4g.pth --output-dir runs/maskrcnn_4g_1x
+    torchrun --nproc_per_node 8 detect_seg.py --task semfpn --data /data/ADEChallengeData2016 \\
+        --model glnet_4g --pretrained glnet_4g.pth --output-dir runs/semfpn_4g
+
+Without --data, a synthetic scene dataset (coloured squares, circles and triangles with instance
+masks, in COCO format, plus semantic label PNGs in ADE20K's convention) is generated once into a
+cache folder, so the same CocoDetection / folder-of-PNGs code paths run out of the box.
+
+BatchNorm: GLNet's only BatchNorms are in its stem and downsampling layers. Starting from an
+ImageNet checkpoint, the detectors freeze them (torchvision.ops.FrozenBatchNorm2d: the ImageNet
+statistics and affine kept), as torchvision's detection references do, because 2 images per GPU
+give useless batch statistics; from scratch (the synthetic runs) there are no statistics to keep,
+so they train. Semantic FPN trains on 512x512 crops, 4 per GPU, so its BatchNorms keep training
+(SyncBatchNorm across GPUs).
+"""
+
+import argparse
+import json
+import math
+import os
+import resource
+import shutil
+import time
+import warnings
+from collections import OrderedDict
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from pycocotools import mask as mask_util
+from pycocotools.cocoeval import COCOeval
+from torchvision import tv_tensors
+from torchvision.datasets import CocoDetection, wrap_dataset_for_transforms_v2
+from torchvision.models.detection import MaskRCNN, RetinaNet
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.ops import FeaturePyramidNetwork, FrozenBatchNorm2d
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
+from torchvision.transforms import v2
+from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
+
+import glnet
+import train
+
+TASKS = ("maskrcnn", "retinanet", "semfpn")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+FPN_CHANNELS = 256
+IGNORE_INDEX = 255  # semantic label of unlabelled pixels (ADE20K's 0 after the shift)
+MULTISCALE_SIZES = tuple(range(480, 801, 32))  # shorter sides of 3x multi-scale training
+
+# The paper's recipes (Appendix B); every entry is a command-line flag that overrides it.
+RECIPES = {
+    "maskrcnn": dict(epochs=12, lr_steps=(8, 11), batch_size=16, lr=1e-4, weight_decay=0.05,
+                     warmup_iters=500, min_size=800, max_size=1333, fpn_channels=256, rois_per_image=512,
+                     eval_interval=1),
+    "retinanet": dict(epochs=12, lr_steps=(8, 11), batch_size=16, lr=1e-4, weight_decay=1e-3,
+                      warmup_iters=500, min_size=800, max_size=1333, fpn_channels=256, eval_interval=1),
+    "semfpn": dict(iters=80000, batch_size=32, lr=2e-4, weight_decay=1e-4, warmup_iters=1000,
+                   crop_size=512, scale=512, fpn_channels=256, eval_interval=10),
+}
+# The 3x schedule: 36 epochs, lr steps at 27 and 33, multi-scale training.
+SCHEDULE_3X = dict(epochs=36, lr_steps=(27, 33), multiscale=True)
+# Out of the box: glnet_mini from scratch on small synthetic scenes, sized for a CPU.
+SYNTHETIC_RECIPES = {
+    "maskrcnn": dict(epochs=3, lr_steps=(2,), batch_size=4, lr=3e-4, weight_decay=0.05, warmup_iters=50,
+                     min_size=128, max_size=208, fpn_channels=64, rois_per_image=64, eval_interval=100),
+    "retinanet": dict(epochs=3, lr_steps=(2,), batch_size=4, lr=3e-4, weight_decay=1e-3, warmup_iters=50,
+                      min_size=128, max_size=208, fpn_channels=64, eval_interval=100),
+    "semfpn": dict(iters=150, batch_size=8, lr=1e-3, weight_decay=1e-4, warmup_iters=50,
+                   crop_size=128, scale=160, fpn_channels=64, eval_interval=100),
+}
+
+# The synthetic scenes: one class per shape, each drawn in its own colour family.
+SYNTHETIC_CLASSES = ("square", "circle", "triangle")
+SYNTHETIC_COLORS = ((220, 60, 50), (60, 190, 70), (60, 90, 220))
+SYNTHETIC_SPLITS = {"train": 300, "val": 60}
+SYNTHETIC_VERSION = "synthetic_scenes_v1"
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------
+
+def freeze_batchnorm(module):
+    """Replace every BatchNorm2d by a FrozenBatchNorm2d holding its statistics and affine."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            frozen = FrozenBatchNorm2d(child.num_features, eps=child.eps)
+            frozen.weight.copy_(child.weight.detach())
+            frozen.bias.copy_(child.bias.detach())
+            frozen.running_mean.copy_(child.running_mean)
+            frozen.running_var.copy_(child.running_var)
+            setattr(module, name, frozen)
+        else:
+            freeze_batchnorm(child)
+    return module
+
+
+def create_backbone(name, pretrained=None, frozen_bn=False, drop_path_rate=0.0):
+    """A GLNet without its classifier, from an ImageNet checkpoint (any format glnet.load_checkpoint
+    takes, released ones included) or random. Only forward_features is used downstream."""
+    model = glnet.create_model(name, num_classes=0, drop_path_rate=drop_path_rate)
+    if pretrained is not None:
+        if not os.path.isfile(pretrained):
+            raise FileNotFoundError(f"--pretrained checkpoint not found: {pretrained}")
+        checkpoint = torch.load(pretrained, map_location="cpu", weights_only=True)
+        state_dict = {k: v for k, v in glnet.unwrap_state_dict(checkpoint).items() if not k.startswith("head.")}
+        glnet.load_checkpoint(model, state_dict)
+    model.norm = nn.Identity()  # the classifier's BatchNorm: unused by forward_features
+    if frozen_bn:
+        freeze_batchnorm(model)
+    return model
+
+
+class GLNetFPN(nn.Module):
+    """GLNet stage outputs -> torchvision's FeaturePyramidNetwork. `levels` picks the stages
+    (0-3 = strides 4-32); `extra_blocks` adds P6 (max-pool, Mask R-CNN) or P6-P7 (RetinaNet).
+    `out_channels` is what torchvision's detectors read."""
+
+    def __init__(self, body, levels=(0, 1, 2, 3), extra_blocks=None, out_channels=FPN_CHANNELS):
+        super().__init__()
+        self.body = body
+        self.levels = levels
+        self.fpn = FeaturePyramidNetwork([body.stage_channels[i] for i in levels], out_channels, extra_blocks)
+        self.out_channels = out_channels
+
+    def forward(self, x):
+        features = self.body.forward_features(x)
+        return self.fpn(OrderedDict((str(i), features[level]) for i, level in enumerate(self.levels)))
+
+
+def create_detector(task, backbone, num_classes, pretrained=None, min_size=800, max_size=1333, fpn_channels=FPN_CHANNELS,
+                    rois_per_image=512, drop_path_rate=0.0):
+    """Mask R-CNN on P2-P6 or RetinaNet on P3-P7 (P6-P7 from P5 by strided convs), torchvision's
+    heads, anchors and losses; the mask head is as wide as the FPN (256 in the paper, as MMDetection's).
+    Takes a list of (3, H, W) images in [0, 1]; it resizes them (shorter side `min_size`, a tuple
+    for multi-scale training, longer side at most `max_size`) and normalises them."""
+    body = create_backbone(backbone, pretrained, frozen_bn=pretrained is not None, drop_path_rate=drop_path_rate)
+    common = dict(min_size=min_size, max_size=max_size, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD)
+    if task == "maskrcnn":
+        return MaskRCNN(GLNetFPN(body, (0, 1, 2, 3), LastLevelMaxPool(), fpn_channels), None,
+                        box_predictor=FastRCNNPredictor(1024, num_classes),  # torchvision's box head width
+                        mask_head=MaskRCNNHeads(fpn_channels, [fpn_channels] * 4, dilation=1),
+                        mask_predictor=MaskRCNNPredictor(fpn_channels, fpn_channels, num_classes),
+                        box_batch_size_per_image=rois_per_image, **common)
+    if task == "retinanet":
+        return RetinaNet(GLNetFPN(body, (1, 2, 3), LastLevelP6P7(fpn_channels, fpn_channels), fpn_channels),
+                         num_classes, **common)
+    raise ValueError(f"unknown detection task {task!r}; expected 'maskrcnn' or 'retinanet'")
+
+
+def scale_head(in_channels, channels, stride_log2):
+    """Semantic FPN's per-level head: as many (Conv3x3-GN-ReLU, 2x upsample) steps as it takes to
+    reach stride 4 (one conv without upsampling at stride 4)."""
+    layers = []
+    for i in range(max(stride_log2, 1)):
+        layers += [nn.Conv2d(in_channels if i == 0 else channels, channels, 3, padding=1, bias=False),
+                   nn.GroupNorm(math.gcd(32, channels), channels), nn.ReLU(inplace=True)]
+        if stride_log2 > 0:
+            layers.append(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False))
+    return nn.Sequential(*layers)
+
+
+class SemanticFPN(nn.Module):
+    """Semantic FPN (Kirillov et al. 2019): FPN on the four stages, per-level heads summed at 1/4
+    resolution, dropout, a 1x1 classifier, bilinear upsampling to the input size.
+    Takes (B, 3, H, W) images in [0, 1], returns (B, num_classes, H, W) logits."""
+
+    def __init__(self, backbone, num_classes, pretrained=None, fpn_channels=FPN_CHANNELS, drop_path_rate=0.0):
+        super().__init__()
+        head_channels = fpn_channels // 2  # 128 with the paper's 256, as in MMSegmentation
+        body = create_backbone(backbone, pretrained, drop_path_rate=drop_path_rate)
+        self.backbone = GLNetFPN(body, out_channels=fpn_channels)
+        self.scale_heads = nn.ModuleList(scale_head(fpn_channels, head_channels, i) for i in range(4))
+        self.classifier = nn.Sequential(nn.Dropout2d(0.1), nn.Conv2d(head_channels, num_classes, 1))
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, images):
+        features = list(self.backbone((images - self.mean) / self.std).values())
+        size = features[0].shape[-2:]  # stride 4; odd input sizes make 2x upsampling miss by one
+        x = sum(F.interpolate(head(f), size=size, mode="bilinear", align_corners=False)
+                for head, f in zip(self.scale_heads, features))
+        return F.interpolate(self.classifier(x), size=images.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def create_model(task, backbone, num_classes, pretrained=None, **kwargs):
+    if task == "semfpn":
+        kwargs = {k: v for k, v in kwargs.items() if k in ("fpn_channels", "drop_path_rate")}
+        return SemanticFPN(backbone, num_classes, pretrained, **kwargs)
+    return create_detector(task, backbone, num_classes, pretrained, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# COCO detection data
+# ---------------------------------------------------------------------------------------------
+
+def coco_paths(root, split):
+    """COCO 2017's layout: <root>/<split>2017/ and <root>/annotations/instances_<split>2017.json."""
+    image_dir = os.path.join(root, f"{split}2017")
+    ann_file = os.path.join(root, "annotations", f"instances_{split}2017.json")
+    if not os.path.isfile(ann_file):
+        raise FileNotFoundError(f"COCO annotation file not found: {ann_file} (expected the COCO 2017 "
+                                f"layout: {split}2017/ and annotations/instances_{split}2017.json)")
+    if not os.path.isdir(image_dir):
+        raise FileNotFoundError(f"COCO image folder not found: {image_dir}")
+    return image_dir, ann_file
+
+
+def drop_degenerate_boxes(coco, ann_file):
+    """Zero-width or zero-height boxes crash the detectors' losses: drop them, loudly."""
+    annotations = coco.dataset["annotations"]
+    bad = [a for a in annotations if a["bbox"][2] <= 0 or a["bbox"][3] <= 0]
+    if bad:
+        warnings.warn(f"{ann_file}: dropped {len(bad)} annotation(s) with a degenerate box (zero width "
+                      f"or height), e.g. annotation {bad[0]['id']} of image {bad[0]['image_id']}")
+        coco.dataset["annotations"] = [a for a in annotations if a["bbox"][2] > 0 and a["bbox"][3] > 0]
+        coco.createIndex()
+
+
+def coco_dataset(root, split, train, with_masks):
+    """torchvision's CocoDetection wrapped for transforms v2: targets with `boxes` (XYXY),
+    `labels` (COCO category ids) and `masks`. For training, crowd regions are dropped and images
+    left without annotations are skipped, as torchvision's detection reference does."""
+    image_dir, ann_file = coco_paths(root, split)
+    if train:
+        transforms = v2.Compose([v2.ToImage(), v2.RandomHorizontalFlip(), v2.ToDtype(torch.float32, scale=True),
+                                 v2.SanitizeBoundingBoxes()])
+    else:
+        transforms = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True)])
+    dataset = CocoDetection(image_dir, ann_file, transforms=transforms)
+    drop_degenerate_boxes(dataset.coco, ann_file)
+    if train:
+        crowd = [a for a in dataset.coco.dataset["annotations"] if a.get("iscrowd", 0)]
+        if crowd:
+            dataset.coco.dataset["annotations"] = [a for a in dataset.coco.dataset["annotations"] if not a.get("iscrowd", 0)]
+            dataset.coco.createIndex()
+        dataset.ids = [i for i in dataset.ids if dataset.coco.imgToAnns[i]]
+        if not dataset.ids:
+            raise ValueError(f"{ann_file}: no image has a usable annotation")
+    keys = ("image_id", "boxes", "labels", "masks") if with_masks else ("image_id", "boxes", "labels")
+    return wrap_dataset_for_transforms_v2(dataset, target_keys=keys if train else ("image_id",))
+
+
+def category_names(coco):
+    """{category id: name}; the detectors predict the ids themselves (num_classes = max id + 1)."""
+    return {c["id"]: c["name"] for c in coco.loadCats(coco.getCatIds())}
+
+
+def detection_collate(batch):
+    return tuple(zip(*batch))
+
+
+# ---------------------------------------------------------------------------------------------
+# Semantic segmentation data (ADE20K's layout and label convention)
+# ---------------------------------------------------------------------------------------------
+
+class SegmentationFolder(torch.utils.data.Dataset):
+    """Images and label PNGs matched by file name stem. Labels follow ADE20K: 0 = unlabelled
+    (ignored), 1..K = the classes; they come out as 0..K-1 with IGNORE_INDEX for unlabelled."""
+
+    def __init__(self, image_dir, label_dir, transforms):
+        for path, what in ((image_dir, "image folder"), (label_dir, "label folder")):
+            if not os.path.isdir(path):
+                raise FileNotFoundError(f"segmentation {what} not found: {path}")
+        stems = lambda folder, exts: {os.path.splitext(f)[0]: os.path.join(folder, f)
+                                      for f in os.listdir(folder) if f.lower().endswith(exts)}
+        images = stems(image_dir, (".jpg", ".jpeg", ".png"))
+        labels = stems(label_dir, (".png",))
+        if not images:
+            raise ValueError(f"no .jpg/.png images in {image_dir}")
+        missing = sorted(set(images) - set(labels))
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} image(s) in {image_dir} have no label PNG in "
+                                    f"{label_dir}, e.g. {missing[0]}.png")
+        self.samples = [(images[s], labels[s]) for s in sorted(images)]
+        self.transforms = transforms
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        image_path, label_path = self.samples[index]
+        image = v2.functional.pil_to_tensor(train.load_image(image_path))
+        label = torch.from_numpy(np.array(Image.open(label_path), dtype=np.int64))
+        if label.shape != image.shape[1:]:
+            raise ValueError(f"label {label_path} is {tuple(label.shape)}, its image {tuple(image.shape[1:])}")
+        label = tv_tensors.Mask(torch.where(label == 0, IGNORE_INDEX, label - 1))
+        image = tv_tensors.Image(image)
+        return self.transforms(image, label)
+
+
+def ade20k_folders(root, split):
+    """ADEChallengeData2016/{images,annotations}/{training,validation}."""
+    folder = {"train": "training", "val": "validation"}[split]
+    return os.path.join(root, "images", folder), os.path.join(root, "annotations", folder)
+
+
+def segmentation_dataset(image_dir, label_dir, train, crop_size, scale):
+    """Training: MMSegmentation's resize of the image into (4*scale, scale) x [0.5, 2], a random
+    crop (padded with the ignore label), a random flip. Evaluation: the full image (the model
+    input is resized in `evaluate_segmentation`)."""
+    to_float = v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True)
+    if train:
+        transforms = v2.Compose([
+            v2.ScaleJitter((scale, 4 * scale), scale_range=(0.5, 2.0)),
+            v2.RandomCrop(crop_size, pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX}),
+            v2.RandomHorizontalFlip(),
+            to_float,
+        ])
+    else:
+        transforms = to_float
+    return SegmentationFolder(image_dir, label_dir, transforms)
+
+
+# ---------------------------------------------------------------------------------------------
+# The synthetic scenes (out of the box)
+# ---------------------------------------------------------------------------------------------
+
+def draw_shape(draw, shape, box, fill):
+    x0, y0, x1, y1 = box
+    if shape == "square":
+        draw.rectangle(box, fill=fill)
+    elif shape == "circle":
+        draw.ellipse(box, fill=fill)
+    else:
+        draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=fill)
+
+
+def synthetic_scene(rng, image_id, first_ann_id):
+    """One image of 1-4 non-overlapping shapes on a noisy background: the RGB image, the
+    semantic label map (ADE20K convention: 1 = background, 2.. = shape classes) and the COCO
+    annotations with exact RLE masks."""
+    width, height = int(rng.integers(160, 225)), int(rng.integers(160, 225))  # odd sizes included
+    background = rng.integers(90, 170, size=3)
+    pixels = np.clip(background + rng.normal(0, 12, size=(height, width, 3)), 0, 255).astype(np.uint8)
+    image = Image.fromarray(pixels)
+    semantic = np.ones((height, width), np.uint8)
+    annotations, placed = [], []
+    for _ in range(int(rng.integers(1, 5))):
+        for _attempt in range(20):
+            size = int(rng.integers(28, 73))
+            w, h = size, int(size * rng.uniform(0.8, 1.25))
+            x, y = int(rng.integers(0, width - w)), int(rng.integers(0, height - h))
+            if all(x + w + 4 < a or a + c + 4 < x or y + h + 4 < b or b + d + 4 < y for a, b, c, d in placed):
+                break
+        else:
+            continue
+        placed.append((x, y, w, h))
+        category = int(rng.integers(len(SYNTHETIC_CLASSES)))
+        color = tuple(int(c) for c in np.clip(np.array(SYNTHETIC_COLORS[category]) + rng.integers(-30, 31, 3), 0, 255))
+        mask_image = Image.new("L", (width, height), 0)
+        draw_shape(ImageDraw.Draw(mask_image), SYNTHETIC_CLASSES[category], (x, y, x + w - 1, y + h - 1), 1)
+        mask = np.array(mask_image, dtype=np.uint8)
+        image.paste(color, mask=mask_image.point(lambda v: 255 * v))
+        semantic[mask > 0] = category + 2
+        rle = mask_util.encode(np.asfortranarray(mask))
+        rle["counts"] = rle["counts"].decode("ascii")
+        annotations.append(dict(id=first_ann_id + len(annotations), image_id=image_id, category_id=category + 1,
+                                bbox=[float(v) for v in mask_util.toBbox(rle)], area=float(mask.sum()),
+                                segmentation=rle, iscrowd=0))
+    return image, semantic, annotations
+
+
+def make_synthetic_dataset(root, splits=SYNTHETIC_SPLITS, seed=0):
+    """Write the scenes as COCO 2017 (<split>2017/*.png, annotations/instances_<split>2017.json)
+    plus semantic label PNGs (semantic/<split>2017/*.png). Built in a temporary folder and renamed
+    into place, so an interrupted run never leaves a half-written dataset."""
+    tmp = f"{root}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    rng = np.random.default_rng(seed)
+    categories = [dict(id=i + 1, name=name, supercategory="shape") for i, name in enumerate(SYNTHETIC_CLASSES)]
+    image_id, ann_id = 1, 1
+    for split, count in splits.items():
+        for folder in (f"{split}2017", f"semantic/{split}2017", "annotations"):
+            os.makedirs(os.path.join(tmp, folder), exist_ok=True)
+        images, annotations = [], []
+        for _ in range(count):
+            image, semantic, anns = synthetic_scene(rng, image_id, ann_id)
+            file_name = f"{image_id:06d}.png"
+            image.save(os.path.join(tmp, f"{split}2017", file_name))
+            Image.fromarray(semantic).save(os.path.join(tmp, f"semantic/{split}2017", file_name))
+            images.append(dict(id=image_id, file_name=file_name, width=image.width, height=image.height))
+            annotations += anns
+            image_id, ann_id = image_id + 1, ann_id + len(anns)
+        with open(os.path.join(tmp, "annotations", f"instances_{split}2017.json"), "w") as f:
+            json.dump(dict(images=images, annotations=annotations, categories=categories), f)
+    os.replace(tmp, root)
+
+
+def synthetic_dataset(cache_dir):
+    """The synthetic scenes' root folder, generated on first use."""
+    root = os.path.join(cache_dir, SYNTHETIC_VERSION)
+    if not os.path.isdir(root):
+        os.makedirs(cache_dir, exist_ok=True)
+        print(f"generating the synthetic scene dataset in {root}")
+        make_synthetic_dataset(root)
+    return root
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------------------------
+
+COCO_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+def detections_to_coco(output, image_id):
+    """One image's torchvision detections as COCO result records (XYWH boxes, RLE masks)."""
+    boxes = output["boxes"].float().cpu()
+    boxes[:, 2:] -= boxes[:, :2]
+    records = [dict(image_id=int(image_id), category_id=int(label), bbox=[round(float(v), 2) for v in box], score=float(score))
+               for box, label, score in zip(boxes, output["labels"].cpu(), output["scores"].cpu())]
+    if "masks" in output and len(records):
+        masks = (output["masks"][:, 0] > 0.5).cpu().numpy().astype(np.uint8)
+        for record, rle in zip(records, mask_util.encode(np.asfortranarray(masks.transpose(1, 2, 0)))):
+            rle["counts"] = rle["counts"].decode("ascii")
+            record["segmentation"] = rle
+    return records
+
+
+def coco_evaluate(coco_gt, results, iou_type):
+    """pycocotools' COCOeval: {'AP', 'AP50', 'AP75', 'APs', 'APm', 'APl'} for 'bbox' or 'segm'."""
+    if not results:
+        return dict.fromkeys(COCO_METRICS, 0.0)
+    coco_eval = COCOeval(coco_gt, coco_gt.loadRes(results), iou_type)
+    coco_eval.evaluate()
+    coco_eval.accumulate()
+    coco_eval.summarize()
+    return dict(zip(COCO_METRICS, (float(v) for v in coco_eval.stats[:6])))
+
+
+@torch.no_grad()
+def evaluate_detection(model, dataset, device, rank=0, world_size=1, workers=2, amp_dtype=None):
+    """COCO box AP (and mask AP for Mask R-CNN) of the validation set, each image once, on rank 0."""
+    model.eval()
+    loader = torch.utils.data.DataLoader(dataset, batch_size=2, sampler=train.ShardSampler(dataset, rank, world_size),
+                                         num_workers=workers, collate_fn=detection_collate)
+    results = []
+    for images, targets in loader:
+        with autocast(device, amp_dtype):
+            outputs = model([image.to(device) for image in images])
+        for output, target in zip(outputs, targets):
+            results += detections_to_coco(output, target["image_id"])
+    if world_size > 1:
+        gathered = [None] * world_size
+        dist.all_gather_object(gathered, results)
+        results = [r for part in gathered for r in part]
+    if rank != 0:
+        return {}
+    coco_gt = dataset._dataset.coco
+    metrics = {f"bbox_{k}": v for k, v in coco_evaluate(coco_gt, results, "bbox").items()}
+    if results and "segmentation" in results[0]:
+        metrics.update({f"segm_{k}": v for k, v in coco_evaluate(coco_gt, results, "segm").items()})
+    return metrics
+
+
+def confusion_matrix(prediction, label, num_classes):
+    """(num_classes, num_classes) counts, rows = ground truth, ignoring IGNORE_INDEX pixels."""
+    valid = label != IGNORE_INDEX
+    index = label[valid] * num_classes + prediction[valid]
+    return torch.bincount(index, minlength=num_classes ** 2).reshape(num_classes, num_classes)
+
+
+def segmentation_metrics(confusion):
+    """mIoU (mean over the classes that occur in the ground truth or the prediction) and pixel
+    accuracy, as MMSegmentation reports them."""
+    confusion = confusion.double()
+    intersection = confusion.diag()
+    union = confusion.sum(0) + confusion.sum(1) - intersection
+    iou = intersection / union  # NaN for classes absent from both
+    return dict(mIoU=float(iou.nanmean()), aAcc=float(intersection.sum() / confusion.sum()),
+                IoU=[round(float(v), 4) for v in iou])
+
+
+def resize_to_scale(image, scale):
+    """MMSegmentation's single-scale test resize: fit into (4*scale, scale), keeping the aspect."""
+    h, w = image.shape[-2:]
+    ratio = min(scale / min(h, w), 4 * scale / max(h, w))
+    return F.interpolate(image, size=(round(h * ratio), round(w * ratio)), mode="bilinear", align_corners=False)
+
+
+@torch.no_grad()
+def evaluate_segmentation(model, dataset, device, num_classes, scale, rank=0, world_size=1, workers=2, amp_dtype=None):
+    """Single-scale mIoU and pixel accuracy: predict at the test scale, upsample the logits to
+    the original size, compare with the original labels."""
+    model.eval()
+    loader = torch.utils.data.DataLoader(dataset, batch_size=1, sampler=train.ShardSampler(dataset, rank, world_size),
+                                         num_workers=workers)
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
+    for image, label in loader:
+        image, label = image.to(device), label.to(device)
+        with autocast(device, amp_dtype):
+            logits = model(resize_to_scale(image, scale))
+        logits = F.interpolate(logits.float(), size=label.shape[-2:], mode="bilinear", align_corners=False)
+        confusion += confusion_matrix(logits.argmax(1), label, num_classes)
+    if world_size > 1:
+        dist.all_reduce(confusion)
+    return segmentation_metrics(confusion.cpu()) if rank == 0 else {}
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+
+def autocast(device, amp_dtype):
+    """Mixed precision in amp_dtype (train.amp_settings: bf16 on GPU by default), or none."""
+    return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+
+
+def lr_factor(step, config, iters_per_epoch, total_steps):
+    """Linear warm-up from 0.001x, then MMDetection's steps (x0.1 at each epoch in lr_steps) or,
+    for Semantic FPN, cosine annealing to zero."""
+    if step < config.warmup_iters:
+        return 0.001 + 0.999 * step / config.warmup_iters
+    if config.task == "semfpn":
+        progress = (step - config.warmup_iters) / max(total_steps - config.warmup_iters, 1)
+        return 0.5 * (1 + math.cos(math.pi * progress))
+    return 0.1 ** sum(step >= epoch * iters_per_epoch for epoch in config.lr_steps)
+
+
+def build_data(config, rank, world_size):
+    """(training set, validation set, {class id: name}, num_classes)."""
+    if config.task == "semfpn":
+        if config.synthetic:
+            folders = {s: (os.path.join(config.data, f"{s}2017"), os.path.join(config.data, f"semantic/{s}2017"))
+                       for s in ("train", "val")}
+            names = ["background", *SYNTHETIC_CLASSES]
+        else:
+            folders = {s: ade20k_folders(config.data, s) for s in ("train", "val")}
+            names = [f"class{i}" for i in range(1, 151)]
+        train_set = segmentation_dataset(*folders["train"], True, config.crop_size, config.scale)
+        val_set = segmentation_dataset(*folders["val"], False, config.crop_size, config.scale)
+        return train_set, val_set, dict(enumerate(names)), len(names)
+    with_masks = config.task == "maskrcnn"
+    train_set = coco_dataset(config.data, "train", True, with_masks)
+    val_set = coco_dataset(config.data, "val", False, with_masks)
+    names = category_names(train_set._dataset.coco)
+    return train_set, val_set, names, max(names) + 1
+
+
+def compute_loss(model, batch, config, device):
+    if config.task == "semfpn":
+        images, labels = batch
+        logits = model(images.to(device, non_blocking=True))
+        return F.cross_entropy(logits.float(), labels.to(device, non_blocking=True), ignore_index=IGNORE_INDEX)
+    images, targets = batch
+    images = [image.to(device, non_blocking=True) for image in images]
+    targets = [{k: v.to(device, non_blocking=True) for k, v in t.items() if k != "image_id"} for t in targets]
+    return sum(model(images, targets).values())
+
+
+def evaluate(model, val_set, config, device, rank, world_size, amp_dtype):
+    if config.task == "semfpn":
+        return evaluate_segmentation(model, val_set, device, config.num_classes, config.scale, rank, world_size,
+                                     config.workers, amp_dtype)
+    return evaluate_detection(model, val_set, device, rank, world_size, config.workers, amp_dtype)
+
+
+def main_metric(task):
+    return "mIoU" if task == "semfpn" else "bbox_AP"
+
+
+def train_task(config, rank, world_size, device):
+    """Train one model with one recipe; checkpoints, auto-resume, logs and evaluation in
+    config.output_dir. Returns the final validation metrics (on rank 0)."""
+    train.seed_everything(config.seed, rank)
+    train_set, val_set, class_names, num_classes = build_data(config, rank, world_size)
+    config.num_classes = num_classes
+    min_size = MULTISCALE_SIZES if config.multiscale else config.min_size
+    model = create_model(config.task, config.model, num_classes, config.pretrained, min_size=min_size,
+                         max_size=config.max_size, fpn_channels=config.fpn_channels,
+                         rois_per_image=config.rois_per_image, drop_path_rate=config.drop_path_rate).to(device)
+    if world_size > 1 and device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # only Semantic FPN has BatchNorms left
+    module = model
+    if world_size > 1:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    if config.batch_size % world_size:
+        raise ValueError(f"--batch-size {config.batch_size} (the total batch) is not divisible by {world_size} processes")
+    sampler = torch.utils.data.distributed.DistributedSampler(train_set, world_size, rank, shuffle=True, seed=config.seed)
+    loader = torch.utils.data.DataLoader(
+        train_set, batch_size=config.batch_size // world_size, sampler=sampler, num_workers=config.workers,
+        collate_fn=None if config.task == "semfpn" else detection_collate, drop_last=True,
+        pin_memory=device.type == "cuda", persistent_workers=config.workers > 0)
+    if len(loader) == 0:
+        raise ValueError(f"{len(train_set)} training images do not make one batch of {config.batch_size}")
+    iters_per_epoch = len(loader)
+    if config.task == "semfpn":
+        total_steps = config.iters
+        epochs = math.ceil(total_steps / iters_per_epoch)
+    else:
+        epochs = config.epochs
+        total_steps = epochs * iters_per_epoch
+
+    optimizer = torch.optim.AdamW(train.param_groups(module, config.weight_decay), lr=config.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config, iters_per_epoch, total_steps))
+    amp_dtype, scaler = train.amp_settings(config.amp, device)
+    start_epoch, best = 0, None
+    resume = train.find_last_checkpoint(config.output_dir)
+    if resume is not None:
+        checkpoint = torch.load(resume, map_location="cpu", weights_only=True)
+        module.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        start_epoch, best = checkpoint["epoch"] + 1, checkpoint.get("best")
+        train.log(f"resumed from {resume} (epoch {start_epoch}/{epochs})")
+
+    record = {}
+    for epoch in range(start_epoch, epochs):
+        sampler.set_epoch(epoch)
+        model.train()
+        loss_sum, seen, start = 0.0, 0, time.time()
+        for i, batch in enumerate(loader):
+            step = epoch * iters_per_epoch + i
+            if step >= total_steps:
+                break
+            with autocast(device, amp_dtype):
+                loss = compute_loss(model, batch, config, device)
+            train.check_finite(loss, f"epoch {epoch + 1} step {i + 1}")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            loss_sum, seen = loss_sum + loss.item(), seen + 1
+            if train.is_main_process() and (i % config.print_freq == 0 or i == iters_per_epoch - 1):
+                elapsed = time.time() - start
+                rate = (i + 1) * config.batch_size / elapsed
+                eta = (min(total_steps, epochs * iters_per_epoch) - step - 1) * elapsed / (i + 1)
+                mem = f"  mem {torch.cuda.max_memory_allocated(device) / 2 ** 30:.1f}G" if device.type == "cuda" else ""
+                print(f"epoch {epoch + 1}/{epochs}  step {i + 1}/{iters_per_epoch}  loss {loss.item():.4f}  "
+                      f"lr {optimizer.param_groups[0]['lr']:.2e}  img/s {rate:.1f}  eta {train.format_eta(eta)}{mem}",
+                      flush=True)
+
+        record = dict(task=config.task, epoch=epoch + 1, step=min((epoch + 1) * iters_per_epoch, total_steps),
+                      train_loss=loss_sum / max(seen, 1), lr=optimizer.param_groups[0]["lr"], epoch_time_s=time.time() - start)
+        metrics = {}
+        if epoch == epochs - 1 or (epoch + 1) % config.eval_interval == 0:
+            metrics = evaluate(module, val_set, config, device, rank, world_size, amp_dtype)
+            record.update(metrics)
+        if train.is_main_process():
+            state = dict(model=module.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                         scaler=scaler.state_dict(), epoch=epoch, best=best, config=vars(config), classes=class_names)
+            if main_metric(config.task) in metrics and (best is None or metrics[main_metric(config.task)] > best):
+                best = state["best"] = metrics[main_metric(config.task)]
+                train.save_checkpoint(state, os.path.join(config.output_dir, "best.pth"))
+            train.save_checkpoint(state, os.path.join(config.output_dir, "last.pth"))
+            train.append_metrics(config.output_dir, record)
+            print(json.dumps({k: v for k, v in record.items() if k != "IoU"}), flush=True)
+    return record
+
+
+# ---------------------------------------------------------------------------------------------
+# Prediction drawing and the memory/speed benchmark
+# ---------------------------------------------------------------------------------------------
+
+def load_trained(checkpoint_path):
+    """The model, task and class names stored in a checkpoint written by train_task."""
+    if not os.path.isfile(checkpoint_path):
+        raise FileNotFoundError(f"checkpoint not found: {checkpoint_path} (train first, or pass --checkpoint)")
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    if "config" not in checkpoint:
+        raise ValueError(f"{checkpoint_path} was not written by detect_seg.py (it has no 'config' entry)")
+    config = checkpoint["config"]
+    model = create_model(config["task"], config["model"], config["num_classes"], min_size=config["min_size"] or 800,
+                         max_size=config["max_size"] or 1333, fpn_channels=config["fpn_channels"])
+    model.load_state_dict(checkpoint["model"])
+    return model.eval(), config["task"], checkpoint["classes"]
+
+
+@torch.no_grad()
+def predict(image_path, checkpoint_path, output_path, score_threshold=0.5):
+    """Draw the detections (boxes, labels, scores, masks) or the semantic segmentation of one
+    image into a PNG."""
+    if not os.path.isfile(image_path):
+        raise FileNotFoundError(f"image not found: {image_path}")
+    model, task, class_names = load_trained(checkpoint_path)
+    image = v2.functional.pil_to_tensor(train.load_image(image_path))
+    x = image.float() / 255
+    if task == "semfpn":
+        labels = model(x[None])[0].argmax(0)
+        present = labels.unique().tolist()
+        drawn = draw_segmentation_masks(image, torch.stack([labels == c for c in present]), alpha=0.6)
+        print(f"{image_path}: classes {', '.join(class_names[c] for c in present)}")
+    else:
+        output = model([x])[0]
+        keep = output["scores"] >= score_threshold
+        boxes, labels, scores = output["boxes"][keep], output["labels"][keep], output["scores"][keep]
+        drawn = image
+        if "masks" in output and keep.any():
+            drawn = draw_segmentation_masks(drawn, output["masks"][keep][:, 0] > 0.5, alpha=0.5)
+        captions = [f"{class_names.get(int(c), int(c))} {s:.2f}" for c, s in zip(labels, scores)]
+        drawn = draw_bounding_boxes(drawn, boxes, captions, colors="yellow", width=2)
+        print(f"{image_path}: {len(boxes)} detection(s) with score >= {score_threshold}: {', '.join(captions)}")
+    os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
+    v2.functional.to_pil_image(drawn).save(output_path)
+    print(f"saved {output_path}")
+    return output_path
+
+
+def largest_module_outputs(module, x):
+    """The element count of the largest tensor every submodule of `module` outputs for input x."""
+    sizes = {}
+
+    def record(name):
+        def hook(_, __, output):
+            tensors = output if isinstance(output, (list, tuple)) else [output]
+            sizes[name] = max(t.numel() for t in tensors if torch.is_tensor(t))
+        return hook
+
+    handles = [m.register_forward_hook(record(n)) for n, m in module.named_modules() if n]
+    try:
+        module(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return sizes
+
+
+def peak_memory(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+@torch.no_grad()
+def attention_peak_memory(tokens, heads, device):
+    """How much one F.scaled_dot_product_attention call over `tokens` raises the peak memory, as
+    MHSABlock calls it. Run first in a fresh process, so that the peak is not an earlier one."""
+    q, k, v = (torch.randn(1, heads, tokens, glnet.HEAD_DIM, device=device) for _ in range(3))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    before = peak_memory(device)
+    F.scaled_dot_product_attention(q, k, v)
+    return peak_memory(device) - before
+
+
+@torch.no_grad()
+def benchmark(backbone, device, height=800, width=1333):
+    """Peak memory and time of one Mask R-CNN forward at height x width, and the check that no
+    backbone tensor grows faster than the pixel count (full N x N attention would)."""
+    model = create_detector("maskrcnn", backbone, num_classes=91, min_size=height, max_size=width).to(device).eval()
+    tokens = math.ceil(height / 16) * math.ceil(width / 16)
+    heads = model.backbone.body.stage_channels[2] // glnet.HEAD_DIM
+    print(f"full attention at stride 16 ({tokens} tokens, {heads} heads): one call raised the peak memory by "
+          f"{attention_peak_memory(tokens, heads, device) / 2 ** 20:.0f} MiB; a materialised {tokens}x{tokens} "
+          f"attention matrix would take {tokens ** 2 * heads * 4 / 2 ** 20:.0f} MiB")
+    image = torch.rand(3, height, width, device=device)
+    model([image])  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    model([image])
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    memory = "peak GPU memory allocated" if device.type == "cuda" else "peak resident memory of the process (ru_maxrss)"
+    memory = f"{memory} {peak_memory(device) / 2 ** 30:.2f} GiB"
+    print(f"Mask R-CNN + {backbone}, one {height}x{width} image, batch 1, {device}: {seconds:.2f} s, {memory}")
+
+    body = model.backbone.body
+    small = largest_module_outputs(body, torch.rand(1, 3, height // 2, width // 2, device=device))
+    large = largest_module_outputs(body, torch.rand(1, 3, height, width, device=device))
+    name = max(large, key=large.get)
+    pixel_ratio = (height * width) / ((height // 2) * (width // 2))
+    growth = max(large[n] / small[n] for n in large)
+    print(f"largest backbone tensor at {height}x{width}: {name} ({large[name] * 4 / 2 ** 20:.1f} MiB); "
+          f"with {pixel_ratio:.2f}x the pixels the fastest-growing module output grows {growth:.2f}x "
+          f"({'linear' if growth < 1.5 * pixel_ratio else 'SUPERLINEAR'})")
+    return seconds
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", nargs="+", choices=TASKS, default=None,
+                        help="models to train, one after the other (default: maskrcnn semfpn on the synthetic scenes)")
+    parser.add_argument("--data", default=None, help="COCO 2017 root (maskrcnn, retinanet) or ADEChallengeData2016 "
+                        "root (semfpn); default: the synthetic scenes")
+    parser.add_argument("--cache-dir", default=train.DEFAULT_CACHE, help="where the synthetic scenes are generated")
+    parser.add_argument("--model", default="glnet_mini", choices=list(glnet.MODELS), help="the GLNet backbone")
+    parser.add_argument("--pretrained", default=None, help="ImageNet GLNet checkpoint for the backbone (released ones included)")
+    parser.add_argument("--output-dir", default="runs/detect_seg", help="one subfolder per task")
+    parser.add_argument("--schedule", choices=("1x", "3x"), default="1x", help="detection: 12 epochs, or 36 with multi-scale training")
+    # The recipe: the defaults (None) come from RECIPES, or SYNTHETIC_RECIPES without --data.
+    parser.add_argument("--epochs", type=int, default=None, help="detection epochs")
+    parser.add_argument("--lr-steps", type=int, nargs="+", default=None, help="detection: epochs at which lr drops 10x")
+    parser.add_argument("--iters", type=int, default=None, help="segmentation iterations")
+    parser.add_argument("--batch-size", type=int, default=None, help="total batch over all processes")
+    parser.add_argument("--lr", type=float, default=None, help="peak learning rate (AdamW)")
+    parser.add_argument("--weight-decay", type=float, default=None)
+    parser.add_argument("--warmup-iters", type=int, default=None)
+    parser.add_argument("--min-size", type=int, default=None, help="detection: shorter image side")
+    parser.add_argument("--max-size", type=int, default=None, help="detection: longest image side at most")
+    parser.add_argument("--multiscale", action="store_true", default=None,
+                        help=f"detection: shorter side drawn from {MULTISCALE_SIZES[0]}-{MULTISCALE_SIZES[-1]} (3x sets it)")
+    parser.add_argument("--fpn-channels", type=int, default=None, help="FPN (and mask head) width: 256 in the paper")
+    parser.add_argument("--rois-per-image", type=int, default=None, help="Mask R-CNN: RoIs sampled per image for the box/mask losses")
+    parser.add_argument("--crop-size", type=int, default=None, help="segmentation training crop")
+    parser.add_argument("--scale", type=int, default=None, help="segmentation: images resized into (4*scale, scale)")
+    parser.add_argument("--eval-interval", type=int, default=None, help="evaluate every N epochs (and after the last)")
+    parser.add_argument("--amp", choices=["auto", "bf16", "fp16", "none"], default="auto",
+                        help="mixed precision; auto = bf16 on GPU, none on CPU")
+    parser.add_argument("--drop-path-rate", type=float, default=0.0)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--print-freq", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eval-only", action="store_true", help="evaluate the --checkpoint (default best.pth) and exit")
+    parser.add_argument("--predict", metavar="IMAGE", default=None, help="draw the predictions on IMAGE into a PNG")
+    parser.add_argument("--checkpoint", default=None, help="for --predict/--eval-only (default: <output-dir>/<task>/best.pth)")
+    parser.add_argument("--predict-output", default=None, help="default: <output-dir>/<image name>_<task>.png")
+    parser.add_argument("--score-threshold", type=float, default=0.5)
+    parser.add_argument("--benchmark", action="store_true",
+                        help="time and peak memory of one 800x1333 Mask R-CNN forward with --model, and the linear-memory check")
+    return parser
+
+
+def task_config(args, task):
+    """The flags for one task: the paper's recipe (or the synthetic one), overridden by the command line."""
+    synthetic = args.data is None
+    recipe = {**dict(min_size=None, max_size=None, epochs=None, lr_steps=None, iters=None, crop_size=None, scale=None,
+                     multiscale=False, rois_per_image=512), **(SYNTHETIC_RECIPES if synthetic else RECIPES)[task]}
+    if task != "semfpn" and args.schedule == "3x":
+        recipe.update(SCHEDULE_3X)
+    config = argparse.Namespace(**{**vars(args), "task": task, "synthetic": synthetic})
+    for key, value in recipe.items():
+        if getattr(config, key) is None:
+            setattr(config, key, value)
+    config.data = synthetic_dataset(args.cache_dir) if synthetic else args.data
+    config.output_dir = os.path.join(args.output_dir, task)
+    return config
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    tasks = args.task or (["maskrcnn", "semfpn"] if args.data is None else None)
+    if tasks is None:
+        raise SystemExit("--task is required with --data (maskrcnn or retinanet on COCO, semfpn on ADE20K)")
+    rank, world_size, device = train.setup_distributed()
+    if args.benchmark:
+        return benchmark(args.model, device)
+    if args.predict:
+        checkpoint = args.checkpoint or os.path.join(args.output_dir, tasks[0], "best.pth")
+        stem = os.path.splitext(os.path.basename(args.predict))[0]
+        output = args.predict_output or os.path.join(args.output_dir, f"{stem}_{tasks[0]}.png")
+        return predict(args.predict, checkpoint, output, args.score_threshold)
+    results = {}
+    for task in tasks:
+        config = task_config(args, task)
+        if train.is_main_process():
+            os.makedirs(config.output_dir, exist_ok=True)
+            print(f"{task}: {config.model} on {config.data} -> {config.output_dir}")
+        if args.eval_only:
+            model, _, _ = load_trained(args.checkpoint or os.path.join(config.output_dir, "best.pth"))
+            _, val_set, _, config.num_classes = build_data(config, rank, world_size)
+            results[task] = evaluate(model.to(device), val_set, config, device, rank, world_size,
+                                     train.amp_settings(config.amp, device)[0])
+        else:
+            start = time.time()
+            results[task] = train_task(config, rank, world_size, device)
+            results[task]["train_time_s"] = time.time() - start
+        if train.is_main_process():
+            summary = {k: round(v, 4) for k, v in results[task].items() if isinstance(v, float)}
+            print(f"{task} result: {json.dumps(summary)}", flush=True)
+    if world_size > 1:
+        dist.destroy_process_group()
+    return results
+
+
+if __name__ == "__main__":
+    main()
