@@ -56,8 +56,6 @@ import glnet
 import train
 
 TASKS = ("maskrcnn", "retinanet", "semfpn")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 FPN_CHANNELS = 256
 IGNORE_INDEX = 255  # semantic label of unlabelled pixels (ADE20K's 0 after the shift)
 MULTISCALE_SIZES = tuple(range(480, 801, 32))  # shorter sides of 3x multi-scale training
@@ -150,7 +148,7 @@ def create_detector(task, backbone, num_classes, pretrained=None, min_size=800, 
     Takes a list of (3, H, W) images in [0, 1]; it resizes them (shorter side `min_size`, a tuple
     for multi-scale training, longer side at most `max_size`) and normalises them."""
     body = create_backbone(backbone, pretrained, frozen_bn=pretrained is not None, drop_path_rate=drop_path_rate)
-    common = dict(min_size=min_size, max_size=max_size, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD)
+    common = dict(min_size=min_size, max_size=max_size, image_mean=train.MEAN, image_std=train.STD)
     if task == "maskrcnn":
         return MaskRCNN(GLNetFPN(body, (0, 1, 2, 3), LastLevelMaxPool(), fpn_channels), None,
                         box_predictor=FastRCNNPredictor(1024, num_classes),  # torchvision's box head width
@@ -187,8 +185,8 @@ class SemanticFPN(nn.Module):
         self.backbone = GLNetFPN(body, out_channels=fpn_channels)
         self.scale_heads = nn.ModuleList(scale_head(fpn_channels, head_channels, i) for i in range(4))
         self.classifier = nn.Sequential(nn.Dropout2d(0.1), nn.Conv2d(head_channels, num_classes, 1))
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("mean", torch.tensor(train.MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(train.STD).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, images):
         features = list(self.backbone((images - self.mean) / self.std).values())
@@ -663,8 +661,15 @@ def train_task(config, rank, world_size, device):
                 train.save_checkpoint(state, os.path.join(config.output_dir, "best.pth"))
             train.save_checkpoint(state, os.path.join(config.output_dir, "last.pth"))
             train.append_metrics(config.output_dir, record)
-            print(json.dumps({k: v for k, v in record.items() if k != "IoU"}), flush=True)
+            parts = [f"epoch {epoch + 1}/{epochs} done", f"train loss {record['train_loss']:.4f}", format_metrics(metrics),
+                     f"time {train.format_eta(record['epoch_time_s'])}"]
+            print("  ".join(part for part in parts if part), flush=True)
     return record
+
+
+def format_metrics(metrics):
+    """'bbox_AP 0.8260  bbox_AP50 0.9978 ...': the scalar metrics of an evaluation, for progress lines."""
+    return "  ".join(f"{name} {value:.4f}" for name, value in metrics.items() if isinstance(value, float))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -881,8 +886,9 @@ def main(argv=None):
             results[task] = train_task(config, rank, world_size, device)
             results[task]["train_time_s"] = time.time() - start
         if train.is_main_process():
-            summary = {k: round(v, 4) for k, v in results[task].items() if isinstance(v, float)}
-            print(f"{task} result: {json.dumps(summary)}", flush=True)
+            metrics = {k: v for k, v in results[task].items() if k not in ("train_loss", "lr", "epoch_time_s", "train_time_s")}
+            took = f"  (trained in {train.format_eta(results[task]['train_time_s'])})" if "train_time_s" in results[task] else ""
+            print(f"{task} result: {format_metrics(metrics)}{took}", flush=True)
     if world_size > 1:
         dist.destroy_process_group()
     return results
