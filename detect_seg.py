@@ -770,13 +770,8 @@ def benchmark(backbone, device, height=800, width=1333):
     image = torch.rand(3, height, width, device=device)
     model([image])  # warm-up
     if device.type == "cuda":
-        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    model([image])
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
+    seconds = glnet.time_call(lambda: model([image]), device)
     memory = "peak GPU memory allocated" if device.type == "cuda" else "peak resident memory of the process (ru_maxrss)"
     memory = f"{memory} {peak_memory(device) / 2 ** 30:.2f} GiB"
     print(f"Mask R-CNN + {backbone}, one {height}x{width} image, batch 1, {device}: {seconds:.2f} s, {memory}")
