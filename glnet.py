@@ -90,15 +90,31 @@ def norm_pixels(norm, x):
     return rearrange(norm(rearrange(x, "b c h w -> b h w c")), "b h w c -> b c h w")
 
 
-def conv_mlp(dim, mlp_ratio, conv_ffn):
-    """The per-pixel FFN on the grid: Conv1x1 -> [z + DWConv3x3(z)] -> GELU -> Conv1x1."""
-    hidden = int(dim * mlp_ratio)
-    return nn.Sequential(
-        nn.Conv2d(dim, hidden, 1),
-        ResidualDWConv(hidden) if conv_ffn else nn.Identity(),
-        nn.GELU(),
-        nn.Conv2d(hidden, dim, 1),
-    )
+class ConvFFN(nn.Sequential):
+    """The per-pixel FFN on the grid: Conv1x1 -> [z + DWConv3x3(z)] -> GELU -> Conv1x1.
+
+    CPU inference runs it on a few images at a time, so that the hidden features (mlp_ratio x
+    wider than the input) of a chunk stay small enough to be reused from the allocator and the
+    cache instead of fresh memory on every call; each image's result is unchanged. Training keeps
+    every chunk's hidden features for the backward anyway, and GPUs prefer one large batch."""
+
+    CPU_CHUNK_ELEMENTS = 2 ** 21  # hidden features per chunk: 8 MiB in fp32
+
+    def __init__(self, dim, mlp_ratio, conv_ffn):
+        hidden = int(dim * mlp_ratio)
+        super().__init__(
+            nn.Conv2d(dim, hidden, 1),
+            ResidualDWConv(hidden) if conv_ffn else nn.Identity(),
+            nn.GELU(),
+            nn.Conv2d(hidden, dim, 1),
+        )
+
+    def forward(self, x):                                              # (B, C, H, W)
+        hidden_features = x.shape[0] * self[0].out_channels * x.shape[2] * x.shape[3]
+        num_chunks = min(x.shape[0], math.ceil(hidden_features / self.CPU_CHUNK_ELEMENTS))
+        if num_chunks <= 1 or x.device.type != "cpu" or torch.is_grad_enabled():
+            return super().forward(x)
+        return torch.cat([super(ConvFFN, self).forward(chunk) for chunk in x.tensor_split(num_chunks)])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,7 +141,7 @@ class GLMixBlock(nn.Module):
         )
         self.ls1 = LayerScale((1, dim, 1, 1), layer_scale) if layer_scale else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = conv_mlp(dim, mlp_ratio, conv_ffn)
+        self.mlp = ConvFFN(dim, mlp_ratio, conv_ffn)
         self.ls2 = LayerScale((1, dim, 1, 1), layer_scale) if layer_scale else nn.Identity()
         self.drop_path = StochasticDepth(drop_path, "row")
         self.keep_clustering_weights = False  # set by GLNet.clustering_weights (Figure 5)
@@ -158,8 +174,8 @@ class GLMixBlock(nn.Module):
             self.clustering_weights = rearrange(clustering.detach(), "b m (h w) -> b m h w", h=H)
         slots = clustering @ pixels                                    # S: (B, 64, C)
         slots = self.slot_mhsa(slots)                                  # S'
-        dispatching = logits.transpose(1, 2).softmax(dim=-1)          # each pixel: weights over slots
-        global_features = rearrange(dispatching @ slots, "b (h w) c -> b c h w", h=H)
+        dispatching = logits.softmax(dim=1)                            # each pixel: weights over slots
+        global_features = rearrange(dispatching.transpose(1, 2) @ slots, "b (h w) c -> b c h w", h=H)
 
         local_features = self.local_branch(rearrange(y, "b h w c -> b c h w"))
         x = shortcut + self.drop_path(self.ls1(global_features + local_features))
@@ -181,7 +197,7 @@ class MHSABlock(nn.Module):
         self.mhsa = MHSA(dim)
         self.ls1 = LayerScale((dim,), layer_scale) if layer_scale else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = conv_mlp(dim, mlp_ratio, conv_ffn)
+        self.mlp = ConvFFN(dim, mlp_ratio, conv_ffn)
         self.ls2 = LayerScale((1, dim, 1, 1), layer_scale) if layer_scale else nn.Identity()
         self.drop_path = StochasticDepth(drop_path, "row")
 

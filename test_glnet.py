@@ -318,6 +318,19 @@ def test_glmix_block_tensors_are_at_most_64_or_mlp_width_times_pixels():
         assert largest_tensor(block, torch.randn(2, 32, size, size)) == 2 * pixels * max(glnet.NUM_SLOTS, 3 * 32)
 
 
+def test_ffn_runs_in_chunks_in_cpu_inference_only_with_the_same_result():
+    ffn = glnet.ConvFFN(16, 4, conv_ffn=True)
+    ffn.CPU_CHUNK_ELEMENTS = 2 * 64 * 8 * 8  # the hidden features of two 8x8 images
+    x = torch.randn(6, 16, 8, 8)
+    whole = nn.Sequential.forward(ffn, x)
+    assert largest_tensor(ffn, x) == 2 * 64 * 8 * 8  # three chunks of two images
+    with torch.inference_mode():
+        torch.testing.assert_close(ffn(x), whole)
+    with LargestTensor() as mode:  # training: one pass over the whole batch
+        ffn(x).sum().backward()
+    assert mode.numel == 6 * 64 * 8 * 8
+
+
 @pytest.mark.parametrize("variant", ["glnet_stl", "glnet_4g"])
 def test_no_tensor_grows_with_the_square_of_the_pixel_count(variant):
     """Full attention (stage 3 odd blocks, stage 4) must not materialise the N x N matrix either:
