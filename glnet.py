@@ -112,9 +112,10 @@ class ConvFFN(nn.Sequential):
     def forward(self, x):                                              # (B, C, H, W)
         hidden_features = x.shape[0] * self[0].out_channels * x.shape[2] * x.shape[3]
         num_chunks = min(x.shape[0], math.ceil(hidden_features / self.CPU_CHUNK_ELEMENTS))
+        ffn = super().forward
         if num_chunks <= 1 or x.device.type != "cpu" or torch.is_grad_enabled():
-            return super().forward(x)
-        return torch.cat([super(ConvFFN, self).forward(chunk) for chunk in x.tensor_split(num_chunks)])
+            return ffn(x)
+        return torch.cat([ffn(chunk) for chunk in x.tensor_split(num_chunks)])
 
 
 # ---------------------------------------------------------------------------------------------
