@@ -546,8 +546,7 @@ def parse_args(argv=None):
     if args.command == "approximate" and bool(args.blocks) == (args.search > 0):
         parser.error("approximate needs either --blocks STAGE:I-J or --search K (K >= 1)")
     train.require_positive(parser, args, ("batch_size", "calibration_images", "print_freq"))
-    if args.image_size is not None and args.image_size < glnet.MIN_INPUT_SIZE:
-        parser.error(f"--image-size must be at least {glnet.MIN_INPUT_SIZE}")
+    train.require_image_size(parser, args)
     return args
 
 

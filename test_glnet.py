@@ -492,6 +492,20 @@ def test_small_helpers():
     assert not torch.equal(a, torch.rand(3))
 
 
+@pytest.mark.parametrize("parse_args, argv, message", [
+    (train.parse_args, ["--image-size", "16"], "--image-size must be at least 32, got 16"),
+    (train.parse_args, ["--epochs", "0"], "--epochs must be at least 1, got 0"),
+    (analyze.parse_args, ["redundancy", "--checkpoint", "x.pth", "--image-size", "16"],
+     "--image-size must be at least 32, got 16"),
+    (analyze.parse_args, ["redundancy", "--checkpoint", "x.pth", "--batch-size", "0"],
+     "--batch-size must be at least 1, got 0"),
+])
+def test_bad_arguments_are_usage_errors(parse_args, argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_checkpoint_and_metrics_files(tmp_path):
     assert train.find_last_checkpoint(tmp_path) is None
     train.save_checkpoint({"step": 1, "w": torch.ones(3)}, tmp_path / "last.pth")

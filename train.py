@@ -171,6 +171,12 @@ def require_positive(parser, args, keys):
             parser.error(f"--{key.replace('_', '-')} must be at least 1, got {value}")
 
 
+def require_image_size(parser, args):
+    """A usage error for an --image-size (when given) that stage 4 would have no pixel at."""
+    if args.image_size is not None and args.image_size < glnet.MIN_INPUT_SIZE:
+        parser.error(f"--image-size must be at least {glnet.MIN_INPUT_SIZE}, got {args.image_size}")
+
+
 def log(message):
     """Print on rank 0 only, flushed so that progress shows up in job logs at once."""
     if is_main_process():
@@ -775,8 +781,7 @@ def parse_args(argv=None):
         data_name = os.path.basename(args.data.rstrip("/")) if args.data else "builtin"
         args.output_dir = os.path.join("runs", f"{args.model}-{data_name}")
     require_positive(parser, args, ("epochs", "batch_size", "accum_steps", "image_size", "print_freq"))
-    if args.image_size < glnet.MIN_INPUT_SIZE:
-        parser.error(f"--image-size must be at least {glnet.MIN_INPUT_SIZE}, got {args.image_size}")
+    require_image_size(parser, args)
     if not 0 <= args.ema_decay < 1:
         parser.error(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
     return args
