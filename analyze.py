@@ -124,7 +124,7 @@ def save_approximated(model, info, runs, path):
 
 
 def data_dir(info):
-    return info["data"] or train.builtin_dataset(info["cache_dir"])
+    return info["data"] or train.shapes_dataset(info["cache_dir"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -444,7 +444,7 @@ def measure(models, val_loader, info, device, rounds):
     models = {key: m.to(device).eval() for key, m in models.items()}
     x = torch.randn(1, 3, info["image_size"], info["image_size"], device=device)
     with torch.inference_mode():
-        seconds = glnet.interleaved_medians({key: (lambda m=m: m(x)) for key, m in models.items()}, rounds, device)
+        seconds = train.interleaved_medians({key: (lambda m=m: m(x)) for key, m in models.items()}, rounds, device)
     return {key: dict(top1=train.evaluate(m, val_loader, device)["top1"], params=glnet.count_params(m) / 1e6,
                       gflops=flops[key], ms=1000 * seconds[key]) for key, m in models.items()}
 

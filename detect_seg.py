@@ -3,7 +3,9 @@
 The paper (Sec. 4.2-4.3, Appendix B) trains these with MMDetection / MMSegmentation; the released
 code has no detection or segmentation code. Here the detectors are torchvision's own
 (torchvision.models.detection.MaskRCNN / RetinaNet) on a GLNet + FeaturePyramidNetwork backbone,
-Semantic FPN is written out below, and COCO AP comes from pycocotools.
+Semantic FPN is written out below, and COCO AP comes from pycocotools. Training is train.py's
+loop (train.Trainer): this file brings only the models, the data, the loss of a batch and the
+evaluation, so checkpoints, exact resume, progress lines and the flags are the same as there.
 
     python detect_seg.py                                   # synthetic scenes, CPU, a few minutes
     python detect_seg.py --predict scene.png               # draw what the trained Mask R-CNN finds
@@ -11,6 +13,10 @@ Semantic FPN is written out below, and COCO AP comes from pycocotools.
         --model glnet_4g --pretrained glnet_4g.pth --output-dir runs/maskrcnn_4g_1x
     torchrun --nproc_per_node 8 detect_seg.py --task semfpn --data /data/ADEChallengeData2016 \\
         --model glnet_4g --pretrained glnet_4g.pth --output-dir runs/semfpn_4g
+
+--batch-size is per process, as in train.py: the defaults (2 images per GPU for COCO, 4 for
+ADE20K) reach the paper's total batch of 16 / 32 on 8 GPUs; on fewer GPUs, --accum-steps reaches
+it. The learning rate is given for the paper's total batch and scales linearly with the actual one.
 
 Without --data, a synthetic scene dataset (coloured squares, circles and triangles with instance
 masks, in COCO format, plus semantic label PNGs in ADE20K's convention) is generated once into a
@@ -25,12 +31,11 @@ so they train. Semantic FPN trains on 512x512 crops, 4 per GPU, so its BatchNorm
 """
 
 import argparse
+import functools
 import json
 import math
 import os
 import resource
-import shutil
-import time
 import warnings
 from collections import OrderedDict
 
@@ -56,37 +61,49 @@ import glnet
 import train
 
 TASKS = ("maskrcnn", "retinanet", "semfpn")
+SEGMENTATION_TASKS = ("semfpn",)
 FPN_CHANNELS = 256
 IGNORE_INDEX = 255  # semantic label of unlabelled pixels (ADE20K's 0 after the shift)
 MULTISCALE_SIZES = tuple(range(480, 801, 32))  # shorter sides of 3x multi-scale training
+MAIN_METRIC = {"maskrcnn": "bbox_AP", "retinanet": "bbox_AP", "semfpn": "mIoU"}
+# The paper's total batch (Appendix B): --lr is given for it and scales linearly with the actual one.
+REFERENCE_BATCH = {"maskrcnn": 16, "retinanet": 16, "semfpn": 32}
 
-# The paper's recipes (Appendix B); every entry is a command-line flag that overrides it.
+# The paper's recipes (Appendix B); every entry is a command-line flag that overrides it. Batch sizes
+# are per process: 8 GPUs reach the paper's totals (16 for COCO, 32 for ADE20K).
+COMMON = dict(min_lr=0.0, warmup_epochs=None, warmup_factor=1e-3, clip_grad=0.0, ema_decay=0.0, drop_path=0.0,
+              workers=2, threads=0, print_freq=20, lr_steps=None, min_size=None, max_size=None, epochs=None,
+              iters=None, crop_size=None, scale=None, multiscale=False, rois_per_image=512)
 RECIPES = {
-    "maskrcnn": dict(epochs=12, lr_steps=(8, 11), batch_size=16, lr=1e-4, weight_decay=0.05,
-                     warmup_iters=500, min_size=800, max_size=1333, fpn_channels=256, rois_per_image=512,
-                     eval_interval=1),
-    "retinanet": dict(epochs=12, lr_steps=(8, 11), batch_size=16, lr=1e-4, weight_decay=1e-3,
-                      warmup_iters=500, min_size=800, max_size=1333, fpn_channels=256, eval_interval=1),
-    "semfpn": dict(iters=80000, batch_size=32, lr=2e-4, weight_decay=1e-4, warmup_iters=1000,
-                   crop_size=512, scale=512, fpn_channels=256, eval_interval=10),
+    "maskrcnn": dict(model="glnet_4g", epochs=12, lr_schedule="step", lr_steps=(8, 11), batch_size=2, lr=1e-4,
+                     weight_decay=0.05, warmup_iters=500, min_size=800, max_size=1333, fpn_channels=256,
+                     rois_per_image=512, eval_interval=1),
+    "retinanet": dict(model="glnet_4g", epochs=12, lr_schedule="step", lr_steps=(8, 11), batch_size=2, lr=1e-4,
+                      weight_decay=1e-3, warmup_iters=500, min_size=800, max_size=1333, fpn_channels=256,
+                      eval_interval=1),
+    "semfpn": dict(model="glnet_4g", iters=80000, lr_schedule="cosine", batch_size=4, lr=2e-4, weight_decay=1e-4,
+                   warmup_iters=1000, crop_size=512, scale=512, fpn_channels=256, eval_interval=10),
 }
 # The 3x schedule: 36 epochs, lr steps at 27 and 33, multi-scale training.
 SCHEDULE_3X = dict(epochs=36, lr_steps=(27, 33), multiscale=True)
-# Out of the box: glnet_mini from scratch on small synthetic scenes, sized for a CPU.
+# Out of the box: glnet_mini from scratch on small synthetic scenes, sized for a CPU. Learning rates are
+# per reference batch as above (3e-4 and 1e-3 at the default batches of 4 and 8 on one process).
 SYNTHETIC_RECIPES = {
-    "maskrcnn": dict(epochs=3, lr_steps=(2,), batch_size=4, lr=3e-4, weight_decay=0.05, warmup_iters=50,
-                     min_size=128, max_size=208, fpn_channels=64, rois_per_image=64, eval_interval=100),
-    "retinanet": dict(epochs=3, lr_steps=(2,), batch_size=4, lr=3e-4, weight_decay=1e-3, warmup_iters=50,
-                      min_size=128, max_size=208, fpn_channels=64, eval_interval=100),
-    "semfpn": dict(iters=150, batch_size=8, lr=1e-3, weight_decay=1e-4, warmup_iters=50,
-                   crop_size=128, scale=160, fpn_channels=64, eval_interval=100),
+    "maskrcnn": dict(model="glnet_mini", epochs=3, lr_schedule="step", lr_steps=(2,), batch_size=4, lr=1.2e-3,
+                     weight_decay=0.05, warmup_iters=50, min_size=128, max_size=208, fpn_channels=64,
+                     rois_per_image=64, eval_interval=100),
+    "retinanet": dict(model="glnet_mini", epochs=3, lr_schedule="step", lr_steps=(2,), batch_size=4, lr=1.2e-3,
+                      weight_decay=1e-3, warmup_iters=50, min_size=128, max_size=208, fpn_channels=64,
+                      eval_interval=100),
+    "semfpn": dict(model="glnet_mini", iters=150, lr_schedule="cosine", batch_size=8, lr=4e-3, weight_decay=1e-4,
+                   warmup_iters=50, crop_size=128, scale=160, fpn_channels=64, eval_interval=100),
 }
 
 # The synthetic scenes: one class per shape, each drawn in its own colour family.
-SYNTHETIC_CLASSES = ("square", "circle", "triangle")
-SYNTHETIC_COLORS = ((220, 60, 50), (60, 190, 70), (60, 90, 220))
-SYNTHETIC_SPLITS = {"train": 300, "val": 60}
-SYNTHETIC_VERSION = "synthetic_scenes_v1"
+SCENE_CLASSES = ("square", "circle", "triangle")
+SCENE_COLORS = ((220, 60, 50), (60, 190, 70), (60, 90, 220))
+SCENE_SPLITS = {"train": 300, "val": 60}
+SCENES_VERSION = "scenes-v1"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,12 +228,26 @@ def coco_paths(root, split):
     """COCO 2017's layout: <root>/<split>2017/ and <root>/annotations/instances_<split>2017.json."""
     image_dir = os.path.join(root, f"{split}2017")
     ann_file = os.path.join(root, "annotations", f"instances_{split}2017.json")
+    layout = "expected the COCO 2017 layout: train2017/, val2017/ and annotations/instances_{train,val}2017.json"
     if not os.path.isfile(ann_file):
-        raise FileNotFoundError(f"COCO annotation file not found: {ann_file} (expected the COCO 2017 "
-                                f"layout: {split}2017/ and annotations/instances_{split}2017.json)")
+        raise FileNotFoundError(f"COCO annotation file not found: {ann_file} ({layout})")
     if not os.path.isdir(image_dir):
-        raise FileNotFoundError(f"COCO image folder not found: {image_dir}")
+        raise FileNotFoundError(f"COCO image folder not found: {image_dir} ({layout})")
     return image_dir, ann_file
+
+
+def load_coco(image_dir, ann_file, transforms):
+    """torchvision's CocoDetection, with an error naming the file when the JSON is truncated or is
+    not a COCO instances file."""
+    try:
+        dataset = CocoDetection(image_dir, ann_file, transforms=transforms)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{ann_file} is not valid JSON ({e}); expected a COCO instances file") from None
+    missing = [k for k in ("images", "annotations", "categories") if k not in dataset.coco.dataset]
+    if missing:
+        raise ValueError(f"{ann_file} has no {', '.join(repr(k) for k in missing)} entry; expected a COCO instances "
+                         f"file with 'images', 'annotations' and 'categories'")
+    return dataset
 
 
 def drop_degenerate_boxes(coco, ann_file):
@@ -240,7 +271,7 @@ def coco_dataset(root, split, train, with_masks):
                                  v2.SanitizeBoundingBoxes()])
     else:
         transforms = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True)])
-    dataset = CocoDetection(image_dir, ann_file, transforms=transforms)
+    dataset = load_coco(image_dir, ann_file, transforms)
     drop_degenerate_boxes(dataset.coco, ann_file)
     if train:
         crowd = [a for a in dataset.coco.dataset["annotations"] if a.get("iscrowd", 0)]
@@ -286,6 +317,8 @@ class SegmentationFolder(torch.utils.data.Dataset):
             raise FileNotFoundError(f"{len(missing)} image(s) in {image_dir} have no label PNG in "
                                     f"{label_dir}, e.g. {missing[0]}.png")
         self.samples = [(images[s], labels[s]) for s in sorted(images)]
+        for image_path, label_path in self.samples:  # image headers only: quick, and before training starts
+            check_label_size(image_path, label_path, Image.open(image_path).size, Image.open(label_path).size)
         self.transforms = transforms
 
     def __len__(self):
@@ -295,16 +328,27 @@ class SegmentationFolder(torch.utils.data.Dataset):
         image_path, label_path = self.samples[index]
         image = v2.functional.pil_to_tensor(train.load_image(image_path))
         label = torch.from_numpy(np.array(Image.open(label_path), dtype=np.int64))
-        if label.shape != image.shape[1:]:
-            raise ValueError(f"label {label_path} is {tuple(label.shape)}, its image {tuple(image.shape[1:])}")
+        check_label_size(image_path, label_path, image.shape[:0:-1], label.shape[::-1])
         label = tv_tensors.Mask(torch.where(label == 0, IGNORE_INDEX, label - 1))
         image = tv_tensors.Image(image)
         return self.transforms(image, label)
 
 
+def check_label_size(image_path, label_path, image_size, label_size):
+    """Sizes as (width, height)."""
+    if tuple(image_size) != tuple(label_size):
+        raise ValueError(f"label {label_path} is {label_size[0]}x{label_size[1]} but its image {image_path} is "
+                         f"{image_size[0]}x{image_size[1]}; expected a label PNG of its image's size")
+
+
 def ade20k_folders(root, split):
     """ADEChallengeData2016/{images,annotations}/{training,validation}."""
     folder = {"train": "training", "val": "validation"}[split]
+    for sub in ("images", "annotations"):
+        if not os.path.isdir(os.path.join(root, sub, folder)):
+            raise FileNotFoundError(f"{os.path.join(root, sub, folder)} not found; expected the ADEChallengeData2016 "
+                                    f"layout: images/{{training,validation}}/*.jpg and "
+                                    f"annotations/{{training,validation}}/*.png")
     return os.path.join(root, "images", folder), os.path.join(root, "annotations", folder)
 
 
@@ -359,10 +403,10 @@ def synthetic_scene(rng, image_id, first_ann_id):
         else:
             continue
         placed.append((x, y, w, h))
-        category = int(rng.integers(len(SYNTHETIC_CLASSES)))
-        color = tuple(int(c) for c in np.clip(np.array(SYNTHETIC_COLORS[category]) + rng.integers(-30, 31, 3), 0, 255))
+        category = int(rng.integers(len(SCENE_CLASSES)))
+        color = tuple(int(c) for c in np.clip(np.array(SCENE_COLORS[category]) + rng.integers(-30, 31, 3), 0, 255))
         mask_image = Image.new("L", (width, height), 0)
-        draw_shape(ImageDraw.Draw(mask_image), SYNTHETIC_CLASSES[category], (x, y, x + w - 1, y + h - 1), 1)
+        draw_shape(ImageDraw.Draw(mask_image), SCENE_CLASSES[category], (x, y, x + w - 1, y + h - 1), 1)
         mask = np.array(mask_image, dtype=np.uint8)
         image.paste(color, mask=mask_image.point(lambda v: 255 * v))
         semantic[mask > 0] = category + 2
@@ -374,40 +418,32 @@ def synthetic_scene(rng, image_id, first_ann_id):
     return image, semantic, annotations
 
 
-def make_synthetic_dataset(root, splits=SYNTHETIC_SPLITS, seed=0):
+def make_scenes_dataset(root, splits=SCENE_SPLITS, seed=0):
     """Write the scenes as COCO 2017 (<split>2017/*.png, annotations/instances_<split>2017.json)
-    plus semantic label PNGs (semantic/<split>2017/*.png). Built in a temporary folder and renamed
-    into place, so an interrupted run never leaves a half-written dataset."""
-    tmp = f"{root}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    plus semantic label PNGs (semantic/<split>2017/*.png)."""
     rng = np.random.default_rng(seed)
-    categories = [dict(id=i + 1, name=name, supercategory="shape") for i, name in enumerate(SYNTHETIC_CLASSES)]
+    categories = [dict(id=i + 1, name=name, supercategory="shape") for i, name in enumerate(SCENE_CLASSES)]
     image_id, ann_id = 1, 1
     for split, count in splits.items():
         for folder in (f"{split}2017", f"semantic/{split}2017", "annotations"):
-            os.makedirs(os.path.join(tmp, folder), exist_ok=True)
+            os.makedirs(os.path.join(root, folder), exist_ok=True)
         images, annotations = [], []
         for _ in range(count):
             image, semantic, anns = synthetic_scene(rng, image_id, ann_id)
             file_name = f"{image_id:06d}.png"
-            image.save(os.path.join(tmp, f"{split}2017", file_name))
-            Image.fromarray(semantic).save(os.path.join(tmp, f"semantic/{split}2017", file_name))
+            image.save(os.path.join(root, f"{split}2017", file_name))
+            Image.fromarray(semantic).save(os.path.join(root, f"semantic/{split}2017", file_name))
             images.append(dict(id=image_id, file_name=file_name, width=image.width, height=image.height))
             annotations += anns
             image_id, ann_id = image_id + 1, ann_id + len(anns)
-        with open(os.path.join(tmp, "annotations", f"instances_{split}2017.json"), "w") as f:
+        with open(os.path.join(root, "annotations", f"instances_{split}2017.json"), "w") as f:
             json.dump(dict(images=images, annotations=annotations, categories=categories), f)
-    os.replace(tmp, root)
-
-
-def synthetic_dataset(cache_dir):
-    """The synthetic scenes' root folder, generated on first use."""
-    root = os.path.join(cache_dir, SYNTHETIC_VERSION)
-    if not os.path.isdir(root):
-        os.makedirs(cache_dir, exist_ok=True)
-        print(f"generating the synthetic scene dataset in {root}")
-        make_synthetic_dataset(root)
     return root
+
+
+def scenes_dataset(cache_dir=train.DEFAULT_CACHE):
+    """The built-in scenes: 300 training and 60 validation images, generated once (train.builtin_dataset)."""
+    return train.builtin_dataset(cache_dir, SCENES_VERSION, make_scenes_dataset)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -443,27 +479,31 @@ def coco_evaluate(coco_gt, results, iou_type):
 
 
 @torch.no_grad()
-def evaluate_detection(model, dataset, device, rank=0, world_size=1, workers=2, amp_dtype=None):
-    """COCO box AP (and mask AP for Mask R-CNN) of the validation set, each image once, on rank 0."""
+def evaluate_detection(model, dataset, device, rank=0, world_size=1, workers=2):
+    """COCO box AP (and mask AP for Mask R-CNN) of the validation set: each image once, on its
+    rank; rank 0 scores them all and every rank returns the same metrics."""
     model.eval()
     loader = torch.utils.data.DataLoader(dataset, batch_size=2, sampler=train.ShardSampler(dataset, rank, world_size),
                                          num_workers=workers, collate_fn=detection_collate)
     results = []
     for images, targets in loader:
-        with autocast(device, amp_dtype):
-            outputs = model([image.to(device) for image in images])
+        outputs = model([image.to(device) for image in images])
         for output, target in zip(outputs, targets):
             results += detections_to_coco(output, target["image_id"])
     if world_size > 1:
         gathered = [None] * world_size
         dist.all_gather_object(gathered, results)
         results = [r for part in gathered for r in part]
-    if rank != 0:
-        return {}
-    coco_gt = dataset._dataset.coco
-    metrics = {f"bbox_{k}": v for k, v in coco_evaluate(coco_gt, results, "bbox").items()}
-    if results and "segmentation" in results[0]:
-        metrics.update({f"segm_{k}": v for k, v in coco_evaluate(coco_gt, results, "segm").items()})
+    metrics = {}
+    if rank == 0:
+        coco_gt = dataset._dataset.coco
+        metrics = {f"bbox_{k}": v for k, v in coco_evaluate(coco_gt, results, "bbox").items()}
+        if results and "segmentation" in results[0]:
+            metrics.update({f"segm_{k}": v for k, v in coco_evaluate(coco_gt, results, "segm").items()})
+    if world_size > 1:
+        shared = [metrics]
+        dist.broadcast_object_list(shared, src=0)
+        metrics = shared[0]
     return metrics
 
 
@@ -493,57 +533,41 @@ def resize_to_scale(image, scale):
 
 
 @torch.no_grad()
-def evaluate_segmentation(model, dataset, device, num_classes, scale, rank=0, world_size=1, workers=2, amp_dtype=None):
+def evaluate_segmentation(model, dataset, device, num_classes, scale, rank=0, world_size=1, workers=2):
     """Single-scale mIoU and pixel accuracy: predict at the test scale, upsample the logits to
-    the original size, compare with the original labels."""
+    the original size, compare with the original labels. The confusion matrix is summed over the
+    ranks, so every rank returns the metrics of the whole validation set."""
     model.eval()
     loader = torch.utils.data.DataLoader(dataset, batch_size=1, sampler=train.ShardSampler(dataset, rank, world_size),
                                          num_workers=workers)
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
     for image, label in loader:
         image, label = image.to(device), label.to(device)
-        with autocast(device, amp_dtype):
-            logits = model(resize_to_scale(image, scale))
+        logits = model(resize_to_scale(image, scale))
         logits = F.interpolate(logits.float(), size=label.shape[-2:], mode="bilinear", align_corners=False)
         confusion += confusion_matrix(logits.argmax(1), label, num_classes)
     if world_size > 1:
         dist.all_reduce(confusion)
-    return segmentation_metrics(confusion.cpu()) if rank == 0 else {}
+    return segmentation_metrics(confusion.cpu())
 
 
 # ---------------------------------------------------------------------------------------------
-# Training
+# The tasks: what detection and segmentation plug into train.Trainer
 # ---------------------------------------------------------------------------------------------
 
-def autocast(device, amp_dtype):
-    """Mixed precision in amp_dtype (train.amp_settings: bf16 on GPU by default), or none."""
-    return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
-
-
-def lr_factor(step, config, iters_per_epoch, total_steps):
-    """Linear warm-up from 0.001x, then MMDetection's steps (x0.1 at each epoch in lr_steps) or,
-    for Semantic FPN, cosine annealing to zero."""
-    if step < config.warmup_iters:
-        return 0.001 + 0.999 * step / config.warmup_iters
-    if config.task == "semfpn":
-        progress = (step - config.warmup_iters) / max(total_steps - config.warmup_iters, 1)
-        return 0.5 * (1 + math.cos(math.pi * progress))
-    return 0.1 ** sum(step >= epoch * iters_per_epoch for epoch in config.lr_steps)
-
-
-def build_data(config, rank, world_size):
-    """(training set, validation set, {class id: name}, num_classes)."""
-    if config.task == "semfpn":
+def build_data(config):
+    """(training set, validation set, class names, num_classes)."""
+    if config.task in SEGMENTATION_TASKS:
         if config.synthetic:
             folders = {s: (os.path.join(config.data, f"{s}2017"), os.path.join(config.data, f"semantic/{s}2017"))
                        for s in ("train", "val")}
-            names = ["background", *SYNTHETIC_CLASSES]
+            names = ["background", *SCENE_CLASSES]
         else:
             folders = {s: ade20k_folders(config.data, s) for s in ("train", "val")}
             names = [f"class{i}" for i in range(1, 151)]
         train_set = segmentation_dataset(*folders["train"], True, config.crop_size, config.scale)
         val_set = segmentation_dataset(*folders["val"], False, config.crop_size, config.scale)
-        return train_set, val_set, dict(enumerate(names)), len(names)
+        return train_set, val_set, names, len(names)
     with_masks = config.task == "maskrcnn"
     train_set = coco_dataset(config.data, "train", True, with_masks)
     val_set = coco_dataset(config.data, "val", False, with_masks)
@@ -551,144 +575,84 @@ def build_data(config, rank, world_size):
     return train_set, val_set, names, max(names) + 1
 
 
-def compute_loss(model, batch, config, device):
-    if config.task == "semfpn":
-        images, labels = batch
-        logits = model(images.to(device, non_blocking=True))
-        return F.cross_entropy(logits.float(), labels.to(device, non_blocking=True), ignore_index=IGNORE_INDEX)
+def segmentation_loss(model, batch, device):
+    images, labels = batch
+    logits = model(images.to(device, non_blocking=True))
+    return F.cross_entropy(logits.float(), labels.to(device, non_blocking=True), ignore_index=IGNORE_INDEX)
+
+
+def detection_loss(model, batch, device):
+    """The sum of torchvision's detection losses (classification, box regression, RPN, masks)."""
     images, targets = batch
     images = [image.to(device, non_blocking=True) for image in images]
     targets = [{k: v.to(device, non_blocking=True) for k, v in t.items() if k != "image_id"} for t in targets]
     return sum(model(images, targets).values())
 
 
-def evaluate(model, val_set, config, device, rank, world_size, amp_dtype):
-    if config.task == "semfpn":
-        return evaluate_segmentation(model, val_set, device, config.num_classes, config.scale, rank, world_size,
-                                     config.workers, amp_dtype)
-    return evaluate_detection(model, val_set, device, rank, world_size, config.workers, amp_dtype)
+def build_task(config, rank, world_size, device):
+    """The data, the loss of a batch and the evaluation of one dense task."""
+    train_set, val_set, classes, num_classes = build_data(config)
+    if config.task in SEGMENTATION_TASKS:
+        loss, collate = segmentation_loss, None
+        evaluate = functools.partial(evaluate_segmentation, dataset=val_set, device=device, num_classes=num_classes,
+                                     scale=config.scale, rank=rank, world_size=world_size, workers=config.workers)
+    else:
+        loss, collate = detection_loss, detection_collate
+        evaluate = functools.partial(evaluate_detection, dataset=val_set, device=device, rank=rank,
+                                     world_size=world_size, workers=config.workers)
+    return train.Task(config.task, train_set, functools.partial(loss, device=device), evaluate, MAIN_METRIC[config.task],
+                      REFERENCE_BATCH[config.task], num_classes, classes, collate)
 
 
-def main_metric(task):
-    return "mIoU" if task == "semfpn" else "bbox_AP"
+def model_from_config(config, num_classes, pretrained=None):
+    """The model a run (or a checkpoint's args) describes."""
+    min_size = MULTISCALE_SIZES if config["multiscale"] else config["min_size"]
+    return create_model(config["task"], config["model"], num_classes, pretrained, min_size=min_size,
+                        max_size=config["max_size"], fpn_channels=config["fpn_channels"],
+                        rois_per_image=config["rois_per_image"], drop_path_rate=config["drop_path"])
 
 
 def train_task(config, rank, world_size, device):
     """Train one model with one recipe; checkpoints, auto-resume, logs and evaluation in
-    config.output_dir. Returns the final validation metrics (on rank 0)."""
+    config.output_dir. Returns the final validation metrics."""
     train.seed_everything(config.seed, rank)
-    train_set, val_set, class_names, num_classes = build_data(config, rank, world_size)
-    config.num_classes = num_classes
-    min_size = MULTISCALE_SIZES if config.multiscale else config.min_size
-    model = create_model(config.task, config.model, num_classes, config.pretrained, min_size=min_size,
-                         max_size=config.max_size, fpn_channels=config.fpn_channels,
-                         rois_per_image=config.rois_per_image, drop_path_rate=config.drop_path_rate).to(device)
+    task = build_task(config, rank, world_size, device)
+    model = model_from_config(vars(config), task.num_classes, config.pretrained)
     if world_size > 1 and device.type == "cuda":
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # only Semantic FPN has BatchNorms left
-    module = model
-    if world_size > 1:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    if config.batch_size % world_size:
-        raise ValueError(f"--batch-size {config.batch_size} (the total batch) is not divisible by {world_size} processes")
-    sampler = torch.utils.data.distributed.DistributedSampler(train_set, world_size, rank, shuffle=True, seed=config.seed)
-    loader = torch.utils.data.DataLoader(
-        train_set, batch_size=config.batch_size // world_size, sampler=sampler, num_workers=config.workers,
-        collate_fn=None if config.task == "semfpn" else detection_collate, drop_last=True,
-        pin_memory=device.type == "cuda", persistent_workers=config.workers > 0)
-    if len(loader) == 0:
-        raise ValueError(f"{len(train_set)} training images do not make one batch of {config.batch_size}")
-    iters_per_epoch = len(loader)
-    if config.task == "semfpn":
-        total_steps = config.iters
-        epochs = math.ceil(total_steps / iters_per_epoch)
-    else:
-        epochs = config.epochs
-        total_steps = epochs * iters_per_epoch
-
-    optimizer = torch.optim.AdamW(train.param_groups(module, config.weight_decay), lr=config.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config, iters_per_epoch, total_steps))
-    amp_dtype, scaler = train.amp_settings(config.amp, device)
-    start_epoch, best = 0, None
-    resume = train.find_last_checkpoint(config.output_dir)
-    if resume is not None:
-        checkpoint = torch.load(resume, map_location="cpu", weights_only=True)
-        module.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        start_epoch, best = checkpoint["epoch"] + 1, checkpoint.get("best")
-        train.log(f"resumed from {resume} (epoch {start_epoch}/{epochs})")
-
-    record = {}
-    for epoch in range(start_epoch, epochs):
-        sampler.set_epoch(epoch)
-        model.train()
-        loss_sum, seen, start = 0.0, 0, time.time()
-        for i, batch in enumerate(loader):
-            step = epoch * iters_per_epoch + i
-            if step >= total_steps:
-                break
-            with autocast(device, amp_dtype):
-                loss = compute_loss(model, batch, config, device)
-            train.check_finite(loss, f"epoch {epoch + 1} step {i + 1}")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            loss_sum, seen = loss_sum + loss.item(), seen + 1
-            if train.is_main_process() and (i % config.print_freq == 0 or i == iters_per_epoch - 1):
-                elapsed = time.time() - start
-                rate = (i + 1) * config.batch_size / elapsed
-                eta = (min(total_steps, epochs * iters_per_epoch) - step - 1) * elapsed / (i + 1)
-                mem = f"  mem {torch.cuda.max_memory_allocated(device) / 2 ** 30:.1f}G" if device.type == "cuda" else ""
-                print(f"epoch {epoch + 1}/{epochs}  step {i + 1}/{iters_per_epoch}  loss {loss.item():.4f}  "
-                      f"lr {optimizer.param_groups[0]['lr']:.2e}  img/s {rate:.1f}  eta {train.format_eta(eta)}{mem}",
-                      flush=True)
-
-        record = dict(task=config.task, epoch=epoch + 1, step=min((epoch + 1) * iters_per_epoch, total_steps),
-                      train_loss=loss_sum / max(seen, 1), lr=optimizer.param_groups[0]["lr"], epoch_time_s=time.time() - start)
-        metrics = {}
-        if epoch == epochs - 1 or (epoch + 1) % config.eval_interval == 0:
-            metrics = evaluate(module, val_set, config, device, rank, world_size, amp_dtype)
-            record.update(metrics)
-        if train.is_main_process():
-            state = dict(model=module.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                         scaler=scaler.state_dict(), epoch=epoch, best=best, config=vars(config), classes=class_names)
-            if main_metric(config.task) in metrics and (best is None or metrics[main_metric(config.task)] > best):
-                best = state["best"] = metrics[main_metric(config.task)]
-                train.save_checkpoint(state, os.path.join(config.output_dir, "best.pth"))
-            train.save_checkpoint(state, os.path.join(config.output_dir, "last.pth"))
-            train.append_metrics(config.output_dir, record)
-            parts = [f"epoch {epoch + 1}/{epochs} done", f"train loss {record['train_loss']:.4f}", format_metrics(metrics),
-                     f"time {train.format_eta(record['epoch_time_s'])}"]
-            print("  ".join(part for part in parts if part), flush=True)
-    return record
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # only the segmentation models have BatchNorms left
+    trainer = train.Trainer(config, model, task, rank, world_size, device)
+    trainer.resume()
+    record = trainer.fit()
+    return {k[len("val_"):]: v for k, v in record.items() if k.startswith("val_")}
 
 
-def format_metrics(metrics):
-    """'bbox_AP 0.8260  bbox_AP50 0.9978 ...': the scalar metrics of an evaluation, for progress lines."""
-    return "  ".join(f"{name} {value:.4f}" for name, value in metrics.items() if isinstance(value, float))
+def load_trained(checkpoint_path):
+    """(model in eval mode, checkpoint) of a checkpoint written by train_task."""
+    if not os.path.isfile(checkpoint_path):
+        raise FileNotFoundError(f"checkpoint not found: {checkpoint_path} (train first, or pass --checkpoint)")
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    if checkpoint.get("task") not in TASKS:
+        raise ValueError(f"{checkpoint_path} was not written by detect_seg.py (its task is {checkpoint.get('task')!r}, "
+                         f"expected one of {', '.join(TASKS)})")
+    model = model_from_config(checkpoint["args"], checkpoint["num_classes"])
+    model.load_state_dict(checkpoint["model"])
+    return model.eval(), checkpoint
+
+
+def evaluate_checkpoint(config, rank, world_size, device):
+    """--eval: the validation metrics of a checkpoint of this task (default: its best.pth)."""
+    path = config.checkpoint or os.path.join(config.output_dir, "best.pth")
+    model, checkpoint = load_trained(path)
+    if checkpoint["task"] != config.task:
+        raise ValueError(f"{path} is a {checkpoint['task']} checkpoint, not {config.task}: pass --task {checkpoint['task']}")
+    task = build_task(config, rank, world_size, device)
+    with train.autocast(device, train.amp_settings(config.amp, device)[0]):
+        return task.evaluate(model.to(device))
 
 
 # ---------------------------------------------------------------------------------------------
 # Prediction drawing and the memory/speed benchmark
 # ---------------------------------------------------------------------------------------------
-
-def load_trained(checkpoint_path):
-    """The model, task and class names stored in a checkpoint written by train_task."""
-    if not os.path.isfile(checkpoint_path):
-        raise FileNotFoundError(f"checkpoint not found: {checkpoint_path} (train first, or pass --checkpoint)")
-    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-    if "config" not in checkpoint:
-        raise ValueError(f"{checkpoint_path} was not written by detect_seg.py (it has no 'config' entry)")
-    config = checkpoint["config"]
-    model = create_model(config["task"], config["model"], config["num_classes"], min_size=config["min_size"] or 800,
-                         max_size=config["max_size"] or 1333, fpn_channels=config["fpn_channels"])
-    model.load_state_dict(checkpoint["model"])
-    return model.eval(), config["task"], checkpoint["classes"]
-
 
 @torch.no_grad()
 def predict(image_path, checkpoint_path, output_path, score_threshold=0.5):
@@ -696,10 +660,11 @@ def predict(image_path, checkpoint_path, output_path, score_threshold=0.5):
     image into a PNG."""
     if not os.path.isfile(image_path):
         raise FileNotFoundError(f"image not found: {image_path}")
-    model, task, class_names = load_trained(checkpoint_path)
+    model, checkpoint = load_trained(checkpoint_path)
+    class_names = checkpoint["classes"]
     image = v2.functional.pil_to_tensor(train.load_image(image_path))
     x = image.float() / 255
-    if task == "semfpn":
+    if checkpoint["task"] in SEGMENTATION_TASKS:
         labels = model(x[None])[0].argmax(0)
         present = labels.unique().tolist()
         drawn = draw_segmentation_masks(image, torch.stack([labels == c for c in present]), alpha=0.6)
@@ -771,7 +736,7 @@ def benchmark(backbone, device, height=800, width=1333):
     model([image])  # warm-up
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    seconds = glnet.time_call(lambda: model([image]), device)
+    seconds = train.time_call(lambda: model([image]), device)
     memory = "peak GPU memory allocated" if device.type == "cuda" else "peak resident memory of the process (ru_maxrss)"
     memory = f"{memory} {peak_memory(device) / 2 ** 30:.2f} GiB"
     print(f"Mask R-CNN + {backbone}, one {height}x{width} image, batch 1, {device}: {seconds:.2f} s, {memory}")
@@ -789,28 +754,28 @@ def benchmark(backbone, device, height=800, width=1333):
 
 
 # ---------------------------------------------------------------------------------------------
-# Command line
+# Command line: train.py's flags, plus the dense tasks' own
 # ---------------------------------------------------------------------------------------------
 
-def get_args_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def default(key):
+        if key == "data":
+            return ("COCO 2017 root (maskrcnn, retinanet) or ADEChallengeData2016 root (semfpn); "
+                    "default: the synthetic scenes")
+        if key == "output_dir":
+            return "one subfolder per task (default runs/detect_seg)"
+        values = {task: {**COMMON, **recipe}.get(key) for task, recipe in RECIPES.items()}
+        synthetic = {task: {**COMMON, **recipe}.get(key) for task, recipe in SYNTHETIC_RECIPES.items()}
+        return f"default per task {values} with --data, {synthetic} without"
+
+    train.add_training_arguments(parser, default)
     parser.add_argument("--task", nargs="+", choices=TASKS, default=None,
                         help="models to train, one after the other (default: maskrcnn semfpn on the synthetic scenes)")
-    parser.add_argument("--data", default=None, help="COCO 2017 root (maskrcnn, retinanet) or ADEChallengeData2016 "
-                        "root (semfpn); default: the synthetic scenes")
-    parser.add_argument("--cache-dir", default=train.DEFAULT_CACHE, help="where the synthetic scenes are generated")
-    parser.add_argument("--model", default="glnet_mini", choices=list(glnet.MODELS), help="the GLNet backbone")
     parser.add_argument("--pretrained", default=None, help="ImageNet GLNet checkpoint for the backbone (released ones included)")
-    parser.add_argument("--output-dir", default="runs/detect_seg", help="one subfolder per task")
     parser.add_argument("--schedule", choices=("1x", "3x"), default="1x", help="detection: 12 epochs, or 36 with multi-scale training")
-    # The recipe: the defaults (None) come from RECIPES, or SYNTHETIC_RECIPES without --data.
-    parser.add_argument("--epochs", type=int, default=None, help="detection epochs")
-    parser.add_argument("--lr-steps", type=int, nargs="+", default=None, help="detection: epochs at which lr drops 10x")
-    parser.add_argument("--iters", type=int, default=None, help="segmentation iterations")
-    parser.add_argument("--batch-size", type=int, default=None, help="total batch over all processes")
-    parser.add_argument("--lr", type=float, default=None, help="peak learning rate (AdamW)")
-    parser.add_argument("--weight-decay", type=float, default=None)
-    parser.add_argument("--warmup-iters", type=int, default=None)
     parser.add_argument("--min-size", type=int, default=None, help="detection: shorter image side")
     parser.add_argument("--max-size", type=int, default=None, help="detection: longest image side at most")
     parser.add_argument("--multiscale", action="store_true", default=None,
@@ -819,74 +784,57 @@ def get_args_parser():
     parser.add_argument("--rois-per-image", type=int, default=None, help="Mask R-CNN: RoIs sampled per image for the box/mask losses")
     parser.add_argument("--crop-size", type=int, default=None, help="segmentation training crop")
     parser.add_argument("--scale", type=int, default=None, help="segmentation: images resized into (4*scale, scale)")
-    parser.add_argument("--eval-interval", type=int, default=None, help="evaluate every N epochs (and after the last)")
-    parser.add_argument("--amp", choices=["auto", "bf16", "fp16", "none"], default="auto",
-                        help="mixed precision; auto = bf16 on GPU, none on CPU")
-    parser.add_argument("--drop-path-rate", type=float, default=0.0)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--print-freq", type=int, default=20)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--eval-only", action="store_true", help="evaluate the --checkpoint (default best.pth) and exit")
     parser.add_argument("--predict", metavar="IMAGE", default=None, help="draw the predictions on IMAGE into a PNG")
-    parser.add_argument("--checkpoint", default=None, help="for --predict/--eval-only (default: <output-dir>/<task>/best.pth)")
     parser.add_argument("--predict-output", default=None, help="default: <output-dir>/<image name>_<task>.png")
     parser.add_argument("--score-threshold", type=float, default=0.5)
-    parser.add_argument("--benchmark", action="store_true",
-                        help="time and peak memory of one 800x1333 Mask R-CNN forward with --model, and the linear-memory check")
-    return parser
+    args = parser.parse_args(argv)
+    if args.task is None:
+        if args.data is not None and not (args.bench or args.predict):
+            parser.error("--task is required with --data (maskrcnn or retinanet on COCO, semfpn on ADE20K)")
+        args.task = ["maskrcnn", "semfpn"]
+    if args.output_dir is None:
+        args.output_dir = os.path.join("runs", "detect_seg")
+    train.check_training_arguments(parser, args)
+    return args
 
 
 def task_config(args, task):
     """The flags for one task: the paper's recipe (or the synthetic one), overridden by the command line."""
     synthetic = args.data is None
-    recipe = {**dict(min_size=None, max_size=None, epochs=None, lr_steps=None, iters=None, crop_size=None, scale=None,
-                     multiscale=False, rois_per_image=512), **(SYNTHETIC_RECIPES if synthetic else RECIPES)[task]}
-    if task != "semfpn" and args.schedule == "3x":
+    recipe = {**COMMON, **(SYNTHETIC_RECIPES if synthetic else RECIPES)[task]}
+    if task not in SEGMENTATION_TASKS and args.schedule == "3x":
         recipe.update(SCHEDULE_3X)
     config = argparse.Namespace(**{**vars(args), "task": task, "synthetic": synthetic})
-    for key, value in recipe.items():
-        if getattr(config, key) is None:
-            setattr(config, key, value)
-    config.data = synthetic_dataset(args.cache_dir) if synthetic else args.data
+    train.apply_recipe(config, recipe)
+    config.data = scenes_dataset(args.cache_dir) if synthetic else os.path.abspath(args.data)
     config.output_dir = os.path.join(args.output_dir, task)
     return config
 
 
 def main(argv=None):
-    args = get_args_parser().parse_args(argv)
-    tasks = args.task or (["maskrcnn", "semfpn"] if args.data is None else None)
-    if tasks is None:
-        raise SystemExit("--task is required with --data (maskrcnn or retinanet on COCO, semfpn on ADE20K)")
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rank, world_size, device = train.setup_distributed()
-    if args.benchmark:
-        return benchmark(args.model, device)
-    if args.predict:
-        checkpoint = args.checkpoint or os.path.join(args.output_dir, tasks[0], "best.pth")
-        stem = os.path.splitext(os.path.basename(args.predict))[0]
-        output = args.predict_output or os.path.join(args.output_dir, f"{stem}_{tasks[0]}.png")
-        return predict(args.predict, checkpoint, output, args.score_threshold)
-    results = {}
-    for task in tasks:
-        config = task_config(args, task)
-        if train.is_main_process():
-            os.makedirs(config.output_dir, exist_ok=True)
-            print(f"{task}: {config.model} on {config.data} -> {config.output_dir}")
-        if args.eval_only:
-            model, _, _ = load_trained(args.checkpoint or os.path.join(config.output_dir, "best.pth"))
-            _, val_set, _, config.num_classes = build_data(config, rank, world_size)
-            results[task] = evaluate(model.to(device), val_set, config, device, rank, world_size,
-                                     train.amp_settings(config.amp, device)[0])
-        else:
-            start = time.time()
-            results[task] = train_task(config, rank, world_size, device)
-            results[task]["train_time_s"] = time.time() - start
-        if train.is_main_process():
-            metrics = {k: v for k, v in results[task].items() if k not in ("train_loss", "lr", "epoch_time_s", "train_time_s")}
-            took = f"  (trained in {train.format_eta(results[task]['train_time_s'])})" if "train_time_s" in results[task] else ""
-            print(f"{task} result: {format_metrics(metrics)}{took}", flush=True)
-    if world_size > 1:
-        dist.destroy_process_group()
-    return results
+    try:
+        if args.bench:
+            return benchmark(args.model or "glnet_4g", device)
+        if args.predict:
+            checkpoint = args.checkpoint or os.path.join(args.output_dir, args.task[0], "best.pth")
+            stem = os.path.splitext(os.path.basename(args.predict))[0]
+            output = args.predict_output or os.path.join(args.output_dir, f"{stem}_{args.task[0]}.png")
+            return predict(args.predict, checkpoint, output, args.score_threshold)
+        results = {}
+        for task in args.task:
+            config = task_config(args, task)
+            train.log(f"{task}: {config.model} on {config.data} -> {config.output_dir}")
+            run = evaluate_checkpoint if args.eval else train_task
+            results[task] = run(config, rank, world_size, device)
+            train.log(f"{task} result: {train.format_metrics(results[task])}")
+        return results
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

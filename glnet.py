@@ -8,18 +8,14 @@ models global relations. A soft clustering module (grid -> slots) and its conjug
 module (slots -> grid) bridge the two (paper Sec. 3.2, Figure 4, Eq. 1-4).
 
 Read in order: the building blocks, the GLMix block, the full-attention blocks, the network
-(Sec. 3.3), the released variants, checkpoint loading, and the report and benchmark printed by
-`python glnet.py` and `python glnet.py --bench`.
+(Sec. 3.3), the released variants, checkpoint loading, and the parameters/FLOPs report printed by
+`python glnet.py` (the speed benchmark is `python train.py --bench`).
 """
 
 import argparse
-import functools
 import math
-import multiprocessing
 import os
 import re
-import statistics
-import time
 import warnings
 
 import torch
@@ -522,7 +518,7 @@ def load_checkpoint(model, checkpoint, key=None, max_listed=5):
 
 
 # ---------------------------------------------------------------------------------------------
-# Parameters, FLOPs and throughput: `python glnet.py`
+# Parameters and FLOPs: `python glnet.py`
 # ---------------------------------------------------------------------------------------------
 
 def count_params(model):
@@ -560,163 +556,19 @@ def count_flops(model, image_size=224):
         model.train(was_training)
 
 
-def time_call(fn, device):
-    """Wall-clock seconds of one call, waiting for the GPU to finish."""
-    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    synchronize()
-    start = time.perf_counter()
-    fn()
-    synchronize()
-    return time.perf_counter() - start
-
-
-def interleaved_medians(calls, rounds, device):
-    """Median seconds of each call. One call of each per round, so that the noise of a shared
-    machine hits every call alike and their ratios stay comparable."""
-    for fn in calls.values():
-        fn()  # warm-up (and compilation)
-    times = {name: [] for name in calls}
-    for _ in range(rounds):
-        for name, fn in calls.items():
-            times[name].append(time_call(fn, device))
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
-@torch.inference_mode()
-def measure_throughput(model, batch_size=8, image_size=224, device="cpu", steps=5):
-    """Images per second of eval-mode inference (median of `steps` batches after a warm-up)."""
-    device = torch.device(device)
-    model = model.to(device).eval()
-    x = torch.randn(batch_size, model.in_chans, image_size, image_size, device=device)
-    return batch_size / interleaved_medians({"model": lambda: model(x)}, steps, device)["model"]
-
-
-def peak_forward_memory_mib(name, image_size, device):
-    """Memory one eval forward of a batch of one image needs beyond the model itself: the CUDA
-    allocator's peak on GPU; on CPU the rise of the peak resident set of a fresh process (Linux)."""
-    if device.type == "cuda":
-        model = create_model(name).to(device).eval()
-        x = torch.randn(1, 3, image_size, image_size, device=device)
-        with torch.inference_mode():
-            torch.cuda.reset_peak_memory_stats(device)
-            before = torch.cuda.memory_allocated(device)
-            model(x)
-            return (torch.cuda.max_memory_allocated(device) - before) / 2 ** 20
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(_peak_rss_rise_mib, (name, image_size))
-
-
-def _peak_rss_rise_mib(name, image_size):
-    def resident_kib(field):  # VmRSS: now; VmHWM: the peak since the last reset
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith(field))
-
-    model = create_model(name).eval()
-    x = torch.randn(1, 3, image_size, image_size)
-    with torch.inference_mode():
-        model(x[:, :, :64, :64])  # load the kernels first
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset VmHWM to the current resident set
-        before = resident_kib("VmRSS")
-        model(x)
-    return (resident_kib("VmHWM") - before) / 1024
-
-
-def inference_call(model, x, autocast):
-    def call():
-        with torch.inference_mode(), autocast():
-            model(x)
-    return call
-
-
-def training_call(model, x, autocast):
-    """One training step: forward, cross-entropy, backward, AdamW."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
-    labels = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-
-    def call():
-        with autocast():
-            loss = F.cross_entropy(model(x), labels)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return call
-
-
-def benchmark(args):
-    """`python glnet.py --bench`: GLNet against torchvision's swin_t and convnext_tiny in one run."""
-    import torchvision
-    device = torch.device(args.device)
-    batch_size = args.batch_size or (128 if device.type == "cuda" else 8)
-    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    autocast = functools.partial(torch.autocast, device.type, torch.bfloat16, enabled=args.bf16)
-    builders = {name: MODELS[name] for name in args.models}
-    builders.update(swin_t=torchvision.models.swin_t, convnext_tiny=torchvision.models.convnext_tiny)
-
-    def prepare(model):
-        model = model.to(device, memory_format=memory_format)
-        return torch.compile(model) if args.compile else model
-
-    models = {name: prepare(build()) for name, build in builders.items()}
-
-    def images(size, batch):
-        return torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=memory_format)
-
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {device.type}; "
-          f"{'bf16 autocast' if args.bf16 else 'fp32'}, {'channels_last' if args.channels_last else 'NCHW'} input, "
-          f"{'compiled' if args.compile else 'eager'}; medians of {args.rounds} interleaved rounds")
-    x = images(args.image_size, batch_size)
-    for title, train, make_call in (("inference (eval mode)", False, inference_call),
-                                    ("training step (forward, backward, AdamW)", True, training_call)):
-        calls = {name: make_call(model.train(train), x, autocast) for name, model in models.items()}
-        seconds = interleaved_medians(calls, args.rounds, device)
-        print(f"\n{title}, batch {batch_size}, {args.image_size}x{args.image_size}")
-        print(f"{'model':<22}{'images/s':>10}{'x swin_t':>10}{'x convnext_tiny':>17}")
-        for name, t in seconds.items():
-            print(f"{name:<22}{batch_size / t:>10.1f}{seconds['swin_t'] / t:>10.2f}{seconds['convnext_tiny'] / t:>17.2f}")
-
-    model = (models["glnet_stl"] if "glnet_stl" in models else prepare(glnet_stl())).eval()
-    sizes = args.latency_sizes
-    seconds = interleaved_medians({size: inference_call(model, images(size, 1), autocast) for size in sizes},
-                                  args.rounds, device)
-    print(f"\nglnet_stl latency, batch 1 (linear in the pixel count when 'x {sizes[0]}' <= 'pixels x {sizes[0]}')")
-    print(f"{'size':>6}{'ms':>10}{f'x {sizes[0]}':>8}{f'pixels x {sizes[0]}':>14}")
-    for size, t in seconds.items():
-        print(f"{size:>6}{1000 * t:>10.1f}{t / seconds[sizes[0]]:>8.1f}{(size / sizes[0]) ** 2:>14.1f}")
-
-    print("\npeak memory of one glnet_stl forward, batch 1, beyond the weights (fp32, eager)")
-    for size in args.memory_sizes:
-        print(f"{size:>6}x{size}: {peak_forward_memory_mib('glnet_stl', size, device):7.0f} MiB")
-
-
 def main():
-    parser = argparse.ArgumentParser(description="Parameters, FLOPs and throughput of the GLNet variants.")
+    parser = argparse.ArgumentParser(description="Parameters and FLOPs of the GLNet variants against the paper "
+                                                 "(speed: python train.py --bench).")
     parser.add_argument("--models", nargs="+", default=list(RELEASED), choices=list(MODELS))
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--batch-size", type=int, default=None, help="default: 8 on CPU, 128 on GPU")
     parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--steps", type=int, default=5, help="timed batches per model")
-    parser.add_argument("--bench", action="store_true",
-                        help="benchmark against torchvision's swin_t and convnext_tiny instead")
-    parser.add_argument("--rounds", type=int, default=5, help="--bench: interleaved timing rounds")
-    parser.add_argument("--bf16", action="store_true", help="--bench: bfloat16 autocast")
-    parser.add_argument("--channels-last", action="store_true", help="--bench: channels_last inputs and weights")
-    parser.add_argument("--compile", action="store_true", help="--bench: torch.compile every model")
-    parser.add_argument("--latency-sizes", type=int, nargs="+", default=[224, 448, 896, 1344], help="--bench")
-    parser.add_argument("--memory-sizes", type=int, nargs="+", default=[512, 1024], help="--bench")
     args = parser.parse_args()
-    if args.bench:
-        return benchmark(args)
-    batch_size = args.batch_size or (128 if args.device.startswith("cuda") else 8)
-
-    print(f"{'model':<22}{'params (M)':>11}{'paper':>7}{'GFLOPs':>9}{'paper':>7}"
-          f"{'top-1':>7}{'images/s':>10}   ({args.device}, batch {batch_size}, {args.image_size}x{args.image_size})")
+    print(f"{'model':<22}{'params (M)':>11}{'paper':>7}{'GFLOPs':>9}{'paper':>7}{'top-1':>7}"
+          f"   (GFLOPs at {args.image_size}x{args.image_size}: multiply-accumulates, attention included)")
     for name in args.models:
         model = create_model(name)
         params, flops = count_params(model) / 1e6, count_flops(model, args.image_size)
-        speed = measure_throughput(model, batch_size, args.image_size, args.device, args.steps)
         paper = "".join(f"{v:>7.1f}" for v in PAPER[name]) if name in PAPER else f"{'-':>7}" * 3
-        print(f"{name:<22}{params:>11.2f}{paper[:7]}{flops:>9.2f}{paper[7:]}{speed:>10.1f}")
+        print(f"{name:<22}{params:>11.2f}{paper[:7]}{flops:>9.2f}{paper[7:]}")
 
 
 if __name__ == "__main__":

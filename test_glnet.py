@@ -9,6 +9,7 @@ weights below (both copied from ../shared/reference, which the last test checks 
 """
 
 import copy
+import itertools
 import json
 import math
 import os
@@ -366,18 +367,6 @@ def test_residual_dwconv_is_z_plus_dwconv():
     assert list(conv.state_dict()) == ["weight", "bias"]
 
 
-def test_benchmark_runs():
-    result = subprocess.run([sys.executable, "glnet.py", "--bench", "--models", "glnet_mini", "--rounds", "1",
-                             "--batch-size", "1", "--image-size", "64",
-                             "--latency-sizes", "64", "128", "--memory-sizes", "128"],
-                            cwd=HERE, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr
-    rows = {line.split()[0]: line.split() for line in result.stdout.splitlines() if line.strip()}
-    assert float(rows["swin_t"][2]) == 1.0 and float(rows["convnext_tiny"][3]) == 1.0
-    assert float(rows["glnet_mini"][1]) > 0 and float(rows["128x128:"][1]) > 0
-    assert "training step" in result.stdout and float(rows["128"][3]) == 4.0
-
-
 # --- parameters, FLOPs, the report ---------------------------------------------------------------
 
 def test_attention_flops_are_counted():
@@ -398,14 +387,14 @@ def test_params_and_flops_match_the_paper(variant):
 
 
 def test_report_script_runs():
-    result = subprocess.run([sys.executable, "glnet.py", "--models", "glnet_stl", "--batch-size", "1", "--steps", "1"],
-                            cwd=HERE, capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, "glnet.py", "--models", "glnet_stl"], cwd=HERE, capture_output=True,
+                            text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     row = [line for line in result.stdout.splitlines() if line.startswith("glnet_stl ")]
     assert len(row) == 1
-    name, params, paper_params, flops, paper_flops, top1, speed = row[0].split()
+    name, params, paper_params, flops, paper_flops, top1 = row[0].split()
     assert float(params) == pytest.approx(30.30, abs=0.01) and float(flops) == pytest.approx(4.36, abs=0.01)
-    assert float(speed) > 0
+    assert (float(paper_params), float(paper_flops), float(top1)) == glnet.PAPER["glnet_stl"]
 
 
 @pytest.mark.parametrize("module", ["glnet", "train", "detect_seg", "analyze"])
@@ -436,7 +425,7 @@ def restore_threads():
 def data(tmp_path_factory):
     """3 classes, 8 train and 5 val images each: 15 val images, odd for 2 ranks."""
     root = str(tmp_path_factory.mktemp("data") / "shapes")
-    return train.make_synthetic_dataset(root, train_per_class=8, val_per_class=5, image_size=40,
+    return train.make_shapes_dataset(root, train_per_class=8, val_per_class=5, image_size=40,
                                         classes=("circle", "square", "vertical_stripes"))
 
 
@@ -499,6 +488,12 @@ def test_small_helpers():
      "--image-size must be at least 32, got 16"),
     (analyze.parse_args, ["redundancy", "--checkpoint", "x.pth", "--batch-size", "0"],
      "--batch-size must be at least 1, got 0"),
+    (train.parse_args, ["--accum-steps", "0"], "--accum-steps must be at least 1, got 0"),
+    (train.parse_args, ["--checkpoint-every", "0"], "--checkpoint-every must be at least 1, got 0"),
+    (detect_seg.parse_args, ["--accum-steps", "0"], "--accum-steps must be at least 1, got 0"),
+    (detect_seg.parse_args, ["--checkpoint-every", "-1"], "--checkpoint-every must be at least 1, got -1"),
+    (detect_seg.parse_args, ["--iters", "0"], "--iters must be at least 1, got 0"),
+    (detect_seg.parse_args, ["--data", "/data/coco"], "--task is required with --data"),
 ])
 def test_bad_arguments_are_usage_errors(parse_args, argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -608,10 +603,12 @@ def test_resuming_another_model_or_class_count_fails_and_touches_nothing(tmp_pat
     out = tmp_path / "out"
     train.main(["--data", data, "--output-dir", str(out), "--epochs", "1", *TINY])
     before = {name: file_bytes(out / name) for name in os.listdir(out)}
-    other = train.make_synthetic_dataset(str(tmp_path / "two"), 4, 2, 40, classes=("circle", "ring"))
-    with pytest.raises(ValueError, match="is a checkpoint of glnet_mini with 3 classes, but this run trains glnet_mini with 2"):
+    other = train.make_shapes_dataset(str(tmp_path / "two"), 4, 2, 40, classes=("circle", "ring"))
+    with pytest.raises(ValueError, match="is a classification checkpoint of glnet_mini with 3 classes, but this run "
+                                         "trains classification with glnet_mini and 2 classes"):
         train.main(["--data", other, "--output-dir", str(out), "--epochs", "1", *TINY])
-    with pytest.raises(ValueError, match="checkpoint of glnet_mini with 3 classes, but this run trains glnet_stl with 3"):
+    with pytest.raises(ValueError, match="checkpoint of glnet_mini with 3 classes, but this run trains classification "
+                                         "with glnet_stl and 3 classes"):
         train.main(["--data", data, "--output-dir", str(out), "--epochs", "1", *TINY, "--model", "glnet_stl"])
     assert {name: file_bytes(out / name) for name in os.listdir(out)} == before
 
@@ -677,8 +674,8 @@ def test_resume_after_sigkill_gives_the_same_weights(tmp_path, data):
 def test_torchrun_ddp_training_and_exactly_once_evaluation(tmp_path, data):
     out = str(tmp_path / "ddp")
     log = run_script(["--data", data, "--output-dir", out, "--epochs", "1", *TINY], launcher=torchrun(2))
-    assert "global batch 8 = 4 per device x 2 devices x 1 accumulation steps" in log
-    assert "epoch 1/1  step 3/3  loss" in log and "val top-1" in log
+    assert "global batch 8 = 4 per process x 2 processes x 1 accumulation steps" in log
+    assert "epoch 1/1  step 3/3  loss" in log and "val top1" in log
     assert log.count("epoch 1/1 done") == 1  # rank 0 only
     assert f"python train.py --eval --checkpoint {out}/best.pth" in log
     assert torch.load(os.path.join(out, "last.pth"))["epoch"] == 1
@@ -690,10 +687,31 @@ def test_torchrun_ddp_training_and_exactly_once_evaluation(tmp_path, data):
     assert f"top-1 {one_rank['top1']:.2f}  top-5 {one_rank['top5']:.2f}" in two_ranks
 
 
-def test_benchmark_reports_training_speed():
-    speed = train.main(["--benchmark", "1", "--model", "glnet_mini", "--image-size", "32", "--batch-size", "2",
-                        "--workers", "0", "--threads", "1"])
-    assert speed > 0
+def test_interleaved_medians_time_each_call():
+    calls = {"short": lambda: time.sleep(0.01), "long": lambda: time.sleep(0.05)}
+    seconds = train.interleaved_medians(calls, rounds=3, device=torch.device("cpu"))
+    assert 0.01 <= seconds["short"] < seconds["long"] and seconds["long"] >= 0.05
+    assert seconds["long"] > 2 * seconds["short"]
+
+
+def test_bench_times_every_model_and_measures_memory(capsys):
+    """`python train.py --bench`: a row per model in both tables (the training step is the Trainer's
+    own), latency per size, and a peak forward memory that grows with the image."""
+    result = train.main(["--bench", "--models", "glnet_mini", "--rounds", "1", "--batch-size", "1",
+                         "--image-size", "64", "--latency-sizes", "64", "96", "--memory-sizes", "64", "256",
+                         "--threads", "1"])
+    printed = capsys.readouterr().out
+    tables = printed.split("\n\n")
+    inference, training = (next(t for t in tables if t.startswith(title)) for title in ("inference", "training step"))
+    for table in (inference, training):
+        rows = {line.split()[0]: [float(v) for v in line.split()[1:]] for line in table.splitlines()[2:]}
+        assert set(rows) == {"glnet_mini", "swin_t", "convnext_tiny"}
+        for name, (speed, x_swin, x_convnext) in rows.items():
+            assert speed > 0
+            assert x_swin == pytest.approx(speed / rows["swin_t"][0], rel=0.05, abs=0.01)
+            assert x_convnext == pytest.approx(speed / rows["convnext_tiny"][0], rel=0.05, abs=0.01)
+    assert set(result["seconds"]) == {64, 96} and all(t > 0 for t in result["seconds"].values())
+    assert result["memory_mib"][256] > result["memory_mib"][64]
 
 
 # =================================================================================================
@@ -706,7 +724,7 @@ IMAGE_SIZE = 64
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
     """A few real PNG files per class of the built-in shapes, in the ImageNet layout."""
-    return train.make_synthetic_dataset(str(tmp_path_factory.mktemp("data") / "shapes"), train_per_class=4,
+    return train.make_shapes_dataset(str(tmp_path_factory.mktemp("data") / "shapes"), train_per_class=4,
                                         val_per_class=2, image_size=IMAGE_SIZE)
 
 
@@ -714,9 +732,9 @@ def tiny_data(tmp_path_factory):
 def checkpoint(tiny_data, tmp_path_factory):
     """A checkpoint in train.py's format: weights under 'model', the run's args beside them."""
     torch.manual_seed(0)
-    model = glnet.create_model("glnet_mini", num_classes=len(train.SYNTHETIC_CLASSES))
+    model = glnet.create_model("glnet_mini", num_classes=len(train.SHAPES_CLASSES))
     path = str(tmp_path_factory.mktemp("run") / "best.pth")
-    train.save_checkpoint({"model": model.state_dict(), "num_classes": len(train.SYNTHETIC_CLASSES),
+    train.save_checkpoint({"model": model.state_dict(), "num_classes": len(train.SHAPES_CLASSES),
                            "args": {"model": "glnet_mini", "image_size": IMAGE_SIZE, "data": tiny_data}}, path)
     return path
 
@@ -861,13 +879,13 @@ SMALL = dict(fpn_channels=32, rois_per_image=32, min_size=96, max_size=160)
 def cache_dir(tmp_path_factory):
     """A cache folder holding tiny synthetic scenes where detect_seg.py looks for them."""
     cache = tmp_path_factory.mktemp("cache")
-    detect_seg.make_synthetic_dataset(str(cache / detect_seg.SYNTHETIC_VERSION), splits={"train": 12, "val": 4})
+    detect_seg.make_scenes_dataset(str(cache / detect_seg.SCENES_VERSION), splits={"train": 12, "val": 4})
     return cache
 
 
 @pytest.fixture(scope="module")
 def scenes(cache_dir):
-    return str(cache_dir / detect_seg.SYNTHETIC_VERSION)
+    return str(cache_dir / detect_seg.SCENES_VERSION)
 
 
 def training_batch(scenes, count=2):
@@ -878,7 +896,7 @@ def training_batch(scenes, count=2):
 
 def test_synthetic_scenes_are_consistent(scenes):
     coco = COCO(os.path.join(scenes, "annotations", "instances_train2017.json"))
-    assert [c["name"] for c in coco.loadCats(coco.getCatIds())] == list(detect_seg.SYNTHETIC_CLASSES)
+    assert [c["name"] for c in coco.loadCats(coco.getCatIds())] == list(detect_seg.SCENE_CLASSES)
     for image_id in coco.getImgIds():
         info = coco.loadImgs(image_id)[0]
         image = np.array(Image.open(os.path.join(scenes, "train2017", info["file_name"])))
@@ -990,16 +1008,61 @@ def test_miou_of_a_known_confusion_matrix():
     assert metrics["aAcc"] == pytest.approx(6 / 8, abs=1e-12)
 
 
-def test_missing_coco_files_are_named(tmp_path, scenes):
-    with pytest.raises(FileNotFoundError, match="instances_train2017.json"):
-        detect_seg.coco_dataset(str(tmp_path), "train", train=True, with_masks=True)
-    os.makedirs(tmp_path / "annotations")
-    with open(tmp_path / "annotations" / "instances_val2017.json", "w") as f:
-        f.write(open(os.path.join(scenes, "annotations", "instances_val2017.json")).read())
-    with pytest.raises(FileNotFoundError, match="val2017"):
-        detect_seg.coco_dataset(str(tmp_path), "val", train=False, with_masks=True)
+def test_bad_dense_data_is_named_before_training(tmp_path, scenes, cache_dir):
+    coco = tmp_path / "coco"
+    os.makedirs(coco / "annotations")
+    with pytest.raises(FileNotFoundError, match="instances_train2017.json .*expected the COCO 2017 layout"):
+        detect_seg.main(["--task", "maskrcnn", "--data", str(coco), "--output-dir", str(tmp_path / "out")])
+    ann_file = coco / "annotations" / "instances_train2017.json"
+    ann_file.write_text(open(os.path.join(scenes, "annotations", "instances_train2017.json")).read())
+    with pytest.raises(FileNotFoundError, match="train2017 .*expected the COCO 2017 layout"):
+        detect_seg.main(["--task", "maskrcnn", "--data", str(coco), "--output-dir", str(tmp_path / "out")])
+    os.symlink(os.path.join(scenes, "train2017"), coco / "train2017")
+    ann_file.write_text(ann_file.read_text()[:500])  # truncated
+    with pytest.raises(ValueError, match=f"{ann_file} is not valid JSON .*expected a COCO instances file"):
+        detect_seg.main(["--task", "maskrcnn", "--data", str(coco), "--output-dir", str(tmp_path / "out")])
+    ann_file.write_text(json.dumps({"images": []}))
+    with pytest.raises(ValueError, match="has no 'annotations', 'categories' entry"):
+        detect_seg.main(["--task", "maskrcnn", "--data", str(coco), "--output-dir", str(tmp_path / "out")])
+
+    ade = tmp_path / "ade"
+    os.makedirs(ade / "images" / "training")
+    with pytest.raises(FileNotFoundError, match="annotations/training not found; expected the ADEChallengeData2016"):
+        detect_seg.main(["--task", "semfpn", "--data", str(ade), "--output-dir", str(tmp_path / "out")])
     with pytest.raises(FileNotFoundError, match="label folder"):
         detect_seg.SegmentationFolder(os.path.join(scenes, "val2017"), str(tmp_path / "labels"), None)
+
+    labels = tmp_path / "labels"
+    shutil.copytree(os.path.join(scenes, "semantic", "val2017"), labels)
+    wrong = sorted(os.listdir(labels))[1]
+    Image.fromarray(np.ones((40, 30), np.uint8)).save(labels / wrong)
+    with pytest.raises(ValueError, match=f"label {labels / wrong} is 30x40 but its image .*{wrong} is "):
+        detect_seg.SegmentationFolder(os.path.join(scenes, "val2017"), str(labels), None)
+
+    with pytest.raises(ValueError, match="12 training images are fewer than one global batch of 16"):
+        detect_seg.main([*SEGMENTATION, "--cache-dir", str(cache_dir), "--output-dir", str(tmp_path / "out"),
+                         "--batch-size", "8", "--accum-steps", "2"])
+    assert not (tmp_path / "out").exists()
+
+
+def test_builtin_dataset_is_generated_once_and_reused(tmp_path):
+    calls = []
+
+    def generate(folder):
+        calls.append(folder)
+        os.makedirs(os.path.join(folder, "train"))
+
+    root = train.builtin_dataset(str(tmp_path), "toy-v1", generate)
+    assert root == str(tmp_path / "toy-v1") and os.path.isdir(os.path.join(root, "train"))
+    assert train.builtin_dataset(str(tmp_path), "toy-v1", generate) == root and len(calls) == 1
+    assert sorted(os.listdir(tmp_path)) == ["toy-v1"]
+
+    def another_job_finishes_first(folder):
+        os.makedirs(os.path.join(folder, "mine"))
+        os.makedirs(tmp_path / "race-v1" / "theirs")
+
+    root = train.builtin_dataset(str(tmp_path), "race-v1", another_job_finishes_first)
+    assert os.listdir(root) == ["theirs"] and sorted(os.listdir(tmp_path)) == ["race-v1", "toy-v1"]
 
 
 def test_unannotated_images_skipped_and_degenerate_boxes_dropped(tmp_path, scenes):
@@ -1030,22 +1093,91 @@ def read_metrics(folder):
         return [json.loads(line) for line in f]
 
 
+SEGMENTATION = ["--task", "semfpn", "--crop-size", "64", "--scale", "80", "--fpn-channels", "32", "--workers", "0",
+                "--print-freq", "1", "--threads", "1"]
+
+
 def test_semantic_fpn_training_lowers_the_loss_and_resumes(cache_dir, tmp_path, capsys):
-    args = ["--task", "semfpn", "--cache-dir", str(cache_dir), "--output-dir", str(tmp_path), "--batch-size", "4",
-            "--crop-size", "64", "--scale", "80", "--fpn-channels", "32", "--lr", "2e-3", "--warmup-iters", "3",
-            "--workers", "0", "--print-freq", "1"]
+    args = [*SEGMENTATION, "--cache-dir", str(cache_dir), "--output-dir", str(tmp_path), "--batch-size", "4",
+            "--lr", "1.6e-2", "--warmup-iters", "3"]  # 2e-3 at the global batch of 4
     detect_seg.main(args + ["--iters", "12"])  # 12 training images: 3 steps per epoch, 4 epochs
     records = read_metrics(tmp_path / "semfpn")
     assert [r["epoch"] for r in records] == [1, 2, 3, 4]
     assert records[-1]["train_loss"] < 0.8 * records[0]["train_loss"]
-    assert 0 <= records[-1]["mIoU"] <= 1 and 0 <= records[-1]["aAcc"] <= 1
-    assert "epoch 1/4  step 1/3  loss " in capsys.readouterr().out
+    assert 0 <= records[-1]["val_mIoU"] <= 1 and 0 <= records[-1]["val_aAcc"] <= 1
+    out = capsys.readouterr().out
+    assert "epoch 1/4  step 1/3  loss " in out and "peak lr 2.00e-03 (1.60e-02 per 32)" in out
 
     results = detect_seg.main(args + ["--iters", "15"])  # the same command, longer: resumes at epoch 5
-    assert "resumed from" in capsys.readouterr().out
+    assert f"resuming from {tmp_path}/semfpn/last.pth: epoch 5, step 0" in capsys.readouterr().out
     assert [r["epoch"] for r in read_metrics(tmp_path / "semfpn")] == [1, 2, 3, 4, 5]
-    assert results["semfpn"]["mIoU"] == read_metrics(tmp_path / "semfpn")[-1]["mIoU"]
+    assert results["semfpn"]["mIoU"] == read_metrics(tmp_path / "semfpn")[-1]["val_mIoU"]
     assert os.path.isfile(tmp_path / "semfpn" / "best.pth")
+
+
+def run_detect_seg(args, launcher=(sys.executable,), timeout=300):
+    result = subprocess.run([*launcher, os.path.join(HERE, "detect_seg.py"), *args], cwd=HERE, capture_output=True,
+                            text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def test_segmentation_resume_after_sigkill_gives_the_same_weights(cache_dir, tmp_path):
+    """Kill a Semantic FPN run with SIGKILL after its first mid-epoch checkpoint and rerun the same
+    command: it continues from that step and ends with the weights of an uninterrupted run."""
+    args = [*SEGMENTATION, "--cache-dir", str(cache_dir), "--batch-size", "2", "--iters", "8",
+            "--checkpoint-every", "1", "--drop-path", "0.1"]  # 6 steps per epoch: the kill lands in epoch 1
+    run_detect_seg([*args, "--output-dir", str(tmp_path / "straight")])
+
+    interrupted = tmp_path / "interrupted"
+    last = interrupted / "semfpn" / "last.pth"
+    child = subprocess.Popen([sys.executable, os.path.join(HERE, "detect_seg.py"), *args, "--output-dir",
+                              str(interrupted)], cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    while not last.exists() and child.poll() is None:
+        time.sleep(0.01)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    killed_at = torch.load(last)
+    assert (killed_at["epoch"], killed_at["step"]) < (1, 2), "the run finished before it was killed"
+    resumed = run_detect_seg([*args, "--output-dir", str(interrupted)])
+    assert f"resuming from {last}: epoch {killed_at['epoch'] + 1}, step {killed_at['step']}" in resumed
+
+    straight = torch.load(tmp_path / "straight" / "semfpn" / "last.pth")
+    final = torch.load(last)
+    assert (final["epoch"], final["step"]) == (2, 0)
+    for name, tensor in straight["model"].items():
+        assert torch.equal(tensor, final["model"][name]), f"{name} differs"
+
+
+def test_accumulation_gives_the_same_update_as_the_full_batch(cache_dir):
+    """--accum-steps 2 with half the batch: the same gradient at the optimizer step and the same
+    weights after it as one full batch (GLNet's BatchNorms frozen, dropout off: nothing else
+    depends on how the batch is split)."""
+    torch.manual_seed(0)
+    model = detect_seg.freeze_batchnorm(detect_seg.SemanticFPN("glnet_mini", num_classes=4, fpn_channels=32))
+    model.classifier[0].p = 0.0
+    updates = []
+    for batch_size, accum in ((4, 1), (2, 2)):
+        args = detect_seg.parse_args([*SEGMENTATION, "--cache-dir", str(cache_dir), "--batch-size", str(batch_size),
+                                      "--accum-steps", str(accum), "--scale", "160"])  # crops never padded
+        config = detect_seg.task_config(args, "semfpn")
+        task = detect_seg.build_task(config, 0, 1, torch.device("cpu"))
+        trainer = train.Trainer(config, copy.deepcopy(model), task, 0, 1, torch.device("cpu"))
+        assert trainer.global_batch == 4
+        gradients = {}
+        trainer.optimizer.register_step_pre_hook(lambda *_, trainer=trainer: gradients.update(
+            {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}))
+        torch.manual_seed(1)  # the same crops and flips in both runs
+        trainer.train_step(list(itertools.islice(iter(trainer.train_loader), accum)))
+        updates.append((gradients, trainer.model.state_dict()))
+    (full_gradients, full_weights), (accumulated_gradients, accumulated_weights) = updates
+    assert full_gradients.keys() == accumulated_gradients.keys() and len(full_gradients) > 50
+    for name, gradient in full_gradients.items():
+        error = (accumulated_gradients[name] - gradient).abs().max()
+        assert error <= 1e-4 * gradient.abs().max(), f"{name}: max |difference| {error}"
+    for name, weight in full_weights.items():
+        torch.testing.assert_close(accumulated_weights[name], weight, rtol=1e-5, atol=1e-6)
 
 
 def test_mask_rcnn_run_evaluates_and_predict_draws(cache_dir, scenes, tmp_path):
@@ -1056,6 +1188,9 @@ def test_mask_rcnn_run_evaluates_and_predict_draws(cache_dir, scenes, tmp_path):
     for iou_type in ("bbox", "segm"):
         assert all(0 <= results[f"{iou_type}_{key}"] <= 1 for key in ("AP", "AP50", "AP75", "APm"))
     assert {"last.pth", "best.pth", "metrics.jsonl"} <= set(os.listdir(tmp_path / "maskrcnn"))
+    evaluated = detect_seg.main(["--task", "maskrcnn", "--eval", "--cache-dir", str(cache_dir),
+                                 "--output-dir", str(tmp_path), "--workers", "0"])["maskrcnn"]
+    assert evaluated["bbox_AP"] == pytest.approx(results["bbox_AP"], abs=1e-6)
 
     image = os.path.join(scenes, "val2017", sorted(os.listdir(os.path.join(scenes, "val2017")))[0])
     output = str(tmp_path / "drawn.png")
@@ -1067,14 +1202,19 @@ def test_mask_rcnn_run_evaluates_and_predict_draws(cache_dir, scenes, tmp_path):
         detect_seg.main(["--output-dir", str(tmp_path), "--predict", str(tmp_path / "nothere.png")])
 
 
-def test_torchrun_two_processes(cache_dir, tmp_path):
-    """Real DDP on CPU (gloo): two processes train Semantic FPN and evaluate each image once."""
-    command = [*torchrun(2), os.path.join(HERE, "detect_seg.py"), "--task", "semfpn", "--cache-dir", str(cache_dir),
-               "--output-dir", str(tmp_path), "--iters", "6", "--batch-size", "4", "--crop-size", "64",
-               "--scale", "96", "--fpn-channels", "32", "--workers", "0"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run(command, cwd=HERE, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    records = read_metrics(tmp_path / "semfpn")
-    assert len(records) == 2 and "mIoU" in records[-1]
-    assert result.stdout.count("semfpn result:") == 1  # rank 0 only
+def test_torchrun_two_processes_from_an_empty_cache(tmp_path):
+    """Real DDP on CPU (gloo), as a new user starts it: the scenes are generated once (rank 0, the
+    other waits), two processes train Semantic FPN, and their evaluation counts every validation
+    pixel once: the 2-process mIoU equals a 1-process evaluation of the same weights."""
+    cache = tmp_path / "empty-cache"
+    out = tmp_path / "out"
+    args = [*SEGMENTATION, "--cache-dir", str(cache), "--iters", "2", "--batch-size", "2", "--scale", "64"]
+    log = run_detect_seg([*args, "--output-dir", str(out)], launcher=torchrun(2))
+    assert sorted(os.listdir(cache)) == [detect_seg.SCENES_VERSION]  # complete, no temporary folder left
+    assert "global batch 4 = 2 per process x 2 processes x 1 accumulation steps" in log
+    assert log.count("semfpn result:") == 1  # rank 0 only
+    records = read_metrics(out / "semfpn")
+    assert len(records) == 1
+    one_process = detect_seg.main([*args, "--output-dir", str(out), "--eval", "--checkpoint",
+                                   str(out / "semfpn" / "last.pth")])["semfpn"]
+    assert one_process["mIoU"] == records[-1]["val_mIoU"] and one_process["aAcc"] == records[-1]["val_aAcc"]
