@@ -236,10 +236,10 @@ def test_checkpoint_missing_file_and_unknown_model(tmp_path):
         glnet.create_model("glnet_8g")
 
 
-def mini_with_token_head(**kwargs):
+def mini_with_token_head():
     """A glnet_mini with a token head and BatchNorm statistics that differ from their defaults."""
     torch.manual_seed(0)
-    model = glnet.create_model("glnet_mini", token_head=True, num_classes=5, **kwargs)
+    model = glnet.create_model("glnet_mini", token_head=True, num_classes=5)
     with torch.no_grad():
         model.train()(torch.randn(2, 3, 64, 96))
     return model.eval()
