@@ -29,6 +29,7 @@ NUM_SLOTS = SLOT_GRID ** 2     # ... so M = 64 semantic slots, at every input re
 HEAD_DIM = 32                  # attention heads = channels / 32
 LOCAL_KERNEL = 5               # depth-wise kernel of the local branch
 MIN_INPUT_SIZE = 32            # the total stride: stage 4 needs at least one pixel
+TOKEN_LOGITS_WEIGHT = 0.5      # eval output with a token head: class logits + 0.5 x max token logits
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,16 +275,20 @@ class GLNet(nn.Module):
     small, then BatchNorm, global average pooling and a linear classifier.
 
     The advanced designs of GLNet-4G/9G/16G (Sec. 3.3) are switches: `overlapped` downsampling,
-    `stage3="hybrid"`, `conv_pos` (conv position encoding), `conv_ffn`, and the deeper layout."""
+    `stage3="hybrid"`, `conv_pos` (conv position encoding), `conv_ffn`, and the deeper layout.
+    `token_head` adds the second classifier of token labeling (LV-ViT), trained with the
+    distillation recipe of GLNet-4G*/9G* (Table 3, Table 9): a linear layer on every token of the
+    last stage. A model without a classifier (num_classes=0) has no token head either."""
 
     def __init__(self, depths, dims, mlp_ratio, stage3="glmix", stage4="token", learned_slots=False,
                  overlapped=False, conv_pos=False, conv_ffn=False, layer_scale=None,
-                 num_classes=1000, drop_path_rate=0.0, in_chans=3):
+                 num_classes=1000, drop_path_rate=0.0, in_chans=3, token_head=False):
         super().__init__()
         if stage3 not in ("glmix", "hybrid") or stage4 not in ("token", "grid"):
             raise ValueError(f"stage3 must be 'glmix' or 'hybrid' and stage4 'token' or 'grid', "
                              f"got {stage3!r} and {stage4!r}")
         self.in_chans = in_chans
+        self.num_classes = num_classes
         self.stage_channels = tuple(dims)   # channels of the four stage outputs
         self.stage_strides = (4, 8, 16, 32)
         self.num_features = dims[-1]
@@ -311,6 +316,7 @@ class GLNet(nn.Module):
 
         self.norm = nn.BatchNorm2d(dims[-1])
         self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
+        self.token_head = nn.Linear(dims[-1], num_classes) if token_head and num_classes > 0 else None
         self.apply(self._init_weights)
 
     @staticmethod
@@ -347,12 +353,29 @@ class GLNet(nn.Module):
             features.append(x)
         return features
 
-    def forward_head(self, x):                                         # (B, C4, H/32, W/32)
-        return self.head(self.norm(x).mean(dim=(2, 3)))
+    def forward_head(self, x, return_tokens=False):                    # (B, C4, h, w): the last stage
+        """Class logits (B, K) of the pooled features; the pooled features (B, C4) when num_classes=0.
 
-    def forward(self, x):
-        """Class logits (B, num_classes); the pooled features (B, C4) when num_classes=0."""
-        return self.forward_head(self.forward_features(x)[-1])
+        With a token head, training mode returns (class logits (B, K), token logits (B, h*w, K)),
+        the token head's output on every token in row-major order, for the token-labeling loss;
+        eval mode the released inference rule: class logits + 0.5 x each class's maximum token
+        logit. return_tokens=True returns the pair in either mode (a teacher making token labels)."""
+        if return_tokens and self.token_head is None:
+            raise ValueError("return_tokens=True needs a model with a token head: "
+                             "token_head=True (the *_tklb variants) and num_classes > 0")
+        x = self.norm(x)
+        class_logits = self.head(x.mean(dim=(2, 3)))
+        if self.token_head is None:
+            return class_logits
+        token_logits = self.token_head(rearrange(x, "b c h w -> b (h w) c"))
+        if self.training or return_tokens:
+            return class_logits, token_logits
+        return class_logits + TOKEN_LOGITS_WEIGHT * token_logits.amax(dim=1)
+
+    def forward(self, x, return_tokens=False):
+        """forward_head on the last stage: class logits (B, K), or with a token head in training
+        mode (or return_tokens=True) the pair (class logits, token logits (B, h*w, K))."""
+        return self.forward_head(self.forward_features(x)[-1], return_tokens)
 
     @torch.no_grad()
     def clustering_weights(self, x):
@@ -399,30 +422,50 @@ def glnet_16g(**kwargs):
     return GLNet(**{**ADVANCED_DESIGNS, "dims": (128, 256, 512, 1024), "layer_scale": 1e-4, **kwargs})
 
 
+def glnet_4g_tklb(**kwargs):
+    """GLNet-4G*: GLNet-4G with a token head, trained with token labeling (Table 3, Table 9)."""
+    return glnet_4g(**{"token_head": True, **kwargs})
+
+
+def glnet_9g_tklb(**kwargs):
+    """GLNet-9G*: GLNet-9G with a token head, trained with token labeling (Table 3, Table 9)."""
+    return glnet_9g(**{"token_head": True, **kwargs})
+
+
 def glnet_mini(**kwargs):
     """Not released: GLNet-4G's designs at a size that trains in minutes on a laptop CPU
     (the out-of-the-box runs of train.py, detect_seg.py and analyze.py)."""
     return GLNet(**{**ADVANCED_DESIGNS, "depths": (1, 1, 3, 1), "dims": (32, 64, 128, 256), **kwargs})
 
 
-RELEASED = ("glnet_stl", "glnet_stl_paramslot", "glnet_4g", "glnet_9g", "glnet_16g")
-MODELS = {f.__name__: f for f in (glnet_stl, glnet_stl_paramslot, glnet_4g, glnet_9g, glnet_16g, glnet_mini)}
+RELEASED = ("glnet_stl", "glnet_stl_paramslot", "glnet_4g", "glnet_9g", "glnet_16g",
+            "glnet_4g_tklb", "glnet_9g_tklb")
+MODELS = {f.__name__: f for f in (glnet_stl, glnet_stl_paramslot, glnet_4g, glnet_9g, glnet_16g,
+                                  glnet_4g_tklb, glnet_9g_tklb, glnet_mini)}
 
-# The paper's model card: parameters (M), GFLOPs at 224x224, ImageNet-1k top-1 (%).
+# The paper's model card: parameters (M), GFLOPs at 224x224, ImageNet-1k top-1 (%). The *_tklb
+# rows are GLNet-4G*/9G* of Table 3, which prints 27M and 61M: here the count with the token head.
 PAPER = {
     "glnet_stl": (30.3, 4.4, 82.5),
     "glnet_stl_paramslot": (30.5, 4.4, 82.1),
     "glnet_4g": (27.0, 4.5, 83.7),
     "glnet_9g": (60.0, 9.7, 84.5),
     "glnet_16g": (106.1, 16.7, 85.0),
+    "glnet_4g_tklb": (27.5, 4.5, 84.4),
+    "glnet_9g_tklb": (60.8, 9.7, 85.3),
 }
 
 
-def create_model(name, **kwargs):
-    """create_model("glnet_4g", num_classes=10, drop_path_rate=0.1)"""
+def create_model(name, checkpoint=None, checkpoint_key=None, **kwargs):
+    """create_model("glnet_4g", num_classes=10, drop_path_rate=0.1); with a `checkpoint` (a path
+    or a loaded dict) its weights are loaded strictly by load_checkpoint (`checkpoint_key` is
+    its `key`). num_classes (default 1000) must match the checkpoint's, except 0: a backbone."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(MODELS)}")
-    return MODELS[name](**kwargs)
+    model = MODELS[name](**kwargs)
+    if checkpoint is not None:
+        load_checkpoint(model, checkpoint, key=checkpoint_key)
+    return model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -435,13 +478,15 @@ RELEASED_NAMES = [
     (r"\.relation_mha\.", ".slot_mhsa."),
     (r"\.feature_conv\.", ".local_branch."),
     (r"\.mha_op\.", ".mhsa."),
+    (r"^tklb_aux_head\.", "token_head."),
 ]
 # The released overlapped stem has a parameter-free module first, so its layers sit one index later.
 RELEASED_OVERLAPPED_STEM = (r"^downsample_layers\.0\.([1245])\.", lambda m: f"downsample_layers.0.{int(m[1]) - 1}.")
 
 
 def convert_released_state_dict(state_dict):
-    """Rename the keys of a released checkpoint to this file's module names."""
+    """Rename the keys of a released checkpoint to this file's module names; this file's own
+    names match none of the rules, so every checkpoint goes through it unchanged."""
     rules = list(RELEASED_NAMES)
     if "downsample_layers.0.5.weight" in state_dict:
         rules.append(RELEASED_OVERLAPPED_STEM)
@@ -456,7 +501,8 @@ def convert_released_state_dict(state_dict):
 def unwrap_state_dict(checkpoint, key=None):
     """The model weights inside any of the usual checkpoint formats: {'model': ...},
     {'model_ema': ...} (preferred when present), {'state_dict': ...} or a bare state_dict;
-    a `module.` prefix (DDP, swa_utils.AveragedModel) or `_orig_mod.` prefix (torch.compile)."""
+    a `module.` prefix (DDP, swa_utils.AveragedModel) or `_orig_mod.` prefix (torch.compile);
+    the released module names renamed to this file's."""
     if not isinstance(checkpoint, dict):
         raise TypeError(f"expected a checkpoint dict or state_dict, got {type(checkpoint).__name__}")
     if key is not None:
@@ -470,9 +516,7 @@ def unwrap_state_dict(checkpoint, key=None):
     for prefix in ("module.", "_orig_mod."):
         if state_dict and all(k.startswith(prefix) for k in state_dict):
             state_dict = {k[len(prefix):]: v for k, v in state_dict.items()}
-    if any(".relation_mha." in k for k in state_dict):
-        state_dict = convert_released_state_dict(state_dict)
-    return state_dict
+    return convert_released_state_dict(state_dict)
 
 
 def guess_variant(state_dict):
@@ -494,12 +538,15 @@ def load_checkpoint(model, checkpoint, key=None, max_listed=5):
     """Load a GLNet checkpoint strictly: a file path or a loaded dict, released or trained here.
 
     On any mismatch it raises a ValueError listing the first missing, unexpected and wrongly
-    shaped tensors and naming the variant the checkpoint looks like."""
+    shaped tensors and naming the variant the checkpoint looks like. A model without classifier
+    (num_classes=0, a backbone) takes every tensor but the classifiers' (`head.`, `token_head.`)."""
     if isinstance(checkpoint, (str, os.PathLike)):
         if not os.path.isfile(checkpoint):
             raise FileNotFoundError(f"checkpoint file not found: {checkpoint}")
         checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
     state_dict = unwrap_state_dict(checkpoint, key)
+    if model.num_classes == 0:
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith(("head.", "token_head."))}
     expected = model.state_dict()
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]

@@ -4,8 +4,9 @@ One section per file: glnet.py, train.py, analyze.py, detect_seg.py. Everything 
 on data the tests generate (real image files in tmp_path) or that testdata/ ships.
 
 testdata/ holds the released checkpoints' tensor layouts (<variant>.keys.txt) and, in goldens.pt,
-the released model's logits and a strided sample of its stage outputs for the deterministic
-weights below (both copied from ../shared/reference, which the last test checks when present).
+the released model's logits and a strided sample of its stage outputs (of glnet_4g_tklb: its
+eval logits, class logits and a strided sample of its token logits) for the deterministic weights
+below (all copied from ../shared/reference, which tests check when present).
 """
 
 import copy
@@ -39,6 +40,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 TESTDATA = os.path.join(HERE, "testdata")
 REFERENCE = os.path.join(HERE, "..", "shared", "reference")
 GOLDEN_SAMPLE = (slice(None), slice(None, None, 8), slice(None, None, 4), slice(None, None, 4))
+TOKEN_SAMPLE = (slice(None), slice(None), slice(None, None, 4))  # every token, every 4th class
 
 
 # =================================================================================================
@@ -104,6 +106,26 @@ def test_golden_outputs(variant):
         assert_close_relative(feature[GOLDEN_SAMPLE], sample)
 
 
+@pytest.fixture(scope="module")
+def token_head_golden_outputs():
+    """glnet_4g_tklb's eval logits, class logits and token logits on the golden input."""
+    model = glnet.create_model("glnet_4g_tklb", checkpoint={"model": deterministic_state_dict("glnet_4g_tklb")})
+    with torch.no_grad():
+        features = model.eval().forward_features(golden_input())[-1]
+        logits = model.forward_head(features)
+        class_logits, token_logits = model.forward_head(features, return_tokens=True)
+    return {"logits": logits, "class_logits": class_logits, "token_logits": token_logits}
+
+
+def test_token_head_golden_outputs(token_head_golden_outputs):
+    golden = torch.load(os.path.join(TESTDATA, "goldens.pt"))["glnet_4g_tklb"]
+    outputs = token_head_golden_outputs
+    assert outputs["token_logits"].shape == (2, 49, 1000)
+    assert_close_relative(outputs["logits"], golden["logits"])
+    assert_close_relative(outputs["class_logits"], golden["class_logits"])
+    assert_close_relative(outputs["token_logits"][TOKEN_SAMPLE], golden["token_sample"])
+
+
 @pytest.mark.parametrize("variant", glnet.RELEASED)
 def test_released_key_list_loads_strictly(variant):
     state_dict = deterministic_state_dict(variant)
@@ -128,6 +150,20 @@ def test_testdata_copied_from_reference(variant):
         assert torch.equal(full[GOLDEN_SAMPLE], sample)
     with open(os.path.join(REFERENCE, f"{variant}.keys.txt")) as a, open(os.path.join(TESTDATA, f"{variant}.keys.txt")) as b:
         assert a.read() == b.read()
+
+
+@pytest.mark.skipif(not os.path.isdir(REFERENCE), reason="../shared/reference not present")
+def test_token_head_testdata_copied_from_reference_and_full_golden(token_head_golden_outputs):
+    reference = torch.load(os.path.join(REFERENCE, "glnet_4g_tklb.golden.pt"))
+    shipped = torch.load(os.path.join(TESTDATA, "goldens.pt"))["glnet_4g_tklb"]
+    assert torch.equal(reference["input"], golden_input())
+    assert torch.equal(reference["logits"], shipped["logits"])
+    assert torch.equal(reference["class_logits"], shipped["class_logits"])
+    assert torch.equal(reference["token_logits"][TOKEN_SAMPLE], shipped["token_sample"])
+    assert_close_relative(token_head_golden_outputs["token_logits"], reference["token_logits"])
+    for variant in ("glnet_4g_tklb", "glnet_9g_tklb"):
+        with open(os.path.join(REFERENCE, f"{variant}.keys.txt")) as a, open(os.path.join(TESTDATA, f"{variant}.keys.txt")) as b:
+            assert a.read() == b.read()
 
 
 # --- checkpoint round trips and errors ---------------------------------------------------------
@@ -196,13 +232,51 @@ def test_checkpoint_with_other_num_classes_lists_shapes():
 def test_checkpoint_missing_file_and_unknown_model(tmp_path):
     with pytest.raises(FileNotFoundError, match="nothing.pth"):
         glnet.load_checkpoint(glnet.glnet_stl(), str(tmp_path / "nothing.pth"))
-    with pytest.raises(ValueError, match="known models: glnet_stl, glnet_stl_paramslot, glnet_4g, glnet_9g, glnet_16g, glnet_mini"):
+    with pytest.raises(ValueError, match="known models: glnet_stl, glnet_stl_paramslot, glnet_4g, glnet_9g, glnet_16g, "
+                                         "glnet_4g_tklb, glnet_9g_tklb, glnet_mini"):
         glnet.create_model("glnet_8g")
+
+
+def mini_with_token_head():
+    """A glnet_mini with a token head and BatchNorm statistics that differ from their defaults."""
+    torch.manual_seed(0)
+    model = glnet.create_model("glnet_mini", token_head=True, num_classes=5)
+    with torch.no_grad():
+        model.train()(torch.randn(2, 3, 64, 96))
+    return model.eval()
+
+
+def test_create_model_loads_a_checkpoint_path_or_dict(tmp_path):
+    model = mini_with_token_head()
+    path = tmp_path / "mini_tklb.pth"
+    torch.save({"model": model.state_dict(), "epoch": 3}, path)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+        from_path = glnet.create_model("glnet_mini", token_head=True, num_classes=5, checkpoint=str(path))
+        from_dict = glnet.create_model("glnet_mini", token_head=True, num_classes=5,
+                                       checkpoint={"model_ema": {}, "model": model.state_dict()}, checkpoint_key="model")
+        assert torch.equal(from_path.eval()(x), expected) and torch.equal(from_dict.eval()(x), expected)
+        # A backbone (num_classes=0) takes a classifier checkpoint without its two classifiers.
+        backbone = glnet.create_model("glnet_mini", num_classes=0, checkpoint=str(path)).eval()
+        assert torch.equal(backbone(x), model.norm(model.forward_features(x)[-1]).mean(dim=(2, 3)))
+    with pytest.raises(ValueError, match=r"unexpected: token_head.weight, token_head.bias"):
+        glnet.create_model("glnet_mini", num_classes=5, checkpoint=str(path))
+    with pytest.raises(ValueError, match=r"wrong shape: head.weight: checkpoint \(5, 256\), model \(1000, 256\)"):
+        glnet.create_model("glnet_mini", token_head=True, checkpoint=str(path))
+
+
+def test_token_head_checkpoint_in_the_standard_variant_is_named():
+    with pytest.raises(ValueError) as error:
+        glnet.create_model("glnet_4g", checkpoint={"model": deterministic_state_dict("glnet_4g_tklb")})
+    message = str(error.value)
+    assert "0 missing, 2 unexpected, 0 wrongly shaped" in message
+    assert "looks like glnet_4g_tklb(num_classes=1000) exactly" in message
 
 
 # --- forward, backward and the dense-prediction interface -------------------------------------
 
-@pytest.mark.parametrize("variant", list(glnet.MODELS))
+@pytest.mark.parametrize("variant", [name for name in glnet.MODELS if not name.endswith("_tklb")])  # tklb: below
 def test_forward_backward_every_variant(variant):
     torch.manual_seed(0)
     model = glnet.create_model(variant, num_classes=7).train()
@@ -214,6 +288,35 @@ def test_forward_backward_every_variant(variant):
         for name, p in model.named_parameters():
             # Every parameter takes part, the slot scale tau and the learned slots included.
             assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+
+
+def test_token_head_trains_on_both_outputs():
+    model = mini_with_token_head().train()
+    class_logits, token_logits = model(torch.randn(2, 3, 64, 96))
+    assert class_logits.shape == (2, 5) and token_logits.shape == (2, 2 * 3, 5)  # 64x96 / 32: 2x3 tokens
+    targets = torch.randint(5, (2, 6))  # a label per token, as token labeling gives them
+    loss = class_logits.logsumexp(dim=1).mean() + torch.nn.functional.cross_entropy(token_logits.transpose(1, 2), targets)
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+    assert {"head.weight", "token_head.weight"} <= {name for name, _ in model.named_parameters()}
+
+
+def test_token_head_eval_output_is_class_plus_half_the_token_maximum():
+    model = mini_with_token_head()
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        features = model.norm(model.forward_features(x)[-1])                         # (2, 256, 2, 3)
+        class_logits = model.head(features.mean(dim=(2, 3)))
+        tokens = [model.token_head(features[:, :, i, j]) for i in range(2) for j in range(3)]  # row-major
+        token_logits = torch.stack(tokens, dim=1)                                    # (2, 6, 5)
+        expected = class_logits + 0.5 * token_logits.max(dim=1).values
+        torch.testing.assert_close(model(x), expected)
+        both = model(x, return_tokens=True)
+    torch.testing.assert_close(both[0], class_logits)
+    torch.testing.assert_close(both[1], token_logits)
+    with pytest.raises(ValueError, match="needs a model with a token head"):
+        glnet.glnet_mini()(x, return_tokens=True)
 
 
 def test_drop_path_is_stochastic_in_training_only():
@@ -277,6 +380,7 @@ def test_num_classes_zero_gives_pooled_features():
     with torch.no_grad():
         features = model(torch.randn(2, 3, 64, 64))
     assert features.shape == (2, 512) and model.num_features == 512
+    assert glnet.create_model("glnet_mini", token_head=True, num_classes=0).token_head is None  # no classifier at all
 
 
 @pytest.mark.parametrize("bad_input, error, message", [
@@ -378,7 +482,7 @@ def test_attention_flops_are_counted():
     assert glnet.flop_analysis(block, torch.zeros(1, tokens, 64)).total() == expected
 
 
-@pytest.mark.parametrize("variant", ["glnet_stl", "glnet_4g", "glnet_9g", "glnet_16g"])
+@pytest.mark.parametrize("variant", ["glnet_stl", "glnet_4g", "glnet_9g", "glnet_16g", "glnet_4g_tklb", "glnet_9g_tklb"])
 def test_params_and_flops_match_the_paper(variant):
     model = glnet.create_model(variant)
     paper_params, paper_flops, _ = glnet.PAPER[variant]
