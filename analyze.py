@@ -1,13 +1,14 @@
 """Look inside a trained GLNet: its semantic slots, and its redundant blocks.
 
-    python analyze.py slots --checkpoint runs/glnet_mini-builtin/best.pth --image photo.jpg
+    python analyze.py slots --checkpoint runs/glnet_mini-builtin/best.pth --image a.jpg b.jpg --block 2.1 3.1
     python analyze.py redundancy --checkpoint runs/glnet_mini-builtin/best.pth
     python analyze.py approximate --checkpoint runs/glnet_mini-builtin/best.pth --blocks 3:1-3
     python analyze.py approximate --checkpoint runs/glnet_mini-builtin/best.pth --search 2
     python analyze.py evaluate --checkpoint analysis/approximated.pth
 
-`slots` is Figure 5 of the GLNet paper: the soft clustering weights softmax(A) (Eq. 3) of one GLMix
-block, one map per semantic slot, and 4 representative slots chosen by k-medoids.
+`slots` is Figure 5 of the GLNet paper (Figure 6 with several blocks): the soft clustering weights
+softmax(A) (Eq. 3) of GLMix blocks, one map per semantic slot, and 4 representative slots chosen by
+k-medoids.
 
 `redundancy` and `approximate` follow "Detecting and Approximating Redundant Computational Blocks in
 Neural Networks" (ICLR 2025 submission). Stages and blocks are numbered from 1 as in the papers; the
@@ -34,7 +35,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 from torch.utils.data import DataLoader, Subset
-from torchvision.utils import draw_segmentation_masks, make_grid, save_image
 
 import glnet
 import train
@@ -49,15 +49,11 @@ PRINT_FREQ = 10                # a progress line every N calibration batches
 OUTPUT_DIR = "analysis"
 SLOT_BLOCK = "3.1"             # Figure 5: the first block of stage 3
 REPRESENTATIVE_SLOTS = 4
-PANEL = 258                    # pixels of each of the three panels of the slot figure
-PADDING = 4
-CELL = 32                      # pixels of one entry of a redundancy heatmap
+PANEL_INCHES = 2.4            # each panel of the slot figure
+CELL_INCHES = 0.5             # each entry of a redundancy heatmap
+DPI = 120
 LATENCY_ROUNDS = 20
 METRICS = ("BR", "linear CKA", "cosine")
-# A jet-like colour map: dark blue (low) -> cyan -> yellow -> dark red (high).
-COLORMAP = torch.tensor([[0.0, 0.0, 0.5], [0.0, 0.0, 1.0], [0.0, 1.0, 1.0],
-                         [1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.5, 0.0, 0.0]])
-OVERLAY_COLORS = ["red", "lime", "blue", "yellow"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,12 +127,17 @@ def data_dir(info):
 # Semantic slots (GLNet paper, Sec. 4.4 and Figure 5)
 # ---------------------------------------------------------------------------------------------
 
+def block_argument(text):
+    """'3.1' -> '3.1', for argparse: a usage error unless it reads STAGE.BLOCK."""
+    stage, dot, block = text.partition(".")
+    if not (dot and stage.isdigit() and block.isdigit() and int(stage) >= 1 and int(block) >= 1):
+        raise argparse.ArgumentTypeError(f"expected STAGE.BLOCK, numbered from 1 (e.g. 3.1), got {text!r}")
+    return text
+
+
 def parse_block(text, model):
     """'3.1' -> 'stages.2.blocks.0' (stage 3, block 1), checked against the model's GLMix blocks."""
-    try:
-        stage, block = (int(v) for v in text.split("."))
-    except ValueError:
-        raise ValueError(f"--block must be STAGE.BLOCK, numbered from 1 (e.g. 3.1), got {text!r}") from None
+    stage, block = (int(v) for v in block_argument(text).split("."))
     name = f"stages.{stage - 1}.blocks.{block - 1}"
     glmix = [n for n, m in model.named_modules() if isinstance(m, glnet.GLMixBlock)]
     if name not in glmix:
@@ -167,57 +168,80 @@ def k_medoids(points, k, iterations=50):
     return medoids.tolist()
 
 
-def pseudo_color(maps):
-    """(N, H, W) in [0, 1] -> (N, 3, H, W) through COLORMAP."""
-    position = maps.clamp(0, 1) * (len(COLORMAP) - 1)
-    low = position.floor().long().clamp(max=len(COLORMAP) - 2)
-    weight = (position - low).unsqueeze(1)
-    return COLORMAP[low].permute(0, 3, 1, 2) * (1 - weight) + COLORMAP[low + 1].permute(0, 3, 1, 2) * weight
+def mosaic(tiles, columns, fill):
+    """(N, C, h, w) tiles -> one (rows * (h + 2), columns * (w + 2), C) image, a 1-pixel border of
+    `fill` around each tile."""
+    return rearrange(F.pad(tiles, (1, 1, 1, 1), value=fill), "(r c) ch h w -> (r h) (c w) ch", c=columns)
 
 
-def slot_figure(image, weights, k=REPRESENTATIVE_SLOTS):
-    """(3, H, W) figure in [0, 1]: the input image, the 64 assignment maps as an 8x8 grid, and the
-    k representative slots overlaid on the image (where a map is above half its range). Each map is
-    stretched to its own range: a briefly trained model's maps are close to uniform.
-    `image` (3, S, S) in [0, 1], `weights` (64, h, w)."""
-    low, high = weights.flatten(1).aminmax(dim=1)
-    maps = (weights - low[:, None, None]) / (high - low).clamp_min(1e-12)[:, None, None]  # each in [0, 1]
-    picture = F.interpolate(image[None], size=(PANEL, PANEL), mode="bilinear", antialias=True)[0].clamp(0, 1)
+def slot_figure(images, weights, names, k=REPRESENTATIVE_SLOTS):
+    """Figure 5 of the paper, one row per image, and, as in its Figure 6, a pair of panels per
+    block: the input image, then for each block the assignment maps of all 64 slots (8x8, row-major,
+    the representative ones framed in black) and the k representative slots (k-medoids) overlaid on the
+    image. Each map is stretched to its own range: a briefly trained model's maps are close to
+    uniform. `images` (N, 3, S, S) in [0, 1], `weights` {block label: (N, 64, h, w)}.
+    Returns the matplotlib figure and {(image index, block label): representative slot indices}."""
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
 
-    tile = (PANEL - 2) // 8 - 2                                            # 8 tiles + paddings of 2 = PANEL
-    tiles = F.interpolate(maps[:, None], size=(tile, tile), mode="bilinear")[:, 0]
-    all_slots = make_grid(pseudo_color(tiles), nrow=8, padding=2, pad_value=1.0)
+    figure = Figure(figsize=(PANEL_INCHES * (1 + 2 * len(weights)), PANEL_INCHES * len(images) + 0.3),
+                    layout="constrained")
+    axes = figure.subplots(len(images), 1 + 2 * len(weights), squeeze=False)
+    representative = {}
+    for n, (row, image, name) in enumerate(zip(axes, images, names)):
+        row[0].imshow(image.permute(1, 2, 0).numpy())
+        row[0].set_title(f"input: {name}", fontsize="small")
+        for (label, block_weights), all_slots, chosen_slots in zip(weights.items(), row[1::2], row[2::2]):
+            w = block_weights[n]
+            low, high = w.flatten(1).aminmax(dim=1)
+            maps = (w - low[:, None, None]) / (high - low).clamp_min(1e-12)[:, None, None]   # each in [0, 1]
+            chosen = representative[n, label] = k_medoids(maps.flatten(1), k)
 
-    representative = k_medoids(maps.flatten(1), k)
-    overlay_size = (PANEL - 2) // 2 - 2
-    small = (255 * F.interpolate(picture[None], size=(overlay_size, overlay_size), mode="bilinear",
-                                 antialias=True)[0]).round().to(torch.uint8)
-    masks = F.interpolate(maps[representative][:, None], size=(overlay_size, overlay_size), mode="bilinear")[:, 0]
-    masks = masks >= 0.5
-    overlays = [draw_segmentation_masks(small, mask, alpha=0.6, colors=color).float() / 255
-                for mask, color in zip(masks, OVERLAY_COLORS)]
-    chosen = make_grid(overlays, nrow=2, padding=2, pad_value=1.0)
+            all_slots.imshow(mosaic(maps[:, None], 8, float("nan"))[..., 0].numpy(), cmap="jet", vmin=0, vmax=1,
+                             interpolation="nearest")                 # NaN borders show the white background
+            all_slots.set_title(f"block {label}: all {len(maps)} slots", fontsize="small")
+            h, w = maps.shape[1:]
+            for slot in chosen:
+                all_slots.add_patch(Rectangle((slot % 8 * (w + 2) - 0.5, slot // 8 * (h + 2) - 0.5), w + 2, h + 2,
+                                              fill=False, linewidth=2))
 
-    return make_grid([picture, all_slots, chosen], nrow=3, padding=PADDING, pad_value=1.0), representative
+            upsampled = F.interpolate(maps[chosen][:, None], size=image.shape[1:], mode="bilinear")[:, 0]
+            heat = torch.from_numpy(colormaps["jet"](upsampled.numpy())[..., :3]).permute(0, 3, 1, 2).float()
+            chosen_slots.imshow(mosaic(0.5 * image + 0.5 * heat, 2, 1.0).numpy())
+            chosen_slots.set_title(f"block {label}: slots {', '.join(map(str, chosen))}", fontsize="small")
+            size = image.shape[1] + 2
+            for position, slot in enumerate(chosen):
+                chosen_slots.text(position % 2 * size + 2, position // 2 * size + 2, str(slot), va="top",
+                                  fontsize="small", bbox=dict(facecolor="white", edgecolor="none", pad=1))
+    for ax in axes.flat:
+        ax.set_axis_off()
+    return figure, representative
 
 
+@torch.no_grad()
 def slots(args):
     model, info = load_model(args)
-    block = parse_block(args.block, model)
-    image = train.load_image(args.image)
-    x = train.eval_transform(info["image_size"])(image)[None]
-    weights = model.to(args.device).clustering_weights(x.to(args.device))[block][0].cpu()
-    shown = x[0] * torch.tensor(train.STD)[:, None, None] + torch.tensor(train.MEAN)[:, None, None]
-    figure, representative = slot_figure(shown, weights)
-    path = args.output or os.path.join(OUTPUT_DIR, f"slots-{os.path.splitext(os.path.basename(args.image))[0]}.png")
+    blocks = {text: parse_block(text, model) for text in args.block}
+    transform = train.eval_transform(info["image_size"])
+    x = torch.stack([transform(train.load_image(path)) for path in args.image])
+    weights = model.to(args.device).clustering_weights(x.to(args.device))
+    weights = {text: weights[name].cpu() for text, name in blocks.items()}
+    shown = (x * torch.tensor(train.STD)[:, None, None] + torch.tensor(train.MEAN)[:, None, None]).clamp(0, 1)
+    names = [os.path.join(*os.path.normpath(path).split(os.sep)[-2:]) for path in args.image]
+    figure, representative = slot_figure(shown, weights, names)
+    path = args.output or os.path.join(OUTPUT_DIR, f"slots-{os.path.splitext(os.path.basename(args.image[0]))[0]}.png")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    save_image(figure, path)
-    peak = float(weights.flatten(1).amax(1).mean() * weights[0].numel())
-    train.log(f"{block} of {info['model']} at {info['image_size']}x{info['image_size']}: 64 slots of "
-              f"{weights.shape[1]}x{weights.shape[2]} clustering weights, peaks on average {peak:.2f}x the "
-              f"uniform weight; representative slots "
-              f"(k-medoids) {representative}\nsaved {path} ({figure.shape[2]}x{figure.shape[1]}): "
-              f"input | all 64 slots (8x8, row-major) | the {len(representative)} representative slots")
+    figure.savefig(path, dpi=DPI)
+    train.log(f"{info['model']} at {info['image_size']}x{info['image_size']}, 64 slots per GLMix block; "
+              f"representative slots (k-medoids):")
+    for (n, label), chosen in representative.items():
+        w = weights[label][n]
+        peak = float(w.flatten(1).amax(1).mean() * w[0].numel())
+        train.log(f"  {names[n]}  block {label} ({w.shape[1]}x{w.shape[2]} maps, peaks on average {peak:.2f}x the "
+                  f"uniform weight): {chosen}")
+    train.log(f"saved {path}: one row per image; input | per block: all 64 slots (8x8, row-major) | "
+              f"the {REPRESENTATIVE_SLOTS} representative slots")
     return path
 
 
@@ -356,19 +380,31 @@ def format_matrix(matrix):
     return "\n".join([header, *rows])
 
 
-def heatmap(matrices):
-    """(3, H, W) image in [0, 1]: one row per metric, one column per stage; entry (a, b) of each matrix is a
-    CELL x CELL square, bright = similar. CKA and cosine on the scale [0, 1]; BR on [m, 0], m its
-    most negative entry over all stages, so that the stages compare."""
-    size = max(m.shape[0] for per_stage in matrices.values() for m in per_stage.values()) * CELL
-    tiles = []
-    for metric, per_stage in matrices.items():
-        lowest = min(float(m.min()) for m in per_stage.values()) if metric == "BR" else 0.0
-        for matrix in per_stage.values():
-            scaled = 1 - matrix / lowest if metric == "BR" and lowest < 0 else matrix
-            cells = pseudo_color(scaled.float()[None])[0].repeat_interleave(CELL, 1).repeat_interleave(CELL, 2)
-            tiles.append(F.pad(cells, (0, size - cells.shape[2], 0, size - cells.shape[1]), value=1.0))
-    return make_grid(tiles, nrow=len(next(iter(matrices.values()))), padding=PADDING, pad_value=1.0)
+def redundancy_figure(matrices, title=""):
+    """The BR paper's layout: one heatmap per metric (rows) and stage (columns), ticks h0..hN, each
+    cell's value printed in it, and one colour bar per metric whose scale the stages share: from 0
+    (or the lowest entry, when negative) to the highest entry (BR: 0, CKA and cosine: 1, on the diagonal)."""
+    from matplotlib.figure import Figure
+
+    sizes = [len(m) for m in matrices[METRICS[0]].values()]
+    figure = Figure(figsize=(CELL_INCHES * sum(sizes) + 1.2 * len(sizes) + 1,
+                             (CELL_INCHES * max(sizes) + 0.8) * len(matrices)), layout="constrained")
+    figure.suptitle(title)
+    axes = figure.subplots(len(matrices), len(sizes), squeeze=False, gridspec_kw=dict(width_ratios=sizes))
+    for row, (metric, per_stage) in zip(axes, matrices.items()):
+        values = torch.cat([m.flatten() for m in per_stage.values()])
+        low, high = min(float(values.min()), 0.0), float(values.max())
+        for ax, (s, matrix) in zip(row, per_stage.items()):
+            image = ax.imshow(matrix.numpy(), cmap="viridis", vmin=low, vmax=high)
+            ticks = [f"h{a}" for a in range(len(matrix))]
+            ax.set(title=f"stage {s} - {metric}", xticks=range(len(ticks)), xticklabels=ticks,
+                   yticks=range(len(ticks)), yticklabels=ticks)
+            for a, values in enumerate(matrix.tolist()):
+                for b, value in enumerate(values):
+                    ax.text(b, a, f"{value:.3g}", ha="center", va="center", fontsize="small",
+                            color="white" if image.norm(value) < 0.5 else "black")
+        figure.colorbar(image, ax=row, label=metric)
+    return figure
 
 
 def redundancy(args):
@@ -383,11 +419,13 @@ def redundancy(args):
             train.log(f"\n{metric}, stage {s} (h0 = stage input, hi = output of block i)\n{format_matrix(matrix)}")
     os.makedirs(args.output_dir, exist_ok=True)
     png, table = os.path.join(args.output_dir, "redundancy.png"), os.path.join(args.output_dir, "redundancy.json")
-    save_image(heatmap(matrices), png)
+    title = (f"{info['model']}: similarity of the representations of each stage on {len(loader.dataset)} "
+             f"calibration images (h0 = stage input, hi = output of block i)")
+    redundancy_figure(matrices, title).savefig(png, dpi=DPI)
     with open(table, "w") as f:
         json.dump({metric: {str(s): m.tolist() for s, m in per_stage.items()}
                    for metric, per_stage in matrices.items()}, f)
-    train.log(f"\nsaved {png} (rows: {', '.join(METRICS)}; columns: stages 1-4) and {table}")
+    train.log(f"\nsaved {png} (rows: {', '.join(METRICS)}; columns: stages) and {table}")
     return matrices
 
 
@@ -527,10 +565,11 @@ def parse_args(argv=None):
     calibration.add_argument("--print-freq", type=int, default=PRINT_FREQ, help="a progress line every N batches")
     calibration.add_argument("--output-dir", default=OUTPUT_DIR)
 
-    p = commands.add_parser("slots", parents=[common], help="Figure 5: the semantic slots of one GLMix block")
-    p.add_argument("--image", required=True)
-    p.add_argument("--block", default=SLOT_BLOCK, help="STAGE.BLOCK, numbered from 1")
-    p.add_argument("--output", help=f"PNG path; default: {OUTPUT_DIR}/slots-<image name>.png")
+    p = commands.add_parser("slots", parents=[common], help="Figures 5 and 6: the semantic slots of GLMix blocks")
+    p.add_argument("--image", required=True, nargs="+", help="one row of the figure per image")
+    p.add_argument("--block", default=[SLOT_BLOCK], nargs="+", type=block_argument,
+                   help="STAGE.BLOCK, numbered from 1; several give several pairs of panels per row")
+    p.add_argument("--output", help=f"PNG path; default: {OUTPUT_DIR}/slots-<first image name>.png")
     commands.add_parser("redundancy", parents=[common, loading, calibration],
                         help="BR, linear CKA and cosine matrices of every stage")
     p = commands.add_parser("approximate", parents=[common, loading, calibration],
@@ -547,6 +586,9 @@ def parse_args(argv=None):
         parser.error("approximate needs either --blocks STAGE:I-J or --search K (K >= 1)")
     train.require_positive(parser, args, ("batch_size", "calibration_images", "print_freq"))
     train.require_image_size(parser, args)
+    missing = [path for path in getattr(args, "image", []) if not os.path.isfile(path)]
+    if missing:
+        parser.error(f"--image: no such file: {', '.join(missing)}")
     return args
 
 

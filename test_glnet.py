@@ -790,7 +790,7 @@ def test_approximated_model_loads_back_with_the_same_outputs(tmp_path):
 
 def test_approximate_cli_saves_a_model_that_evaluates_the_same(checkpoint, tmp_path, capsys):
     out = str(tmp_path / "out")
-    common = ["--checkpoint", checkpoint, "--workers", "0", "--batch-size", "16", "--output-dir", out]
+    common = ["--checkpoint", checkpoint, "--workers", "0", "--batch-size", "16", "--output-dir", out, "--threads", "1"]
     results = analyze.main(["approximate", *common, "--blocks", "3:1-3", "--latency-rounds", "1"])
     printed = capsys.readouterr().out
     assert {mode for _, mode in results} == {"original", "approximate", "skip"}
@@ -804,10 +804,10 @@ def test_approximate_cli_saves_a_model_that_evaluates_the_same(checkpoint, tmp_p
 
 
 def test_search_evaluates_the_most_redundant_runs(checkpoint, tmp_path, capsys):
-    common = ["--checkpoint", checkpoint, "--workers", "0", "--batch-size", "16", "--output-dir", str(tmp_path)]
+    common = ["--checkpoint", checkpoint, "--workers", "0", "--batch-size", "16", "--output-dir", str(tmp_path),
+              "--threads", "1"]
     matrices = analyze.main(["redundancy", *common])
-    size = 4 * analyze.CELL + analyze.PADDING                            # 4 representations in stage 3
-    assert Image.open(tmp_path / "redundancy.png").size == (4 * size + analyze.PADDING, 3 * size + analyze.PADDING)
+    assert Image.open(tmp_path / "redundancy.png").format == "PNG"
     for per_stage in matrices.values():
         assert [m.shape[0] for m in per_stage.values()] == [2, 2, 4, 2]   # glnet_mini: depths (1, 1, 3, 1)
     results = analyze.main(["approximate", *common, "--search", "2", "--latency-rounds", "1"])
@@ -819,13 +819,47 @@ def test_search_evaluates_the_most_redundant_runs(checkpoint, tmp_path, capsys):
     assert all(br <= worst_chosen for s, i, j, br in all_runs if (s, i, j) not in chosen)
 
 
-def test_slots_png(checkpoint, tiny_data, tmp_path):
-    image = f"{tiny_data}/val/circle/00000.png"
-    path = analyze.main(["slots", "--checkpoint", checkpoint, "--image", image, "--output", str(tmp_path / "s.png")])
-    panel, pad = analyze.PANEL, analyze.PADDING
-    assert Image.open(path).size == (3 * panel + 4 * pad, panel + 2 * pad)
+def test_redundancy_figure_has_one_heatmap_per_stage_and_metric():
+    matrices = {metric: {s: torch.rand(n, n) - (metric == "BR") * 1.0 for s, n in zip((1, 2, 3, 4), (2, 2, 4, 2))}
+                for metric in analyze.METRICS}
+    figure = analyze.redundancy_figure(matrices)
+    heatmaps = [ax for ax in figure.axes if ax.get_label() != "<colorbar>"]
+    assert len(figure.axes) - len(heatmaps) == len(analyze.METRICS)      # a colour bar per metric
+    assert [ax.get_title() for ax in heatmaps] == [f"stage {s} - {metric}" for metric in analyze.METRICS
+                                                   for s in (1, 2, 3, 4)]
+    for ax, matrix in zip(heatmaps, (m for per_stage in matrices.values() for m in per_stage.values())):
+        ticks = [f"h{a}" for a in range(len(matrix))]
+        assert [t.get_text() for t in ax.get_xticklabels()] == ticks == [t.get_text() for t in ax.get_yticklabels()]
+        assert [t.get_text() for t in ax.texts] == [f"{v:.3g}" for v in matrix.flatten().tolist()]
+
+
+def test_slots_figure_rows_and_panels(checkpoint, tiny_data, tmp_path):
+    images = [f"{tiny_data}/val/circle/00000.png", f"{tiny_data}/val/cross/00001.png"]
+    path = analyze.main(["slots", "--checkpoint", checkpoint, "--image", *images, "--block", "2.1", "3.1",
+                         "--output", str(tmp_path / "s.png")])
+    assert Image.open(path).format == "PNG"
+    g = torch.Generator().manual_seed(0)
+    weights = {"2.1": torch.rand(2, 64, 8, 8, generator=g), "3.1": torch.rand(2, 64, 4, 4, generator=g)}
+    figure, representative = analyze.slot_figure(torch.rand(2, 3, 32, 32, generator=g), weights, ["a", "b"])
+    assert len(figure.axes) == 2 * (1 + 2 * 2)                            # one row per image: input, 2 panels per block
+    titles = [ax.get_title() for ax in figure.axes]
+    chosen = representative[1, "3.1"]
+    assert titles[5:] == ["input: b", "block 2.1: all 64 slots", f"block 2.1: slots {', '.join(map(str, representative[1, '2.1']))}",
+                          "block 3.1: all 64 slots", f"block 3.1: slots {', '.join(map(str, chosen))}"]
+    assert [t.get_text() for t in figure.axes[9].texts] == [str(slot) for slot in chosen]
     with pytest.raises(ValueError, match="not a GLMix block"):
-        analyze.main(["slots", "--checkpoint", checkpoint, "--image", image, "--block", "4.1"])
+        analyze.main(["slots", "--checkpoint", checkpoint, "--image", images[0], "--block", "4.1"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["slots", "--image", __file__, "--block", "3"], "argument --block: expected STAGE.BLOCK"),
+    (["slots", "--image", __file__, "--block", "3.1", "0.1"], "argument --block: expected STAGE.BLOCK"),
+    (["slots", "--image", __file__, "missing.png"], "--image: no such file: missing.png"),
+])
+def test_bad_analyze_flags_are_usage_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        analyze.parse_args([*argv, "--checkpoint", "x.pth"])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_k_medoids_picks_one_point_per_cluster():
@@ -847,7 +881,7 @@ def test_checkpoint_without_a_model_name_asks_for_model(tmp_path):
     path = tmp_path / "bare.pth"
     torch.save(glnet.create_model("glnet_mini", num_classes=10).state_dict(), path)
     with pytest.raises(ValueError, match="--model"):
-        analyze.main(["slots", "--checkpoint", str(path), "--image", "x.png"])
+        analyze.main(["evaluate", "--checkpoint", str(path)])
 
 
 # =================================================================================================
