@@ -3,7 +3,7 @@
     python analyze.py slots --checkpoint runs/glnet_mini-builtin/best.pth --image a.jpg b.jpg --block 2.1 3.1
     python analyze.py redundancy --checkpoint runs/glnet_mini-builtin/best.pth
     python analyze.py approximate --checkpoint runs/glnet_mini-builtin/best.pth --blocks 3:1-3
-    python analyze.py approximate --checkpoint runs/glnet_mini-builtin/best.pth --search 2
+    python analyze.py approximate --checkpoint runs/glnet_mini-builtin/best.pth --search 9
     python analyze.py evaluate --checkpoint analysis/approximated.pth
 
 `slots` is Figure 5 of the GLNet paper (Figure 6 with several blocks): the soft clustering weights
@@ -18,7 +18,9 @@ BR(i, j) = -E_{x, p} ||h_i(x)_p - h_j(x)_p||^2 over the calibration images x and
 0 means identical representations. Redundant Blocks Approximation (RBA) replaces blocks i+1..j by one
 linear map T with h_j ~ T(h_i), fitted in closed form on the calibration subset; on a feature grid,
 a map shared by all positions is a 1x1 convolution. Linear CKA and cosine similarity are computed
-beside BR, as in the paper's rebuttal (its Figure 7).
+beside BR, as in the paper's rebuttal (its Figure 7). BR depends on the features' scale, so
+`--search` ranks runs by a scale-free score: the relative residual of the fit of T unless `--rank-by`
+says otherwise.
 
 Checkpoints of train.py say which model, data and image size they are for; the approximated models
 this script saves record their base model and replaced runs, so every command reads them too.
@@ -54,6 +56,11 @@ CELL_INCHES = 0.5             # each entry of a redundancy heatmap
 DPI = 120
 LATENCY_ROUNDS = 20
 METRICS = ("BR", "linear CKA", "cosine")
+# Scores of a run h_i -> h_j for --rank-by, lower = more redundant: raw BR (as -BR), and three that
+# ignore the features' scale. The default correlated best with the approximated top-1 on the
+# built-in model (Spearman's rho over its 9 runs: residual -0.83, relative-br -0.53, cka -0.48, br +0.17).
+SCORES = {"br": "-BR", "relative-br": "-BR / norm", "cka": "1 - CKA", "residual": "fit residual"}
+RANK_BY = "residual"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,12 +295,22 @@ class StageStatistics:
     def mean(self, a):
         return self.sums[a * self.channels:(a + 1) * self.channels] / self.count
 
+    def inner_products(self):
+        """(n, n): E h_a.h_b over all positions."""
+        return torch.stack([torch.stack([self.block(self.gram, a, b).trace() for b in range(self.n)])
+                            for a in range(self.n)]) / self.count
+
     def block_redundancy(self):
         """Eq. 1: BR(a, b) = -E ||h_a - h_b||^2 = -(E|h_a|^2 + E|h_b|^2 - 2 E h_a.h_b)."""
-        inner = torch.stack([torch.stack([self.block(self.gram, a, b).trace() for b in range(self.n)])
-                             for a in range(self.n)]) / self.count
+        inner = self.inner_products()
         squares = inner.diagonal()
         return (2 * inner - squares[:, None] - squares[None, :]).clamp_max(0)
+
+    def relative_distance(self):
+        """-BR over the mean squared norm of the two representations: E||h_a - h_b||^2 /
+        ((E|h_a|^2 + E|h_b|^2) / 2), in [0, 4] whatever the features' scale."""
+        squares = self.inner_products().diagonal()
+        return -self.block_redundancy() / ((squares[:, None] + squares[None, :]) / 2).clamp_min(1e-30)
 
     def linear_cka(self):
         """Kornblith et al. 2019, positions as examples: ||C_ab||_F^2 / (||C_aa||_F ||C_bb||_F) with
@@ -308,17 +325,33 @@ class StageStatistics:
         """Mean over positions of the cosine similarity of the two channel vectors."""
         return self.cosine_sums / self.count
 
-    def fit(self, i, j):
+    def least_squares(self, i, j):
         """RBA's closed form: least squares h_j ~ W h_i + b over all positions, from the normal
-        equations [X 1]^T [X 1] [W^T; b^T] = [X 1]^T Y. Returns (W (C, C), b (C,))."""
+        equations [X 1]^T [X 1] S = [X 1]^T Y with S = [W^T; b^T]. Returns S (C + 1, C) and the fit's
+        relative residual ||Y - [X 1] S||^2 / ||Y||^2 (all in float64, on the CPU)."""
         c = self.channels
         xtx = torch.zeros(c + 1, c + 1, dtype=torch.float64, device=self.gram.device)
         xtx[:c, :c] = self.block(self.gram, i, i)
         xtx[:c, c] = xtx[c, :c] = self.sums[i * c:(i + 1) * c]
         xtx[c, c] = self.count
         xty = torch.cat([self.block(self.gram, i, j), self.sums[j * c:(j + 1) * c][None]])
-        solution = torch.linalg.lstsq(xtx.cpu(), xty.cpu(), driver="gelsd").solution  # rank-deficient safe
-        return solution[:c].T.float(), solution[c].float()
+        xtx, xty, yty = xtx.cpu(), xty.cpu(), self.block(self.gram, j, j).trace().cpu()
+        solution = torch.linalg.lstsq(xtx, xty, driver="gelsd").solution  # rank-deficient safe
+        residual = yty - 2 * (solution * xty).sum() + (solution * (xtx @ solution)).sum()
+        return solution, (residual / yty.clamp_min(1e-30)).clamp_min(0)
+
+    def fit_residual(self):
+        """(n, n): the relative residual of the least-squares fit h_j ~ T(h_i) for i < j (NaN elsewhere)."""
+        residual = torch.full((self.n, self.n), float("nan"), dtype=torch.float64)
+        for i in range(self.n):
+            for j in range(i + 1, self.n):
+                residual[i, j] = self.least_squares(i, j)[1]
+        return residual
+
+    def fit(self, i, j):
+        """T = (W (C, C), b (C,)) of the least-squares fit h_j ~ W h_i + b."""
+        solution = self.least_squares(i, j)[0]
+        return solution[:self.channels].T.float(), solution[self.channels].float()
 
 
 def stage_representations(model, stage):
@@ -456,23 +489,33 @@ def is_replaced(block):
     return isinstance(block, (nn.Identity, nn.Conv2d))
 
 
-def candidate_runs(model, matrices):
-    """Every run (stage, i, j) whose blocks are all still real blocks, most redundant first."""
+def run_scores(statistics):
+    """{score: {stage: (n, n) matrix}} of the --rank-by scores of every run h_i -> h_j, lower = more redundant."""
+    methods = {"br": lambda s: -s.block_redundancy(), "relative-br": StageStatistics.relative_distance,
+               "cka": lambda s: 1 - s.linear_cka(), "residual": StageStatistics.fit_residual}
+    return {name: {s: method(stats).cpu() for s, stats in statistics.items()} for name, method in methods.items()}
+
+
+def candidate_runs(model, scores):
+    """Every run (stage, i, j) whose blocks are all still real blocks, most redundant (lowest score) first."""
     runs = []
-    for s, matrix in matrices["BR"].items():
+    for s, matrix in scores.items():
         blocks = model.stages[s - 1].blocks
         for i in range(len(blocks)):
             for j in range(i + 1, len(blocks) + 1):
                 if not any(is_replaced(b) for b in blocks[i:j]):
                     runs.append((float(matrix[i, j]), (s, i, j)))
-    return [run for _, run in sorted(runs, key=lambda r: -r[0])]
+    return [run for _, run in sorted(runs)]
 
 
 def variants(model, statistics, run):
-    """(approximated, skipped) copies of `model` for one run."""
+    """{mode: (copy of `model` with the run's blocks replaced, seconds to fit the replacement)} for the
+    linear map T and for skipping."""
     stage, i, j = run
-    approximated = replace_blocks(copy.deepcopy(model), stage, i, j, fit_linear_map(statistics[stage], i, j))
-    return approximated, replace_blocks(copy.deepcopy(model), stage, i, j)
+    start = time.perf_counter()
+    linear = fit_linear_map(statistics[stage], i, j)
+    return {"linear": (replace_blocks(copy.deepcopy(model), stage, i, j, linear), time.perf_counter() - start),
+            "skip": (replace_blocks(copy.deepcopy(model), stage, i, j), 0.0)}
 
 
 def measure(models, val_loader, info, device, rounds):
@@ -487,15 +530,47 @@ def measure(models, val_loader, info, device, rounds):
                       gflops=flops[key], ms=1000 * seconds[key]) for key, m in models.items()}
 
 
-def print_table(results, matrices):
-    """The paper's Table 2 layout, one line per (run, mode), with the run's BR."""
-    train.log(f"\n{'run':<10}{'BR':>10}{'mode':>13}{'top-1':>8}{'params (M)':>12}{'GFLOPs':>9}{'ms':>8}")
+def label(run):
+    return f"{run[0]}:{run[1]}-{run[2]}"
+
+
+def print_table(results, scores, rank_by):
+    """The paper's Table 2 layout, one line per (run, mode), with the run's score and the fitting time."""
+    name = SCORES[rank_by]
+    train.log(f"\n{'run':<8}{name:>13}{'mode':>9}{'top-1':>8}{'params (M)':>12}{'GFLOPs':>9}{'ms':>8}{'fit (s)':>9}")
     for (run, mode), r in results.items():
-        label, br = "-", "-"
-        if run:
-            label, br = f"{run[0]}:{run[1]}-{run[2]}", f"{float(matrices['BR'][run[0]][run[1], run[2]]):.4g}"
-        train.log(f"{label:<10}{br:>10}{mode:>13}{r['top1']:>8.2f}{r['params']:>12.3f}"
-                  f"{r['gflops']:>9.4f}{r['ms']:>8.2f}")
+        score = f"{float(scores[rank_by][run[0]][run[1], run[2]]):.4g}" if run else "-"
+        fit = f"{r['fit_s']:.3f}" if mode not in ("original", "skip") else "-"
+        train.log(f"{label(run) if run else '-':<8}{score:>13}{mode:>9}{r['top1']:>8.2f}{r['params']:>12.3f}"
+                  f"{r['gflops']:>9.4f}{r['ms']:>8.2f}{fit:>9}")
+
+
+def spearman(x, y):
+    """Spearman's rank correlation: Pearson's correlation of the ranks, ties sharing their average rank."""
+    def ranks(values):
+        v = torch.as_tensor(values, dtype=torch.float64)
+        return (v[None, :] < v[:, None]).sum(1) + ((v[None, :] == v[:, None]).sum(1) + 1) / 2
+    return float(torch.corrcoef(torch.stack([ranks(x), ranks(y)]))[0, 1])
+
+
+def correlations(results, scores):
+    """{score: Spearman's rho between the score of each evaluated run and the top-1 of its linear approximation}."""
+    runs = [run for run, mode in results if mode == "linear"]
+    top1 = [results[run, "linear"]["top1"] for run in runs]
+    return {name: spearman([float(per_stage[s][i, j]) for s, i, j in runs], top1) for name, per_stage in scores.items()}
+
+
+def print_correlations(results, scores):
+    runs = [run for run, mode in results if mode == "linear"]
+    train.log(f"\nscores of the evaluated runs (lower = more redundant) and Spearman's rho with the top-1 of "
+              f"the linear approximation\n(a score that ranks well has rho near -1)")
+    train.log(f"{'run':<8}" + "".join(f"{name:>14}" for name in SCORES.values()) + f"{'top-1':>9}")
+    for s, i, j in runs:
+        train.log(f"{label((s, i, j)):<8}" + "".join(f"{float(scores[name][s][i, j]):>14.4g}" for name in SCORES)
+                  + f"{results[(s, i, j), 'linear']['top1']:>9.2f}")
+    rho = correlations(results, scores)
+    train.log(f"{'rho':<8}" + "".join(f"{rho[name]:>14.3f}" for name in SCORES))
+    return rho
 
 
 def approximate(args):
@@ -507,25 +582,30 @@ def approximate(args):
     train.log(f"{info['model']} at {info['image_size']}x{info['image_size']}: calibration on "
               f"{len(loader.dataset)} training images of {data_dir(info)}")
     statistics = calibrate(model, loader, device, stages, args.print_freq)
-    matrices = similarity_matrices(statistics)
+    scores = run_scores(statistics)
     if runs is None:
-        runs = candidate_runs(model, matrices)[:args.search]
-        train.log(f"the {len(runs)} most redundant runs by BR: {', '.join(f'{s}:{i}-{j}' for s, i, j in runs)}")
-    models = {(None, "original"): model}
+        runs = candidate_runs(model, scores[args.rank_by])[:args.search]
+        train.log(f"the {len(runs)} most redundant runs by {SCORES[args.rank_by]}: {', '.join(map(label, runs))}")
+    models, fit_seconds = {(None, "original"): model}, {}
     for run in runs:
-        models[run, "approximate"], models[run, "skip"] = variants(model, statistics, run)
+        for mode, (variant, seconds) in variants(model, statistics, run).items():
+            models[run, mode], fit_seconds[run, mode] = variant, seconds
     if args.blocks:
         path = args.output or os.path.join(args.output_dir, "approximated.pth")
-        save_approximated(models[runs[0], "approximate"], info, runs, path)
-        train.log(f"saved the approximated model to {path}; evaluate it again with\n"
+        save_approximated(models[runs[0], "linear"], info, runs, path)
+        train.log(f"saved the linear approximation to {path}; evaluate it again with\n"
                   f"    python analyze.py evaluate --checkpoint {path}")
     val_loader = train.eval_loader(train.build_val_dataset(data_dir(info), info["image_size"]),
                                    args.batch_size, args.workers)
     results = measure(models, val_loader, info, device, args.latency_rounds)
-    print_table(results, matrices)
+    for key, seconds in fit_seconds.items():
+        results[key]["fit_s"] = seconds
+    print_table(results, scores, args.rank_by)
     train.log(f"top-1 on {len(val_loader.dataset)} validation images; GFLOPs of one {info['image_size']}x"
               f"{info['image_size']} image (fvcore); ms: one image on {device.type}, median of "
-              f"{args.latency_rounds} interleaved rounds")
+              f"{args.latency_rounds} interleaved rounds; fit: seconds to fit T after the shared calibration pass")
+    if len(runs) >= 3:
+        print_correlations(results, scores)
     return results
 
 
@@ -575,16 +655,21 @@ def parse_args(argv=None):
     p = commands.add_parser("approximate", parents=[common, loading, calibration],
                             help="replace redundant blocks by a linear map")
     p.add_argument("--blocks", help="STAGE:I-J: replace blocks I+1..J of STAGE by a map from h_I to h_J")
-    p.add_argument("--search", type=int, default=0, metavar="K", help="evaluate the K most redundant runs by BR")
+    p.add_argument("--search", type=int, default=0, metavar="K",
+                   help="evaluate the K most redundant runs by --rank-by; with K >= 3, also print how well "
+                        "each score ranked them (Spearman's rho with the approximated top-1)")
+    p.add_argument("--rank-by", default=RANK_BY, choices=list(SCORES),
+                   help="br: -BR; relative-br: -BR over the mean squared norm of h_I and h_J; cka: 1 - linear "
+                        "CKA; residual: relative error of the least-squares fit of T")
     p.add_argument("--latency-rounds", type=int, default=LATENCY_ROUNDS)
-    p.add_argument("--output", help="with --blocks: where to save the approximated model; "
+    p.add_argument("--output", help="with --blocks: where to save the linear approximation; "
                                     "default: <output-dir>/approximated.pth")
     commands.add_parser("evaluate", parents=[common, loading],
                         help="top-1 of any checkpoint, approximated ones included")
     args = parser.parse_args(argv)
     if args.command == "approximate" and bool(args.blocks) == (args.search > 0):
         parser.error("approximate needs either --blocks STAGE:I-J or --search K (K >= 1)")
-    train.require_positive(parser, args, ("batch_size", "calibration_images", "print_freq"))
+    train.require_positive(parser, args, ("batch_size", "calibration_images", "print_freq", "latency_rounds"))
     train.require_image_size(parser, args)
     missing = [path for path in getattr(args, "image", []) if not os.path.isfile(path)]
     if missing:

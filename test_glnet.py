@@ -736,6 +736,8 @@ def test_fit_recovers_an_exactly_linear_block():
     fitted = analyze.fit_linear_map(statistics, 1, 2)
     torch.testing.assert_close(fitted.weight, exact.weight, atol=1e-3, rtol=1e-3)
     torch.testing.assert_close(fitted.bias, exact.bias, atol=1e-3, rtol=1e-3)
+    residual = statistics.fit_residual()
+    assert residual[1, 2] < 1e-8 < residual[0, 1] and residual[2, 1].isnan()   # i < j only
 
 
 def test_similarities_of_identical_and_scaled_representations():
@@ -750,6 +752,9 @@ def test_similarities_of_identical_and_scaled_representations():
     torch.testing.assert_close(br[0, 3], -((positions(h) - positions(other)) ** 2).sum(1).mean())
     torch.testing.assert_close(cka[0, 2], torch.tensor(1.0, dtype=torch.float64))  # CKA ignores scale, BR does not
     torch.testing.assert_close(cosine[0, 2], torch.tensor(1.0, dtype=torch.float64))
+    relative = stats.relative_distance()                                  # |h - 2h|^2 / ((|h|^2 + |2h|^2) / 2)
+    torch.testing.assert_close(relative[0, 2], torch.tensor(0.4, dtype=torch.float64))
+    assert relative[0, 1] == 0
     x, y = positions(h), positions(other)
     x, y = x - x.mean(0), y - y.mean(0)
     expected_cka = (y.T @ x).norm() ** 2 / ((x.T @ x).norm() * (y.T @ y).norm())
@@ -764,15 +769,17 @@ def test_statistics_accumulate_batch_by_batch():
     parts = analyze.StageStatistics(3, 8, torch.device("cpu"))
     parts.update([r[:2] for r in reps])
     parts.update([r[2:] for r in reps])
-    for method in ("block_redundancy", "linear_cka", "cosine"):
-        torch.testing.assert_close(getattr(parts, method)(), getattr(whole, method)())
+    for method in ("block_redundancy", "linear_cka", "cosine", "relative_distance", "fit_residual"):
+        torch.testing.assert_close(getattr(parts, method)(), getattr(whole, method)(), equal_nan=True)
 
 
 def test_approximated_model_loads_back_with_the_same_outputs(tmp_path):
     torch.manual_seed(0)
     model = glnet.create_model("glnet_mini", num_classes=10).eval()
     statistics = analyze.calibrate(model, random_batches(2), torch.device("cpu"), stages=(3,))
-    approximated, skipped = analyze.variants(model, statistics, (3, 1, 3))
+    copies = analyze.variants(model, statistics, (3, 1, 3))
+    assert list(copies) == ["linear", "skip"] and copies["linear"][1] > 0 == copies["skip"][1]   # fitting seconds
+    approximated, skipped = copies["linear"][0], copies["skip"][0]
     assert isinstance(approximated.stages[2].blocks[1], nn.Conv2d)
     assert isinstance(approximated.stages[2].blocks[2], nn.Identity)
     assert glnet.count_params(skipped) < glnet.count_params(approximated) < glnet.count_params(model)
@@ -793,12 +800,13 @@ def test_approximate_cli_saves_a_model_that_evaluates_the_same(checkpoint, tmp_p
     common = ["--checkpoint", checkpoint, "--workers", "0", "--batch-size", "16", "--output-dir", out, "--threads", "1"]
     results = analyze.main(["approximate", *common, "--blocks", "3:1-3", "--latency-rounds", "1"])
     printed = capsys.readouterr().out
-    assert {mode for _, mode in results} == {"original", "approximate", "skip"}
-    assert "3:1-3" in printed and "approximate" in printed and "skip" in printed
+    assert {mode for _, mode in results} == {"original", "linear", "skip"}
+    assert "3:1-3" in printed and "linear" in printed and "skip" in printed
+    assert results[(3, 1, 3), "linear"]["fit_s"] > 0
     saved = str(tmp_path / "out" / "approximated.pth")
     metrics = analyze.main(["evaluate", "--checkpoint", saved, "--workers", "0"])
-    assert metrics["top1"] == results[(3, 1, 3), "approximate"]["top1"]
-    assert results[(3, 1, 3), "approximate"]["gflops"] < results[None, "original"]["gflops"]
+    assert metrics["top1"] == results[(3, 1, 3), "linear"]["top1"]
+    assert results[(3, 1, 3), "linear"]["gflops"] < results[None, "original"]["gflops"]
     with pytest.raises(ValueError, match="already replaced"):
         analyze.main(["approximate", "--checkpoint", saved, "--blocks", "3:0-2", "--workers", "0"])
 
@@ -810,13 +818,28 @@ def test_search_evaluates_the_most_redundant_runs(checkpoint, tmp_path, capsys):
     assert Image.open(tmp_path / "redundancy.png").format == "PNG"
     for per_stage in matrices.values():
         assert [m.shape[0] for m in per_stage.values()] == [2, 2, 4, 2]   # glnet_mini: depths (1, 1, 3, 1)
-    results = analyze.main(["approximate", *common, "--search", "2", "--latency-rounds", "1"])
+    capsys.readouterr()
+    results = analyze.main(["approximate", *common, "--search", "3", "--latency-rounds", "1", "--rank-by", "br"])
     chosen = {run for run, _ in results if run}
-    assert len(chosen) == 2
+    assert len(chosen) == 3
     all_runs = [(s, i, j, float(m[i, j])) for s, m in matrices["BR"].items()
                 for i in range(len(m)) for j in range(i + 1, len(m))]
     worst_chosen = min(br for s, i, j, br in all_runs if (s, i, j) in chosen)
     assert all(br <= worst_chosen for s, i, j, br in all_runs if (s, i, j) not in chosen)
+    rho = capsys.readouterr().out.splitlines()[-1].split()               # 3 runs or more: how well each score ranked
+    assert rho[0] == "rho" and len(rho) == 1 + len(analyze.SCORES)
+    assert all(-1 <= float(value) <= 1 for value in rho[1:] if value != "nan")
+
+
+def test_spearman_of_a_hand_made_case():
+    assert analyze.spearman([1, 2, 3, 4], [1, 10, 100, 1000]) == pytest.approx(1)
+    assert analyze.spearman([1, 2, 3, 4], [4, 3, 2, 0]) == pytest.approx(-1)
+    # ranks [1, 2.5, 2.5, 4] and [1, 2, 3, 4]: covariance 4.5 over sqrt(4.5 * 5)
+    assert analyze.spearman([0.1, 0.5, 0.5, 2.0], [10, 20, 30, 40]) == pytest.approx(4.5 / math.sqrt(22.5))
+    runs = [(1, 0, 1), (3, 0, 2), (3, 1, 3)]
+    results = {(run, "linear"): {"top1": top1} for run, top1 in zip(runs, (70.0, 90.0, 80.0))}
+    scores = {"br": {1: torch.tensor([[0, 5.0], [0, 0]]), 3: torch.tensor([[0, 0, 1.0, 0], [0, 0, 0, 3.0]])}}
+    assert analyze.correlations(results, scores) == {"br": pytest.approx(-1)}   # scores 5, 1, 3
 
 
 def test_redundancy_figure_has_one_heatmap_per_stage_and_metric():
@@ -852,6 +875,8 @@ def test_slots_figure_rows_and_panels(checkpoint, tiny_data, tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
+    (["approximate", "--search", "2", "--rank-by", "mse"], "argument --rank-by: invalid choice: 'mse'"),
+    (["approximate", "--search", "2", "--latency-rounds", "0"], "--latency-rounds must be at least 1, got 0"),
     (["slots", "--image", __file__, "--block", "3"], "argument --block: expected STAGE.BLOCK"),
     (["slots", "--image", __file__, "--block", "3.1", "0.1"], "argument --block: expected STAGE.BLOCK"),
     (["slots", "--image", __file__, "missing.png"], "--image: no such file: missing.png"),
