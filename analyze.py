@@ -2,7 +2,7 @@
 
     python analyze.py slots --checkpoint runs/glnet_mini-builtin/best.pth --image a.jpg b.jpg --block 2.1 3.1
     python analyze.py redundancy --checkpoint runs/glnet_mini-builtin/best.pth
-    python analyze.py approximate --checkpoint runs/glnet_mini-builtin/best.pth --blocks 3:1-3
+    python analyze.py approximate --checkpoint runs/glnet_mini-builtin/best.pth --blocks 3:1-3 --translator mlp resmlp
     python analyze.py approximate --checkpoint runs/glnet_mini-builtin/best.pth --search 9
     python analyze.py evaluate --checkpoint analysis/approximated.pth
 
@@ -18,9 +18,9 @@ BR(i, j) = -E_{x, p} ||h_i(x)_p - h_j(x)_p||^2 over the calibration images x and
 0 means identical representations. Redundant Blocks Approximation (RBA) replaces blocks i+1..j by one
 linear map T with h_j ~ T(h_i), fitted in closed form on the calibration subset; on a feature grid,
 a map shared by all positions is a 1x1 convolution. Linear CKA and cosine similarity are computed
-beside BR, as in the paper's rebuttal (its Figure 7). BR depends on the features' scale, so
-`--search` ranks runs by a scale-free score: the relative residual of the fit of T unless `--rank-by`
-says otherwise.
+beside BR, as in the paper's rebuttal (its Figure 7), and so are its Table 4 baselines for T (an MLP
+and a residual MLP trained with Adam). BR depends on the features' scale, so `--search` ranks runs by
+a scale-free score: the relative residual of the fit of T unless `--rank-by` says otherwise.
 
 Checkpoints of train.py say which model, data and image size they are for; the approximated models
 this script saves record their base model and replaced runs, so every command reads them too.
@@ -29,6 +29,7 @@ this script saves record their base model and replaced runs, so every command re
 import argparse
 import copy
 import json
+import math
 import os
 import time
 
@@ -61,6 +62,11 @@ METRICS = ("BR", "linear CKA", "cosine")
 # built-in model (Spearman's rho over its 9 runs: residual -0.83, relative-br -0.53, cka -0.48, br +0.17).
 SCORES = {"br": "-BR", "relative-br": "-BR / norm", "cka": "1 - CKA", "residual": "fit residual"}
 RANK_BY = "residual"
+TRANSLATORS = ("linear", "mlp", "resmlp")
+TRANSLATOR_STEPS = 300         # the BR paper's Table 4: Adam, 300 steps, lr 1e-3
+TRANSLATOR_LR = 1e-3
+TRANSLATOR_BATCH = 1024        # calibration positions per step
+TRANSLATOR_POSITIONS = 32768   # calibration positions kept for the MLP translators (a fixed random subset)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,14 +276,16 @@ class StageStatistics:
     """Running float64 sums over all calibration positions of the representations h_0..h_n of one
     stage, stacked along the channels: their Gram matrix P = H^T H (all pairs h_a^T h_b), their
     sums, and the summed per-position cosine of every pair. BR, linear CKA and every least-squares
-    fit h_i -> h_j follow from these, so 3000 images never sit in memory."""
+    fit h_i -> h_j follow from these, so 3000 images never sit in memory. With `keep` > 0 it also
+    keeps `keep` random positions of every batch: the MLP translators train on them."""
 
-    def __init__(self, num_representations, channels, device):
-        self.n, self.channels, self.count = num_representations, channels, 0
+    def __init__(self, num_representations, channels, device, keep=0):
+        self.n, self.channels, self.count, self.keep = num_representations, channels, 0, keep
         size = num_representations * channels
         self.gram = torch.zeros(size, size, dtype=torch.float64, device=device)
         self.sums = torch.zeros(size, dtype=torch.float64, device=device)
         self.cosine_sums = torch.zeros(num_representations, num_representations, dtype=torch.float64, device=device)
+        self.kept, self.generator = [], torch.Generator().manual_seed(0)
 
     def update(self, representations):
         h = torch.stack([rearrange(r, "b c h w -> (b h w) c") for r in representations]).double()  # (n, N, C)
@@ -287,6 +295,8 @@ class StageStatistics:
         unit = F.normalize(h, dim=2)
         self.cosine_sums += torch.einsum("aNc,bNc->ab", unit, unit)
         self.count += h.shape[1]
+        if self.keep:
+            self.kept.append(stacked[torch.randperm(len(stacked), generator=self.generator)[:self.keep]].float())
 
     def block(self, matrix, a, b):
         c = self.channels
@@ -294,6 +304,10 @@ class StageStatistics:
 
     def mean(self, a):
         return self.sums[a * self.channels:(a + 1) * self.channels] / self.count
+
+    def positions(self, a):
+        """The kept positions of h_a: (N, C)."""
+        return torch.cat(self.kept)[:, a * self.channels:(a + 1) * self.channels]
 
     def inner_products(self):
         """(n, n): E h_a.h_b over all positions."""
@@ -363,11 +377,13 @@ def stage_representations(model, stage):
 
 
 @torch.no_grad()
-def calibrate(model, loader, device, stages=(1, 2, 3, 4), print_freq=PRINT_FREQ):
-    """One pass over the calibration subset: {stage: StageStatistics}."""
+def calibrate(model, loader, device, stages=(1, 2, 3, 4), print_freq=PRINT_FREQ, positions=0):
+    """One pass over the calibration subset: {stage: StageStatistics}, each keeping about
+    `positions` random positions of its representations, spread evenly over the batches."""
     model.eval().to(device)
     collected = {s: stage_representations(model, s) for s in stages}
-    statistics = {s: StageStatistics(len(model.stages[s - 1].blocks) + 1, model.stage_channels[s - 1], device)
+    keep = math.ceil(positions / len(loader))
+    statistics = {s: StageStatistics(len(model.stages[s - 1].blocks) + 1, model.stage_channels[s - 1], device, keep)
                   for s in stages}
     start, total, done = time.perf_counter(), len(loader), 0
     try:
@@ -486,7 +502,42 @@ def parse_run(text, model):
 
 
 def is_replaced(block):
-    return isinstance(block, (nn.Identity, nn.Conv2d))
+    return isinstance(block, (nn.Identity, nn.Conv2d, Translator))
+
+
+class Translator(nn.Module):
+    """The BR paper's Table 4 baselines for T, on the grid: an MLP, Conv1x1 -> GELU -> Conv1x1 with
+    hidden width = channels, and a residual MLP, h + MLP(LayerNorm(h))."""
+
+    def __init__(self, channels, residual):
+        super().__init__()
+        self.norm = nn.LayerNorm(channels) if residual else None
+        self.mlp = nn.Sequential(nn.Conv2d(channels, channels, 1), nn.GELU(), nn.Conv2d(channels, channels, 1))
+
+    def forward(self, h):                                                 # (B, C, H, W)
+        if self.norm is None:
+            return self.mlp(h)
+        return h + self.mlp(glnet.norm_pixels(self.norm, h))
+
+
+def train_translator(kind, x, y, steps=TRANSLATOR_STEPS, lr=TRANSLATOR_LR, batch_size=TRANSLATOR_BATCH):
+    """An MLP translator ('mlp' or 'resmlp') trained with Adam on the mean squared error of T(h_i)
+    against h_j, on random batches of calibration positions x = h_i, y = h_j (N, C); a 1x1
+    convolution sees each position alone, so positions are 1x1 grids. Returns it and its losses."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        translator = Translator(x.shape[1], residual=kind == "resmlp").to(x.device)
+        order = torch.randint(len(x), (steps, batch_size))
+    optimizer = torch.optim.Adam(translator.parameters(), lr=lr)
+    losses = []
+    with torch.enable_grad():
+        for index in order:
+            loss = F.mse_loss(translator(x[index, :, None, None]), y[index, :, None, None])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+    return translator.eval(), losses
 
 
 def run_scores(statistics):
@@ -508,14 +559,20 @@ def candidate_runs(model, scores):
     return [run for _, run in sorted(runs)]
 
 
-def variants(model, statistics, run):
-    """{mode: (copy of `model` with the run's blocks replaced, seconds to fit the replacement)} for the
-    linear map T and for skipping."""
+def variants(model, statistics, run, translators=("linear",)):
+    """{mode: (copy of `model` with the run's blocks replaced, seconds to fit the replacement)}, one
+    mode per translator and 'skip'. The MLPs need the calibration positions (calibrate(positions=...))."""
     stage, i, j = run
-    start = time.perf_counter()
-    linear = fit_linear_map(statistics[stage], i, j)
-    return {"linear": (replace_blocks(copy.deepcopy(model), stage, i, j, linear), time.perf_counter() - start),
-            "skip": (replace_blocks(copy.deepcopy(model), stage, i, j), 0.0)}
+    stats, copies = statistics[stage], {}
+    for kind in translators:
+        start = time.perf_counter()
+        if kind == "linear":
+            replacement = fit_linear_map(stats, i, j)
+        else:
+            replacement = train_translator(kind, stats.positions(i), stats.positions(j))[0]
+        copies[kind] = replace_blocks(copy.deepcopy(model), stage, i, j, replacement), time.perf_counter() - start
+    copies["skip"] = replace_blocks(copy.deepcopy(model), stage, i, j), 0.0
+    return copies
 
 
 def measure(models, val_loader, info, device, rounds):
@@ -578,17 +635,19 @@ def approximate(args):
     device = torch.device(args.device)
     runs = [parse_run(args.blocks, model)] if args.blocks else None
     stages = sorted({run[0] for run in runs}) if runs else [1, 2, 3, 4]
+    translators = list(dict.fromkeys(["linear", *args.translator]))
     loader = calibration_loader(info, args.calibration_images, args.batch_size, args.workers)
     train.log(f"{info['model']} at {info['image_size']}x{info['image_size']}: calibration on "
               f"{len(loader.dataset)} training images of {data_dir(info)}")
-    statistics = calibrate(model, loader, device, stages, args.print_freq)
+    positions = TRANSLATOR_POSITIONS if len(translators) > 1 else 0
+    statistics = calibrate(model, loader, device, stages, args.print_freq, positions)
     scores = run_scores(statistics)
     if runs is None:
         runs = candidate_runs(model, scores[args.rank_by])[:args.search]
         train.log(f"the {len(runs)} most redundant runs by {SCORES[args.rank_by]}: {', '.join(map(label, runs))}")
     models, fit_seconds = {(None, "original"): model}, {}
     for run in runs:
-        for mode, (variant, seconds) in variants(model, statistics, run).items():
+        for mode, (variant, seconds) in variants(model, statistics, run, translators).items():
             models[run, mode], fit_seconds[run, mode] = variant, seconds
     if args.blocks:
         path = args.output or os.path.join(args.output_dir, "approximated.pth")
@@ -661,6 +720,9 @@ def parse_args(argv=None):
     p.add_argument("--rank-by", default=RANK_BY, choices=list(SCORES),
                    help="br: -BR; relative-br: -BR over the mean squared norm of h_I and h_J; cka: 1 - linear "
                         "CKA; residual: relative error of the least-squares fit of T")
+    p.add_argument("--translator", nargs="+", default=["linear"], choices=TRANSLATORS,
+                   help=f"fit these beside linear (the BR paper's Table 4): mlp, resmlp (1x1 convolutions, "
+                        f"Adam, {TRANSLATOR_STEPS} steps, lr {TRANSLATOR_LR})")
     p.add_argument("--latency-rounds", type=int, default=LATENCY_ROUNDS)
     p.add_argument("--output", help="with --blocks: where to save the linear approximation; "
                                     "default: <output-dir>/approximated.pth")

@@ -773,6 +773,17 @@ def test_statistics_accumulate_batch_by_batch():
         torch.testing.assert_close(getattr(parts, method)(), getattr(whole, method)(), equal_nan=True)
 
 
+def test_kept_positions_are_the_same_positions_of_every_representation():
+    h = torch.randn(4, 8, 3, 3)
+    stats = analyze.StageStatistics(2, 8, torch.device("cpu"), keep=5)
+    stats.update([h, 2 * h])
+    stats.update([h, 2 * h])
+    kept = stats.positions(0)
+    assert kept.shape == (10, 8) and torch.equal(stats.positions(1), 2 * kept)
+    every_position = h.permute(0, 2, 3, 1).reshape(-1, 8)
+    assert all((every_position == row).all(1).any() for row in kept)
+
+
 def test_approximated_model_loads_back_with_the_same_outputs(tmp_path):
     torch.manual_seed(0)
     model = glnet.create_model("glnet_mini", num_classes=10).eval()
@@ -795,14 +806,17 @@ def test_approximated_model_loads_back_with_the_same_outputs(tmp_path):
     assert name == "glnet_mini"
 
 
-def test_approximate_cli_saves_a_model_that_evaluates_the_same(checkpoint, tmp_path, capsys):
+def test_approximate_cli_saves_a_model_that_evaluates_the_same(checkpoint, tmp_path, capsys, monkeypatch):
+    train_translator = analyze.train_translator                          # 20 of its 300 steps are enough here
+    monkeypatch.setattr(analyze, "train_translator", lambda *args, **kwargs: train_translator(*args, steps=20, **kwargs))
     out = str(tmp_path / "out")
     common = ["--checkpoint", checkpoint, "--workers", "0", "--batch-size", "16", "--output-dir", out, "--threads", "1"]
-    results = analyze.main(["approximate", *common, "--blocks", "3:1-3", "--latency-rounds", "1"])
+    results = analyze.main(["approximate", *common, "--blocks", "3:1-3", "--latency-rounds", "1",
+                            "--translator", "resmlp"])
     printed = capsys.readouterr().out
-    assert {mode for _, mode in results} == {"original", "linear", "skip"}
-    assert "3:1-3" in printed and "linear" in printed and "skip" in printed
-    assert results[(3, 1, 3), "linear"]["fit_s"] > 0
+    assert {mode for _, mode in results} == {"original", "linear", "resmlp", "skip"}
+    assert "3:1-3" in printed and "linear" in printed and "resmlp" in printed and "skip" in printed
+    assert results[(3, 1, 3), "resmlp"]["fit_s"] > 0 and results[(3, 1, 3), "linear"]["fit_s"] > 0
     saved = str(tmp_path / "out" / "approximated.pth")
     metrics = analyze.main(["evaluate", "--checkpoint", saved, "--workers", "0"])
     assert metrics["top1"] == results[(3, 1, 3), "linear"]["top1"]
@@ -842,6 +856,18 @@ def test_spearman_of_a_hand_made_case():
     assert analyze.correlations(results, scores) == {"br": pytest.approx(-1)}   # scores 5, 1, 3
 
 
+@pytest.mark.parametrize("kind", ["mlp", "resmlp"])
+def test_mlp_translators_reduce_their_training_loss(kind):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4096, 16, generator=g)
+    y = torch.tanh(x @ torch.randn(16, 16, generator=g) / 4) + 0.5 * x
+    translator, losses = analyze.train_translator(kind, x, y, steps=50, lr=1e-2, batch_size=128)
+    assert len(losses) == 50 and sum(losses[-10:]) / 10 < 0.5 * losses[0]
+    grid = torch.randn(2, 16, 3, 5, generator=g)                          # 1x1 convolutions: each position alone
+    with torch.no_grad():
+        torch.testing.assert_close(translator(grid)[:, :, 1, 2], translator(grid[:, :, 1:2, 2:3])[:, :, 0, 0])
+
+
 def test_redundancy_figure_has_one_heatmap_per_stage_and_metric():
     matrices = {metric: {s: torch.rand(n, n) - (metric == "BR") * 1.0 for s, n in zip((1, 2, 3, 4), (2, 2, 4, 2))}
                 for metric in analyze.METRICS}
@@ -876,6 +902,8 @@ def test_slots_figure_rows_and_panels(checkpoint, tiny_data, tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["approximate", "--search", "2", "--rank-by", "mse"], "argument --rank-by: invalid choice: 'mse'"),
+    (["approximate", "--search", "2", "--translator", "cnn"], "argument --translator: invalid choice: 'cnn'"),
+    (["approximate", "--search", "2", "--translator"], "argument --translator: expected at least one argument"),
     (["approximate", "--search", "2", "--latency-rounds", "0"], "--latency-rounds must be at least 1, got 0"),
     (["slots", "--image", __file__, "--block", "3"], "argument --block: expected STAGE.BLOCK"),
     (["slots", "--image", __file__, "--block", "3.1", "0.1"], "argument --block: expected STAGE.BLOCK"),
