@@ -858,6 +858,8 @@ def test_fit_recovers_an_exactly_linear_block():
     fitted = analyze.fit_linear_map(statistics, 1, 2)
     torch.testing.assert_close(fitted.weight, exact.weight, atol=1e-3, rtol=1e-3)
     torch.testing.assert_close(fitted.bias, exact.bias, atol=1e-3, rtol=1e-3)
+    residual = statistics.fit_residual()
+    assert residual[1, 2] < 1e-8 < residual[0, 1] and residual[2, 1].isnan()   # i < j only
 
 
 def test_similarities_of_identical_and_scaled_representations():
@@ -872,6 +874,9 @@ def test_similarities_of_identical_and_scaled_representations():
     torch.testing.assert_close(br[0, 3], -((positions(h) - positions(other)) ** 2).sum(1).mean())
     torch.testing.assert_close(cka[0, 2], torch.tensor(1.0, dtype=torch.float64))  # CKA ignores scale, BR does not
     torch.testing.assert_close(cosine[0, 2], torch.tensor(1.0, dtype=torch.float64))
+    relative = stats.relative_distance()                                  # |h - 2h|^2 / ((|h|^2 + |2h|^2) / 2)
+    torch.testing.assert_close(relative[0, 2], torch.tensor(0.4, dtype=torch.float64))
+    assert relative[0, 1] == 0
     x, y = positions(h), positions(other)
     x, y = x - x.mean(0), y - y.mean(0)
     expected_cka = (y.T @ x).norm() ** 2 / ((x.T @ x).norm() * (y.T @ y).norm())
@@ -886,15 +891,28 @@ def test_statistics_accumulate_batch_by_batch():
     parts = analyze.StageStatistics(3, 8, torch.device("cpu"))
     parts.update([r[:2] for r in reps])
     parts.update([r[2:] for r in reps])
-    for method in ("block_redundancy", "linear_cka", "cosine"):
-        torch.testing.assert_close(getattr(parts, method)(), getattr(whole, method)())
+    for method in ("block_redundancy", "linear_cka", "cosine", "relative_distance", "fit_residual"):
+        torch.testing.assert_close(getattr(parts, method)(), getattr(whole, method)(), equal_nan=True)
+
+
+def test_kept_positions_are_the_same_positions_of_every_representation():
+    h = torch.randn(4, 8, 3, 3)
+    stats = analyze.StageStatistics(2, 8, torch.device("cpu"), keep=5)
+    stats.update([h, 2 * h])
+    stats.update([h, 2 * h])
+    kept = stats.positions(0)
+    assert kept.shape == (10, 8) and torch.equal(stats.positions(1), 2 * kept)
+    every_position = h.permute(0, 2, 3, 1).reshape(-1, 8)
+    assert all((every_position == row).all(1).any() for row in kept)
 
 
 def test_approximated_model_loads_back_with_the_same_outputs(tmp_path):
     torch.manual_seed(0)
     model = glnet.create_model("glnet_mini", num_classes=10).eval()
     statistics = analyze.calibrate(model, random_batches(2), torch.device("cpu"), stages=(3,))
-    approximated, skipped = analyze.variants(model, statistics, (3, 1, 3))
+    copies = analyze.variants(model, statistics, (3, 1, 3))
+    assert list(copies) == ["linear", "skip"] and copies["linear"][1] > 0 == copies["skip"][1]   # fitting seconds
+    approximated, skipped = copies["linear"][0], copies["skip"][0]
     assert isinstance(approximated.stages[2].blocks[1], nn.Conv2d)
     assert isinstance(approximated.stages[2].blocks[2], nn.Identity)
     assert glnet.count_params(skipped) < glnet.count_params(approximated) < glnet.count_params(model)
@@ -910,44 +928,113 @@ def test_approximated_model_loads_back_with_the_same_outputs(tmp_path):
     assert name == "glnet_mini"
 
 
-def test_approximate_cli_saves_a_model_that_evaluates_the_same(checkpoint, tmp_path, capsys):
+def test_approximate_cli_saves_a_model_that_evaluates_the_same(checkpoint, tmp_path, capsys, monkeypatch):
+    train_translator = analyze.train_translator                          # 20 of its 300 steps are enough here
+    monkeypatch.setattr(analyze, "train_translator", lambda *args, **kwargs: train_translator(*args, steps=20, **kwargs))
     out = str(tmp_path / "out")
-    common = ["--checkpoint", checkpoint, "--workers", "0", "--batch-size", "16", "--output-dir", out]
-    results = analyze.main(["approximate", *common, "--blocks", "3:1-3", "--latency-rounds", "1"])
+    common = ["--checkpoint", checkpoint, "--workers", "0", "--batch-size", "16", "--output-dir", out, "--threads", "1"]
+    results = analyze.main(["approximate", *common, "--blocks", "3:1-3", "--latency-rounds", "1",
+                            "--translator", "resmlp"])
     printed = capsys.readouterr().out
-    assert {mode for _, mode in results} == {"original", "approximate", "skip"}
-    assert "3:1-3" in printed and "approximate" in printed and "skip" in printed
+    assert {mode for _, mode in results} == {"original", "linear", "resmlp", "skip"}
+    assert "3:1-3" in printed and "linear" in printed and "resmlp" in printed and "skip" in printed
+    assert results[(3, 1, 3), "resmlp"]["fit_s"] > 0 and results[(3, 1, 3), "linear"]["fit_s"] > 0
     saved = str(tmp_path / "out" / "approximated.pth")
     metrics = analyze.main(["evaluate", "--checkpoint", saved, "--workers", "0"])
-    assert metrics["top1"] == results[(3, 1, 3), "approximate"]["top1"]
-    assert results[(3, 1, 3), "approximate"]["gflops"] < results[None, "original"]["gflops"]
+    assert metrics["top1"] == results[(3, 1, 3), "linear"]["top1"]
+    assert results[(3, 1, 3), "linear"]["gflops"] < results[None, "original"]["gflops"]
     with pytest.raises(ValueError, match="already replaced"):
         analyze.main(["approximate", "--checkpoint", saved, "--blocks", "3:0-2", "--workers", "0"])
 
 
 def test_search_evaluates_the_most_redundant_runs(checkpoint, tmp_path, capsys):
-    common = ["--checkpoint", checkpoint, "--workers", "0", "--batch-size", "16", "--output-dir", str(tmp_path)]
+    common = ["--checkpoint", checkpoint, "--workers", "0", "--batch-size", "16", "--output-dir", str(tmp_path),
+              "--threads", "1"]
     matrices = analyze.main(["redundancy", *common])
-    size = 4 * analyze.CELL + analyze.PADDING                            # 4 representations in stage 3
-    assert Image.open(tmp_path / "redundancy.png").size == (4 * size + analyze.PADDING, 3 * size + analyze.PADDING)
+    assert Image.open(tmp_path / "redundancy.png").format == "PNG"
     for per_stage in matrices.values():
         assert [m.shape[0] for m in per_stage.values()] == [2, 2, 4, 2]   # glnet_mini: depths (1, 1, 3, 1)
-    results = analyze.main(["approximate", *common, "--search", "2", "--latency-rounds", "1"])
+    capsys.readouterr()
+    results = analyze.main(["approximate", *common, "--search", "3", "--latency-rounds", "1", "--rank-by", "br"])
     chosen = {run for run, _ in results if run}
-    assert len(chosen) == 2
+    assert len(chosen) == 3
     all_runs = [(s, i, j, float(m[i, j])) for s, m in matrices["BR"].items()
                 for i in range(len(m)) for j in range(i + 1, len(m))]
     worst_chosen = min(br for s, i, j, br in all_runs if (s, i, j) in chosen)
     assert all(br <= worst_chosen for s, i, j, br in all_runs if (s, i, j) not in chosen)
+    rho = capsys.readouterr().out.splitlines()[-1].split()               # 3 runs or more: how well each score ranked
+    assert rho[0] == "rho" and len(rho) == 1 + len(analyze.SCORES)
+    assert all(-1 <= float(value) <= 1 for value in rho[1:] if value != "nan")
 
 
-def test_slots_png(checkpoint, tiny_data, tmp_path):
-    image = f"{tiny_data}/val/circle/00000.png"
-    path = analyze.main(["slots", "--checkpoint", checkpoint, "--image", image, "--output", str(tmp_path / "s.png")])
-    panel, pad = analyze.PANEL, analyze.PADDING
-    assert Image.open(path).size == (3 * panel + 4 * pad, panel + 2 * pad)
+def test_spearman_of_a_hand_made_case():
+    assert analyze.spearman([1, 2, 3, 4], [1, 10, 100, 1000]) == pytest.approx(1)
+    assert analyze.spearman([1, 2, 3, 4], [4, 3, 2, 0]) == pytest.approx(-1)
+    # ranks [1, 2.5, 2.5, 4] and [1, 2, 3, 4]: covariance 4.5 over sqrt(4.5 * 5)
+    assert analyze.spearman([0.1, 0.5, 0.5, 2.0], [10, 20, 30, 40]) == pytest.approx(4.5 / math.sqrt(22.5))
+    runs = [(1, 0, 1), (3, 0, 2), (3, 1, 3)]
+    results = {(run, "linear"): {"top1": top1} for run, top1 in zip(runs, (70.0, 90.0, 80.0))}
+    scores = {"br": {1: torch.tensor([[0, 5.0], [0, 0]]), 3: torch.tensor([[0, 0, 1.0, 0], [0, 0, 0, 3.0]])}}
+    assert analyze.correlations(results, scores) == {"br": pytest.approx(-1)}   # scores 5, 1, 3
+
+
+@pytest.mark.parametrize("kind", ["mlp", "resmlp"])
+def test_mlp_translators_reduce_their_training_loss(kind):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4096, 16, generator=g)
+    y = torch.tanh(x @ torch.randn(16, 16, generator=g) / 4) + 0.5 * x
+    translator, losses = analyze.train_translator(kind, x, y, steps=50, lr=1e-2, batch_size=128)
+    assert len(losses) == 50 and sum(losses[-10:]) / 10 < 0.5 * losses[0]
+    grid = torch.randn(2, 16, 3, 5, generator=g)                          # 1x1 convolutions: each position alone
+    with torch.no_grad():
+        torch.testing.assert_close(translator(grid)[:, :, 1, 2], translator(grid[:, :, 1:2, 2:3])[:, :, 0, 0])
+
+
+def test_redundancy_figure_has_one_heatmap_per_stage_and_metric():
+    matrices = {metric: {s: torch.rand(n, n) - (metric == "BR") * 1.0 for s, n in zip((1, 2, 3, 4), (2, 2, 4, 2))}
+                for metric in analyze.METRICS}
+    figure = analyze.redundancy_figure(matrices)
+    heatmaps = [ax for ax in figure.axes if ax.get_label() != "<colorbar>"]
+    assert len(figure.axes) - len(heatmaps) == len(analyze.METRICS)      # a colour bar per metric
+    assert [ax.get_title() for ax in heatmaps] == [f"stage {s} - {metric}" for metric in analyze.METRICS
+                                                   for s in (1, 2, 3, 4)]
+    for ax, matrix in zip(heatmaps, (m for per_stage in matrices.values() for m in per_stage.values())):
+        ticks = [f"h{a}" for a in range(len(matrix))]
+        assert [t.get_text() for t in ax.get_xticklabels()] == ticks == [t.get_text() for t in ax.get_yticklabels()]
+        assert [t.get_text() for t in ax.texts] == [f"{v:.3g}" for v in matrix.flatten().tolist()]
+
+
+def test_slots_figure_rows_and_panels(checkpoint, tiny_data, tmp_path):
+    images = [f"{tiny_data}/val/circle/00000.png", f"{tiny_data}/val/cross/00001.png"]
+    path = analyze.main(["slots", "--checkpoint", checkpoint, "--image", *images, "--block", "2.1", "3.1",
+                         "--output", str(tmp_path / "s.png")])
+    assert Image.open(path).format == "PNG"
+    g = torch.Generator().manual_seed(0)
+    weights = {"2.1": torch.rand(2, 64, 8, 8, generator=g), "3.1": torch.rand(2, 64, 4, 4, generator=g)}
+    figure, representative = analyze.slot_figure(torch.rand(2, 3, 32, 32, generator=g), weights, ["a", "b"])
+    assert len(figure.axes) == 2 * (1 + 2 * 2)                            # one row per image: input, 2 panels per block
+    titles = [ax.get_title() for ax in figure.axes]
+    chosen = representative[1, "3.1"]
+    assert titles[5:] == ["input: b", "block 2.1: all 64 slots", f"block 2.1: slots {', '.join(map(str, representative[1, '2.1']))}",
+                          "block 3.1: all 64 slots", f"block 3.1: slots {', '.join(map(str, chosen))}"]
+    assert [t.get_text() for t in figure.axes[9].texts] == [str(slot) for slot in chosen]
     with pytest.raises(ValueError, match="not a GLMix block"):
-        analyze.main(["slots", "--checkpoint", checkpoint, "--image", image, "--block", "4.1"])
+        analyze.main(["slots", "--checkpoint", checkpoint, "--image", images[0], "--block", "4.1"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["approximate", "--search", "2", "--rank-by", "mse"], "argument --rank-by: invalid choice: 'mse'"),
+    (["approximate", "--search", "2", "--translator", "cnn"], "argument --translator: invalid choice: 'cnn'"),
+    (["approximate", "--search", "2", "--translator"], "argument --translator: expected at least one argument"),
+    (["approximate", "--search", "2", "--latency-rounds", "0"], "--latency-rounds must be at least 1, got 0"),
+    (["slots", "--image", __file__, "--block", "3"], "argument --block: expected STAGE.BLOCK"),
+    (["slots", "--image", __file__, "--block", "3.1", "0.1"], "argument --block: expected STAGE.BLOCK"),
+    (["slots", "--image", __file__, "missing.png"], "--image: no such file: missing.png"),
+])
+def test_bad_analyze_flags_are_usage_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        analyze.parse_args([*argv, "--checkpoint", "x.pth"])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_k_medoids_picks_one_point_per_cluster():
@@ -969,7 +1056,7 @@ def test_checkpoint_without_a_model_name_asks_for_model(tmp_path):
     path = tmp_path / "bare.pth"
     torch.save(glnet.create_model("glnet_mini", num_classes=10).state_dict(), path)
     with pytest.raises(ValueError, match="--model"):
-        analyze.main(["slots", "--checkpoint", str(path), "--image", "x.png"])
+        analyze.main(["evaluate", "--checkpoint", str(path)])
 
 
 # =================================================================================================
