@@ -99,8 +99,10 @@ def build_model(checkpoint, model_name=None):
                          f"pass --model ({', '.join(glnet.MODELS)})")
     state_dict = glnet.unwrap_state_dict(checkpoint)
     num_classes = state_dict["head.weight"].shape[0] if "head.weight" in state_dict else 0
-    model = glnet.create_model(name, num_classes=num_classes)
-    for stage, i, j in checkpoint.get("approximated", []):
+    if not checkpoint.get("approximated"):
+        return glnet.create_model(name, num_classes=num_classes, checkpoint=state_dict).eval(), name
+    model = glnet.create_model(name, num_classes=num_classes)  # rebuilt as approximated, then loaded
+    for stage, i, j in checkpoint["approximated"]:
         replace_blocks(model, stage, i, j, linear_map(model.stage_channels[stage - 1]))
     glnet.load_checkpoint(model, state_dict)
     return model.eval(), name
@@ -109,11 +111,7 @@ def build_model(checkpoint, model_name=None):
 def load_model(args):
     """(model, info): info has the base model name, image size and data folder to use, taken from
     the command line first, then from the checkpoint."""
-    if not os.path.isfile(args.checkpoint):
-        raise FileNotFoundError(f"checkpoint file not found: {args.checkpoint}")
-    checkpoint = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
-    if not isinstance(checkpoint, dict):
-        raise TypeError(f"{args.checkpoint} holds a {type(checkpoint).__name__}, expected a checkpoint dict")
+    checkpoint = glnet.read_checkpoint(args.checkpoint)
     model, name = build_model(checkpoint, args.model)
     trained = checkpoint.get("args", {})
     image_size = args.image_size or trained.get("image_size") or train.IMAGENET_RECIPE["image_size"]
@@ -619,8 +617,8 @@ def correlations(results, scores):
 
 def print_correlations(results, scores):
     runs = [run for run, mode in results if mode == "linear"]
-    train.log(f"\nscores of the evaluated runs (lower = more redundant) and Spearman's rho with the top-1 of "
-              f"the linear approximation\n(a score that ranks well has rho near -1)")
+    train.log("\nscores of the evaluated runs (lower = more redundant) and Spearman's rho with the top-1 of "
+              "the linear approximation\n(a score that ranks well has rho near -1)")
     train.log(f"{'run':<8}" + "".join(f"{name:>14}" for name in SCORES.values()) + f"{'top-1':>9}")
     for s, i, j in runs:
         train.log(f"{label((s, i, j)):<8}" + "".join(f"{float(scores[name][s][i, j]):>14.4g}" for name in SCORES)

@@ -128,13 +128,7 @@ def freeze_batchnorm(module):
 def create_backbone(name, pretrained=None, frozen_bn=False, drop_path_rate=0.0):
     """A GLNet without its classifier, from an ImageNet checkpoint (any format glnet.load_checkpoint
     takes, released ones included) or random. Only forward_features is used downstream."""
-    model = glnet.create_model(name, num_classes=0, drop_path_rate=drop_path_rate)
-    if pretrained is not None:
-        if not os.path.isfile(pretrained):
-            raise FileNotFoundError(f"--pretrained checkpoint not found: {pretrained}")
-        checkpoint = torch.load(pretrained, map_location="cpu", weights_only=True)
-        state_dict = {k: v for k, v in glnet.unwrap_state_dict(checkpoint).items() if not k.startswith("head.")}
-        glnet.load_checkpoint(model, state_dict)
+    model = glnet.create_model(name, num_classes=0, drop_path_rate=drop_path_rate, checkpoint=pretrained)
     model.norm = nn.Identity()  # the classifier's BatchNorm: unused by forward_features
     if frozen_bn:
         freeze_batchnorm(model)
@@ -628,9 +622,7 @@ def train_task(config, rank, world_size, device):
 
 def load_trained(checkpoint_path):
     """(model in eval mode, checkpoint) of a checkpoint written by train_task."""
-    if not os.path.isfile(checkpoint_path):
-        raise FileNotFoundError(f"checkpoint not found: {checkpoint_path} (train first, or pass --checkpoint)")
-    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    checkpoint = glnet.read_checkpoint(checkpoint_path)
     if checkpoint.get("task") not in TASKS:
         raise ValueError(f"{checkpoint_path} was not written by detect_seg.py (its task is {checkpoint.get('task')!r}, "
                          f"expected one of {', '.join(TASKS)})")

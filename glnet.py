@@ -534,6 +534,17 @@ def guess_variant(state_dict):
     return f"{best}(num_classes={num_classes}) {exact}"
 
 
+def read_checkpoint(path):
+    """torch.load of a checkpoint file onto the CPU, tensors only (no pickled code), with an error
+    that names a missing file. Every script of the project reads checkpoints through it."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(checkpoint, dict):
+        raise TypeError(f"{path} holds a {type(checkpoint).__name__}, expected a checkpoint dict or a state_dict")
+    return checkpoint
+
+
 def load_checkpoint(model, checkpoint, key=None, max_listed=5):
     """Load a GLNet checkpoint strictly: a file path or a loaded dict, released or trained here.
 
@@ -541,9 +552,7 @@ def load_checkpoint(model, checkpoint, key=None, max_listed=5):
     shaped tensors and naming the variant the checkpoint looks like. A model without classifier
     (num_classes=0, a backbone) takes every tensor but the classifiers' (`head.`, `token_head.`)."""
     if isinstance(checkpoint, (str, os.PathLike)):
-        if not os.path.isfile(checkpoint):
-            raise FileNotFoundError(f"checkpoint file not found: {checkpoint}")
-        checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        checkpoint = read_checkpoint(checkpoint)
     state_dict = unwrap_state_dict(checkpoint, key)
     if model.num_classes == 0:
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith(("head.", "token_head."))}

@@ -77,7 +77,7 @@ BUILTIN_RECIPE = dict(
 # What the classification recipes share with the schedule of train.Trainer.
 CLASSIFICATION_SCHEDULE = dict(lr_schedule="cosine", warmup_factor=1e-3, eval_interval=1)
 DROP_PATH = {"glnet_stl": 0.1, "glnet_stl_paramslot": 0.1, "glnet_4g": 0.15, "glnet_9g": 0.3,
-             "glnet_16g": 0.4, "glnet_mini": 0.0}
+             "glnet_16g": 0.4, "glnet_4g_tklb": 0.1, "glnet_9g_tklb": 0.1, "glnet_mini": 0.0}
 REFERENCE_BATCH = 2048       # the global batch the paper's learning rate is given for
 BETAS = (0.9, 0.999)
 RANDAUGMENT = dict(num_ops=2, magnitude=9)  # timm's rand-m9-mstd0.5 without the magnitude noise
@@ -86,6 +86,7 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 DEFAULT_CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "glnet")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 BENCH_BASELINES = ("swin_t", "convnext_tiny")  # torchvision's models of GLNet-STL's size
+BENCH_MODELS = ("glnet_stl", "glnet_stl_paramslot", "glnet_4g", "glnet_9g", "glnet_16g")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -563,7 +564,7 @@ class Trainer:
         path = find_last_checkpoint(self.args.output_dir)
         if path is None:
             return
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = glnet.read_checkpoint(path)
         old = (checkpoint.get("task"), checkpoint.get("args", {}).get("model"), checkpoint.get("num_classes"))
         new = (self.task.name, self.args.model, self.task.num_classes)
         if old != new:
@@ -884,10 +885,8 @@ def evaluate_checkpoint(args):
     rank, world_size, device = setup_distributed()
     if not args.checkpoint:
         raise ValueError("--eval needs --checkpoint FILE")
-    if not os.path.isfile(args.checkpoint):
-        raise FileNotFoundError(f"checkpoint file not found: {args.checkpoint}")
-    checkpoint = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
-    trained = checkpoint.get("args", {}) if isinstance(checkpoint, dict) else {}
+    checkpoint = glnet.read_checkpoint(args.checkpoint)
+    trained = checkpoint.get("args", {})
     model_name = args.model_given or trained.get("model")
     if model_name is None or not (args.data or trained):
         raise ValueError(f"{args.checkpoint} was not written by train.py, so it does not say which model and data "
@@ -895,8 +894,8 @@ def evaluate_checkpoint(args):
     data_dir = args.data or trained.get("data") or shapes_dataset(trained.get("cache_dir", args.cache_dir))
     image_size = args.image_size_given or trained.get("image_size") or IMAGENET_RECIPE["image_size"]
     val_set = build_val_dataset(data_dir, image_size)
-    model = glnet.create_model(model_name, num_classes=len(val_set.classes))
-    glnet.load_checkpoint(model, checkpoint, key=args.checkpoint_key)
+    model = glnet.create_model(model_name, num_classes=len(val_set.classes), checkpoint=checkpoint,
+                               checkpoint_key=args.checkpoint_key)
     model.to(device)
     with autocast(device, amp_settings(args.amp, device)[0]):
         metrics = evaluate(model, eval_loader(val_set, args.batch_size, args.workers, rank, world_size), device)
@@ -996,8 +995,8 @@ def parse_args(argv=None):
     parser.add_argument("--label-smoothing", type=float, help=default("label_smoothing"))
     parser.add_argument("--checkpoint-key", help="with --eval: 'model' or 'model_ema' (default: EMA if present)")
     bench = parser.add_argument_group("--bench: GLNet against torchvision's " + " and ".join(BENCH_BASELINES))
-    bench.add_argument("--models", nargs="+", default=list(glnet.RELEASED), choices=list(glnet.MODELS),
-                       help="the GLNet variants to time (default: the released ones)")
+    bench.add_argument("--models", nargs="+", default=list(BENCH_MODELS), choices=list(glnet.MODELS),
+                       help=f"the GLNet variants to time (default: {' '.join(BENCH_MODELS)})")
     bench.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (default %(default)s)")
     bench.add_argument("--latency-sizes", type=int, nargs="+", default=[224, 448, 896, 1344])
     bench.add_argument("--memory-sizes", type=int, nargs="+", default=[512, 1024])
