@@ -497,6 +497,15 @@ def wrap_ddp(model, device):
                                    gradient_as_bucket_view=True)
 
 
+def ema_model(model, decay):
+    """The EMA of the weights and buffers: ema = decay * ema + (1 - decay) * weights after every
+    step, starting from the initial weights as timm's ModelEma does (an AveragedModel on its own
+    would start from the weights after the first step)."""
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    ema.n_averaged += 1
+    return ema
+
+
 def format_metrics(metrics):
     """'top1 96.6  top5 100': the numbers of an evaluation, for progress lines."""
     return "  ".join(f"{name} {value:.4g}" for name, value in metrics.items() if isinstance(value, float))
@@ -516,8 +525,7 @@ class Trainer:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.ddp = wrap_ddp(self.model, device)
         self.forward = torch.compile(self.ddp) if args.compile else self.ddp
-        self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(args.ema_decay), use_buffers=True) \
-            if args.ema_decay > 0 else None
+        self.ema = ema_model(self.model, args.ema_decay) if args.ema_decay > 0 else None
 
         self.sampler = ResumableDistributedSampler(task.train_set, world_size, rank, shuffle=True, seed=args.seed,
                                                    drop_last=True)
@@ -571,7 +579,7 @@ class Trainer:
             raise ValueError(f"{path} is a {old[0]} checkpoint of {old[1]} with {old[2]} classes, but this run "
                              f"trains {new[0]} with {new[1]} and {new[2]} classes; use another --output-dir "
                              f"(or the same task, --model and data) to resume")
-        glnet.load_checkpoint(self.model, checkpoint, key="model")
+        self.model.load_state_dict(checkpoint["model"])
         if self.ema and checkpoint["model_ema"] is not None:
             self.ema.load_state_dict(checkpoint["model_ema"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
