@@ -208,10 +208,14 @@ class SemanticFPN(nn.Module):
 
 
 def create_model(task, backbone, num_classes, pretrained=None, **kwargs):
+    """The model of one task. It keeps `num_classes`, which glnet.load_checkpoint reads when a run resumes."""
     if task == "semfpn":
         kwargs = {k: v for k, v in kwargs.items() if k in ("fpn_channels", "drop_path_rate")}
-        return SemanticFPN(backbone, num_classes, pretrained, **kwargs)
-    return create_detector(task, backbone, num_classes, pretrained, **kwargs)
+        model = SemanticFPN(backbone, num_classes, pretrained, **kwargs)
+    else:
+        model = create_detector(task, backbone, num_classes, pretrained, **kwargs)
+    model.num_classes = num_classes
+    return model
 
 
 # ---------------------------------------------------------------------------------------------
