@@ -154,8 +154,10 @@ class GLNetFPN(nn.Module):
 
 def create_detector(task, backbone, num_classes, pretrained=None, min_size=800, max_size=1333, fpn_channels=FPN_CHANNELS,
                     rois_per_image=512, drop_path_rate=0.0):
-    """Mask R-CNN on P2-P6 or RetinaNet on P3-P7 (P6-P7 from P5 by strided convs), torchvision's
-    heads, anchors and losses; the mask head is as wide as the FPN (256 in the paper, as MMDetection's).
+    """Mask R-CNN on P2-P6 or RetinaNet on P3-P7, torchvision's heads, anchors and losses. RetinaNet's
+    P6 is a strided conv on the last stage C5, not on P5, and P7 one on P6, as in MMDetection's
+    RetinaNet that the paper used; its heads have no GroupNorm, as there. The mask head is as wide
+    as the FPN (256 in the paper, as MMDetection's).
     Takes a list of (3, H, W) images in [0, 1]; it resizes them (shorter side `min_size`, a tuple
     for multi-scale training, longer side at most `max_size`) and normalises them."""
     body = create_backbone(backbone, pretrained, frozen_bn=pretrained is not None, drop_path_rate=drop_path_rate)
@@ -167,8 +169,9 @@ def create_detector(task, backbone, num_classes, pretrained=None, min_size=800, 
                         mask_predictor=MaskRCNNPredictor(fpn_channels, fpn_channels, num_classes),
                         box_batch_size_per_image=rois_per_image, **common)
     if task == "retinanet":
-        return RetinaNet(GLNetFPN(body, (1, 2, 3), LastLevelP6P7(fpn_channels, fpn_channels), fpn_channels),
-                         num_classes, **common)
+        p6_p7 = LastLevelP6P7(body.stage_channels[3], fpn_channels)
+        p6_p7.use_P5 = False  # torchvision takes P5 when C5 is as wide as the FPN: always C5 here
+        return RetinaNet(GLNetFPN(body, (1, 2, 3), p6_p7, fpn_channels), num_classes, **common)
     raise ValueError(f"unknown detection task {task!r}; expected 'maskrcnn' or 'retinanet'")
 
 

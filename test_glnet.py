@@ -1141,6 +1141,19 @@ def test_semantic_fpn_forward_backward():
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
 
 
+def test_retinanet_p6_comes_from_c5():
+    """As in MMDetection's RetinaNet: P6 is a strided conv on C5, also when C5 is as wide as the FPN
+    (glnet_mini's C5 has 256 channels), where torchvision's LastLevelP6P7 would take P5."""
+    fpn = detect_seg.create_detector("retinanet", "glnet_mini", 4, fpn_channels=256).backbone.eval()
+    inputs = []
+    fpn.fpn.extra_blocks.p6.register_forward_pre_hook(lambda module, args: inputs.append(args[0]))
+    x = torch.rand(1, 3, 96, 128)
+    with torch.no_grad():
+        levels = fpn(x)
+        c5 = fpn.body.forward_features(x)[3]
+    assert list(levels) == ["0", "1", "2", "p6", "p7"] and torch.equal(inputs[0], c5)
+
+
 def test_backbone_from_imagenet_checkpoint(tmp_path):
     classifier = glnet.create_model("glnet_mini", num_classes=10)
     with torch.no_grad():
