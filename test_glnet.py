@@ -1141,6 +1141,33 @@ def test_semantic_fpn_forward_backward():
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
 
 
+def test_upernet_returns_the_auxiliary_logits_and_loss_in_training_only():
+    torch.manual_seed(0)
+    model = detect_seg.UperNet("glnet_mini", num_classes=5, channels=32)
+    images, labels = torch.rand(2, 3, 65, 97), torch.randint(0, 5, (2, 65, 97))
+    labels[:, :10] = detect_seg.IGNORE_INDEX
+    cross_entropy = lambda logits: torch.nn.functional.cross_entropy(logits, labels, ignore_index=detect_seg.IGNORE_INDEX)
+    cpu = torch.device("cpu")
+
+    torch.manual_seed(1)  # the same dropout masks in both forward passes
+    loss = detect_seg.segmentation_loss(model, (images, labels), cpu)
+    torch.manual_seed(1)
+    logits, auxiliary = model(images)
+    assert logits.shape == auxiliary.shape == (2, 5, 65, 97)
+    main_loss = cross_entropy(logits)
+    torch.testing.assert_close(loss, main_loss + detect_seg.AUXILIARY_WEIGHT * cross_entropy(auxiliary))
+    assert loss > main_loss + 0.1
+    loss.backward()
+    for module in (model.backbone.stages[0], model.psp_modules[0], model.lateral_convs[0], model.auxiliary_head):
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
+
+    model.eval()
+    with torch.no_grad():
+        logits = model(images)
+        assert isinstance(logits, torch.Tensor) and logits.shape == (2, 5, 65, 97)
+        assert detect_seg.segmentation_loss(model, (images, labels), cpu) == cross_entropy(logits)
+
+
 def test_retinanet_p6_comes_from_c5():
     """As in MMDetection's RetinaNet: P6 is a strided conv on C5, also when C5 is as wide as the FPN
     (glnet_mini's C5 has 256 channels), where torchvision's LastLevelP6P7 would take P5."""
@@ -1404,6 +1431,23 @@ def test_mask_rcnn_run_evaluates_and_predict_draws(cache_dir, scenes, tmp_path):
     assert drawn.shape == original.shape and (drawn != original).any()
     with pytest.raises(FileNotFoundError, match="nothere.png"):
         detect_seg.main(["--output-dir", str(tmp_path), "--predict", str(tmp_path / "nothere.png")])
+
+
+def test_upernet_trains_on_the_scenes_and_predict_draws_its_masks(cache_dir, scenes, tmp_path, capsys):
+    args = ["--task", "upernet", *SEGMENTATION[2:], "--cache-dir", str(cache_dir), "--output-dir", str(tmp_path),
+            "--batch-size", "4", "--lr", "8e-3", "--warmup-iters", "3", "--iters", "9"]  # 2e-3 at the global batch of 4
+    results = detect_seg.main(args)["upernet"]
+    records = read_metrics(tmp_path / "upernet")
+    assert [r["epoch"] for r in records] == [1, 2, 3] and records[-1]["train_loss"] < records[0]["train_loss"]
+    assert 0 <= results["mIoU"] <= 1 and results["mIoU"] == records[-1]["val_mIoU"]
+    assert "peak lr 2.00e-03 (8.00e-03 per 16)" in capsys.readouterr().out
+
+    image = os.path.join(scenes, "val2017", sorted(os.listdir(os.path.join(scenes, "val2017")))[0])
+    output = str(tmp_path / "drawn.png")
+    detect_seg.main(["--task", "upernet", "--output-dir", str(tmp_path), "--predict", image, "--predict-output", output])
+    drawn, original = np.array(Image.open(output)), np.array(Image.open(image).convert("RGB"))
+    assert drawn.shape == original.shape and (drawn != original).any()
+    assert "classes " in capsys.readouterr().out
 
 
 def test_torchrun_two_processes_from_an_empty_cache(tmp_path):
