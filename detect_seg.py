@@ -6,7 +6,7 @@ code has no detection or segmentation code. Here the detectors are torchvision's
 Semantic FPN and UperNet are written out below, and COCO AP comes from pycocotools. Training is
 train.py's loop (train.Trainer): this file brings only the models, the data, the loss of a batch
 and the evaluation, so checkpoints, exact resume, progress lines and the flags are the same as
-there.
+there. `--report` counts the parameters and FLOPs of the paper's dense models.
 
     python detect_seg.py                                   # synthetic scenes, CPU, a few minutes
     python detect_seg.py --predict scene.png               # draw what the trained Mask R-CNN finds
@@ -14,6 +14,7 @@ there.
         --model glnet_4g --pretrained glnet_4g.pth --output-dir runs/maskrcnn_4g_1x
     torchrun --nproc_per_node 8 detect_seg.py --task semfpn --data /data/ADEChallengeData2016 \\
         --model glnet_4g --pretrained glnet_4g.pth --output-dir runs/semfpn_4g
+    python detect_seg.py --report                          # params and FLOPs of the paper's dense models
 
 --batch-size is per process, as in train.py: the defaults (2 images per GPU for COCO and UperNet,
 4 for Semantic FPN) reach the paper's total batch of 16 / 16 / 32 on 8 GPUs; on fewer GPUs,
@@ -830,6 +831,174 @@ def benchmark(backbone, device, height=800, width=1333):
 
 
 # ---------------------------------------------------------------------------------------------
+# Parameters and FLOPs of the paper's dense models: --report
+# ---------------------------------------------------------------------------------------------
+
+# The paper's (parameters in M, GFLOPs): Table 4 (COCO; FLOPs at 800x1280) for RetinaNet and Mask R-CNN,
+# Table 5 (ADE20K; FLOPs at 512x2048) for Semantic FPN (80k) and UperNet (160k).
+PAPER = {
+    "retinanet": {"glnet_4g": (37, 214), "glnet_9g": (70, 292)},
+    "maskrcnn": {"glnet_4g": (46.6, 233), "glnet_9g": (79.5, 311)},
+    "semfpn": {"glnet_4g": (30.7, 150), "glnet_9g": (63.6, 230)},
+    "upernet": {"glnet_4g": (56.8, 907), "glnet_9g": (91.7, 988)},
+}
+REPORT_SIZES = {"retinanet": (800, 1280), "maskrcnn": (800, 1280), "semfpn": (512, 2048), "upernet": (512, 2048)}
+# COCO's 80 classes (Mask R-CNN's box classifier adds the background, as MMDetection's does); ADE20K's 150.
+REPORT_CLASSES = {"retinanet": 80, "maskrcnn": 81, "semfpn": 150, "upernet": 150}
+REPORT_WIDTHS = {"retinanet": FPN_CHANNELS, "maskrcnn": FPN_CHANNELS, "semfpn": FPN_CHANNELS, "upernet": 512}
+PROPOSALS, MASK_PROPOSALS = 1000, 100  # MMDetection's forward_dummy: RoI heads on 1000 proposals, masks on 100
+
+
+class CountedForward(nn.Module):
+    """The forward pass MMDetection's and MMSegmentation's get_flops tools count (forward_dummy), on
+    (1, 3, H, W) images: a segmentation model in eval mode (so without UperNet's auxiliary head);
+    a detector's backbone and FPN, its dense heads on every level and, for Mask R-CNN, the RoI box
+    head on PROPOSALS RoIs and the mask head on MASK_PROPOSALS. Neither counter counts RoIAlign, so
+    the RoI heads get zero features of its output size. No pre- or post-processing (resizing,
+    anchors, box decoding, NMS)."""
+
+    def __init__(self, task, model):
+        super().__init__()
+        self.task, self.model = task, model
+
+    def forward(self, images):
+        if self.task in SEGMENTATION_TASKS:
+            return self.model(images)
+        features = self.model.backbone(images)
+        levels = list(features.values())
+        if self.task == "retinanet":
+            return self.model.head.classification_head(levels), self.model.head.regression_head(levels)
+        objectness, box_deltas = self.model.rpn.head(levels)
+        roi_heads, channels = self.model.roi_heads, levels[0].shape[1]
+        box_features = levels[0].new_zeros(PROPOSALS, channels, *roi_heads.box_roi_pool.output_size)
+        mask_features = levels[0].new_zeros(MASK_PROPOSALS, channels, *roi_heads.mask_roi_pool.output_size)
+        boxes = roi_heads.box_predictor(roi_heads.box_head(box_features))
+        masks = roi_heads.mask_predictor(roi_heads.mask_head(mask_features))
+        return objectness, box_deltas, boxes, masks
+
+
+def conv_flops(layer, x, y):
+    """Multiply-accumulates of every output position, plus one addition per output for the bias."""
+    per_position = layer.out_channels * layer.in_channels // layer.groups * math.prod(layer.kernel_size)
+    return y.numel() // y.shape[1] * per_position + (y.numel() if layer.bias is not None else 0)
+
+
+def deconv_flops(layer, x, y):
+    """A transposed conv: multiply-accumulates of every input position, plus the bias additions."""
+    per_position = layer.out_channels * layer.in_channels // layer.groups * math.prod(layer.kernel_size)
+    return x.numel() // x.shape[1] * per_position + (y.numel() if layer.bias is not None else 0)
+
+
+def norm_flops(layer, x, y):
+    affine = getattr(layer, "affine", False) or getattr(layer, "elementwise_affine", False)
+    return x.numel() * (2 if affine else 1)
+
+
+# MMCV's get_model_complexity_info: the layer types it counts, and how. It matches exact types.
+MMCV_RULES = {
+    nn.Conv2d: conv_flops, nn.ConvTranspose2d: deconv_flops,
+    nn.BatchNorm2d: norm_flops, nn.GroupNorm: norm_flops, nn.LayerNorm: norm_flops,
+    nn.Linear: lambda layer, x, y: x.numel() * y.shape[-1],
+    nn.ReLU: lambda layer, x, y: y.numel(), nn.Upsample: lambda layer, x, y: y.numel(),
+    nn.MaxPool2d: lambda layer, x, y: x.numel(), nn.AdaptiveAvgPool2d: lambda layer, x, y: x.numel(),
+}
+
+
+def mmcv_counted_layers(model):
+    """{layer: its MMCV_RULES type} for the layers MMCV's counter would have seen. It matches exact
+    types, so what it saw of GLNet depends on the classes the released code builds it from: attention
+    is nn.MultiheadAttention, computed by a function (not counted at all, projections included); the
+    norms of the blocks are timm's LayerNorm2d, a LayerNorm subclass (not counted), except the first
+    norm of the full-attention blocks (nn.LayerNorm); the FFN's z + DWConv3x3(z) is a Conv2d subclass
+    (not counted). The position-encoding conv and GLNet's other convolutions are plain nn.Conv2d."""
+    unseen = set()
+    for module in model.modules():
+        if isinstance(module, glnet.MHSA):
+            unseen.update(module.modules())
+        elif isinstance(module, glnet.GLMixBlock):
+            unseen.update((module.norm1, module.norm2))
+        elif isinstance(module, glnet.MHSABlock):
+            unseen.add(module.norm2)
+        elif isinstance(module, glnet.ConvFFN):
+            unseen.add(module[1])
+    layers = {}
+    for module in model.modules():
+        kind = nn.Conv2d if isinstance(module, nn.Conv2d) else type(module)  # ResidualDWConv, PatchConv
+        if kind in MMCV_RULES and module not in unseen:
+            layers[module] = kind
+    return layers
+
+
+@torch.no_grad()
+def mmcv_flops(module, inputs):
+    """FLOPs (multiply-accumulates) as MMCV's counter, which MMDetection's and MMSegmentation's
+    get_flops use, counts them: a forward hook on each layer of mmcv_counted_layers; matrix
+    products and attention inside functions go uncounted. Needs only shapes: meta tensors will do."""
+    total = 0
+
+    def count(layer, args, output):
+        nonlocal total
+        total += MMCV_RULES[layers[layer]](layer, args[0], output)
+
+    layers = mmcv_counted_layers(module)
+    handles = [layer.register_forward_hook(count) for layer in layers]
+    try:
+        module(*inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return total
+
+
+def report_model(task, backbone):
+    """One dense model with the paper's class count and widths, as get_flops runs it (eval mode).
+    UperNet's heads get SyncBatchNorm, as in the MMSegmentation configuration the paper used (the
+    same layers in eval mode; MMCV's counter does not count SyncBatchNorm)."""
+    model = create_model(task, backbone, REPORT_CLASSES[task], fpn_channels=REPORT_WIDTHS[task])
+    if task == "upernet":
+        for name, head in model.named_children():
+            if name != "backbone":
+                nn.SyncBatchNorm.convert_sync_batchnorm(head)
+    return CountedForward(task, model).eval()
+
+
+def dense_model_costs(task, backbone):
+    """(parameters, fvcore FLOPs, MMCV FLOPs) of one dense model at REPORT_SIZES. Parameters and
+    MMCV's count come from a model on the meta device (no arithmetic); fvcore traces a real forward
+    of a CPU model on a zero image."""
+    size = REPORT_SIZES[task]
+    with torch.device("meta"):
+        meta = report_model(task, backbone)
+    params, mmcv = glnet.count_params(meta), mmcv_flops(meta, (torch.zeros(1, 3, *size, device="meta"),))
+    with torch.no_grad():
+        everything = glnet.flop_analysis(report_model(task, backbone), (torch.zeros(1, 3, *size),)).total()
+    return params, everything, mmcv
+
+
+def report(tasks=TASKS, backbones=("glnet_4g", "glnet_9g")):
+    """Print parameters and GFLOPs of each dense model beside the paper's (Tables 4 and 5)."""
+    print(f"{'model':<11}{'backbone':<12}{'params (M)':>11}{'paper':>7}{'GFLOPs all':>12}{'GFLOPs MMCV':>13}"
+          f"{'paper':>7}  input")
+    rows = []
+    for task in tasks:
+        for backbone in backbones:
+            params, everything, mmcv = dense_model_costs(task, backbone)
+            paper = PAPER[task].get(backbone)
+            paper_params, paper_flops = (f"{paper[0]:>7g}", f"{paper[1]:>7g}") if paper else (f"{'-':>7}", f"{'-':>7}")
+            height, width = REPORT_SIZES[task]
+            print(f"{task:<11}{backbone:<12}{params / 1e6:>11.2f}{paper_params}{everything / 1e9:>12.1f}"
+                  f"{mmcv / 1e9:>13.1f}{paper_flops}  {height}x{width}", flush=True)
+            rows.append((task, backbone, params, everything, mmcv))
+    print("GFLOPs: multiply-accumulates of one image. 'all': fvcore, every operation, attention included.\n"
+          "'MMCV': what MMCV's counter (the paper's tools) sees: layers such as convolutions, norms and plain\n"
+          "  linear layers; GLNet's attention (nn.MultiheadAttention in the released code) and its clustering\n"
+          "  and dispatching matrix products are not counted.\n"
+          f"Mask R-CNN: backbone, FPN, RPN head, box head on {PROPOSALS} RoIs, mask head on {MASK_PROPOSALS} "
+          "(MMDetection's convention).\nSegmentation: without UperNet's auxiliary head (training only).")
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
 # Command line: train.py's flags, plus the dense tasks' own
 # ---------------------------------------------------------------------------------------------
 
@@ -849,7 +1018,8 @@ def parse_args(argv=None):
 
     train.add_training_arguments(parser, default)
     parser.add_argument("--task", nargs="+", choices=TASKS, default=None,
-                        help="models to train, one after the other (default: maskrcnn semfpn on the synthetic scenes)")
+                        help="models to train, one after the other (default: maskrcnn semfpn on the synthetic scenes); "
+                             "with --report, the models to count (default: all four)")
     parser.add_argument("--pretrained", default=None, help="ImageNet GLNet checkpoint for the backbone (released ones included)")
     parser.add_argument("--schedule", choices=("1x", "3x"), default="1x", help="detection: 12 epochs, or 36 with multi-scale training")
     parser.add_argument("--min-size", type=int, default=None, help="detection: shorter image side")
@@ -864,7 +1034,12 @@ def parse_args(argv=None):
     parser.add_argument("--predict", metavar="IMAGE", default=None, help="draw the predictions on IMAGE into a PNG")
     parser.add_argument("--predict-output", default=None, help="default: <output-dir>/<image name>_<task>.png")
     parser.add_argument("--score-threshold", type=float, default=0.5)
+    parser.add_argument("--report", action="store_true",
+                        help="print parameters and GFLOPs of the dense models (--task, default all four) with "
+                             "glnet_4g and glnet_9g (or --model) against the paper's Tables 4 and 5, then exit")
     args = parser.parse_args(argv)
+    if args.task is None and args.report:
+        args.task = list(TASKS)
     if args.task is None:
         if args.data is not None and not (args.bench or args.predict):
             parser.error("--task is required with --data (maskrcnn or retinanet on COCO, semfpn or upernet on ADE20K)")
@@ -896,6 +1071,8 @@ def main(argv=None):
     try:
         if args.bench:
             return benchmark(args.model or "glnet_4g", device)
+        if args.report:
+            return report(args.task, [args.model] if args.model else ["glnet_4g", "glnet_9g"])
         if args.predict:
             checkpoint = args.checkpoint or os.path.join(args.output_dir, args.task[0], "best.pth")
             stem = os.path.splitext(os.path.basename(args.predict))[0]
