@@ -1,11 +1,12 @@
-"""GLNet as a dense-prediction backbone: Mask R-CNN and RetinaNet on COCO, Semantic FPN on ADE20K.
+"""GLNet as a dense-prediction backbone: Mask R-CNN and RetinaNet on COCO, Semantic FPN and UperNet on ADE20K.
 
 The paper (Sec. 4.2-4.3, Appendix B) trains these with MMDetection / MMSegmentation; the released
 code has no detection or segmentation code. Here the detectors are torchvision's own
 (torchvision.models.detection.MaskRCNN / RetinaNet) on a GLNet + FeaturePyramidNetwork backbone,
-Semantic FPN is written out below, and COCO AP comes from pycocotools. Training is train.py's
-loop (train.Trainer): this file brings only the models, the data, the loss of a batch and the
-evaluation, so checkpoints, exact resume, progress lines and the flags are the same as there.
+Semantic FPN and UperNet are written out below, and COCO AP comes from pycocotools. Training is
+train.py's loop (train.Trainer): this file brings only the models, the data, the loss of a batch
+and the evaluation, so checkpoints, exact resume, progress lines and the flags are the same as
+there. `--report` counts the parameters and FLOPs of the paper's dense models.
 
     python detect_seg.py                                   # synthetic scenes, CPU, a few minutes
     python detect_seg.py --predict scene.png               # draw what the trained Mask R-CNN finds
@@ -13,10 +14,12 @@ evaluation, so checkpoints, exact resume, progress lines and the flags are the s
         --model glnet_4g --pretrained glnet_4g.pth --output-dir runs/maskrcnn_4g_1x
     torchrun --nproc_per_node 8 detect_seg.py --task semfpn --data /data/ADEChallengeData2016 \\
         --model glnet_4g --pretrained glnet_4g.pth --output-dir runs/semfpn_4g
+    python detect_seg.py --report                          # params and FLOPs of the paper's dense models
 
---batch-size is per process, as in train.py: the defaults (2 images per GPU for COCO, 4 for
-ADE20K) reach the paper's total batch of 16 / 32 on 8 GPUs; on fewer GPUs, --accum-steps reaches
-it. The learning rate is given for the paper's total batch and scales linearly with the actual one.
+--batch-size is per process, as in train.py: the defaults (2 images per GPU for COCO and UperNet,
+4 for Semantic FPN) reach the paper's total batch of 16 / 16 / 32 on 8 GPUs; on fewer GPUs,
+--accum-steps reaches it. The learning rate is given for the paper's total batch and scales
+linearly with the actual one.
 
 Without --data, a synthetic scene dataset (coloured squares, circles and triangles with instance
 masks, in COCO format, plus semantic label PNGs in ADE20K's convention) is generated once into a
@@ -26,8 +29,8 @@ BatchNorm: GLNet's only BatchNorms are in its stem and downsampling layers. Star
 ImageNet checkpoint, the detectors freeze them (torchvision.ops.FrozenBatchNorm2d: the ImageNet
 statistics and affine kept), as torchvision's detection references do, because 2 images per GPU
 give useless batch statistics; from scratch (the synthetic runs) there are no statistics to keep,
-so they train. Semantic FPN trains on 512x512 crops, 4 per GPU, so its BatchNorms keep training
-(SyncBatchNorm across GPUs).
+so they train. The segmentation models train on 512x512 crops, so their BatchNorms (GLNet's and
+UperNet's) keep training (SyncBatchNorm across GPUs).
 """
 
 import argparse
@@ -52,7 +55,7 @@ from torchvision.datasets import CocoDetection, wrap_dataset_for_transforms_v2
 from torchvision.models.detection import MaskRCNN, RetinaNet
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
-from torchvision.ops import FeaturePyramidNetwork, FrozenBatchNorm2d, box_convert
+from torchvision.ops import Conv2dNormActivation, FeaturePyramidNetwork, FrozenBatchNorm2d, box_convert
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 from torchvision.transforms import v2
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
@@ -60,17 +63,23 @@ from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 import glnet
 import train
 
-TASKS = ("maskrcnn", "retinanet", "semfpn")
-SEGMENTATION_TASKS = ("semfpn",)
+TASKS = ("maskrcnn", "retinanet", "semfpn", "upernet")
+SEGMENTATION_TASKS = ("semfpn", "upernet")
 FPN_CHANNELS = 256
 IGNORE_INDEX = 255  # semantic label of unlabelled pixels (ADE20K's 0 after the shift)
 MULTISCALE_SIZES = tuple(range(480, 801, 32))  # shorter sides of 3x multi-scale training
-MAIN_METRIC = {"maskrcnn": "bbox_AP", "retinanet": "bbox_AP", "semfpn": "mIoU"}
-# The paper's total batch (Appendix B): --lr is given for it and scales linearly with the actual one.
-REFERENCE_BATCH = {"maskrcnn": 16, "retinanet": 16, "semfpn": 32}
+PPM_SCALES = (1, 2, 3, 6)  # UperNet's pyramid pooling module: the last stage pooled to 1x1 ... 6x6
+AUXILIARY_WEIGHT = 0.4  # UperNet's auxiliary FCN head on stage 3: its loss weight (training only)
+MAIN_METRIC = {"maskrcnn": "bbox_AP", "retinanet": "bbox_AP", "semfpn": "mIoU", "upernet": "mIoU"}
+# The paper's total batch (Appendix B; UperNet: Swin's schedule): --lr is given for it and scales
+# linearly with the actual one.
+REFERENCE_BATCH = {"maskrcnn": 16, "retinanet": 16, "semfpn": 32, "upernet": 16}
 
 # The paper's recipes (Appendix B); every entry is a command-line flag that overrides it. Batch sizes
-# are per process: 8 GPUs reach the paper's totals (16 for COCO, 32 for ADE20K).
+# are per process: 8 GPUs reach the paper's totals (16 for COCO and UperNet, 32 for Semantic FPN).
+# UperNet follows Swin's ADE20K schedule, as Sec. 4.3 says: AdamW lr 6e-5 at batch 16, weight decay
+# 0.01, 1500 linear warm-up iterations from 1e-6 x the lr, then poly (power 1) decay to 0 at 160k
+# iterations, drop path 0.3, evaluation every 16k iterations (13 epochs of ADE20K's 20210 images).
 COMMON = dict(min_lr=0.0, warmup_epochs=None, warmup_factor=1e-3, clip_grad=0.0, ema_decay=0.0, drop_path=0.0,
               workers=2, threads=0, print_freq=20, lr_steps=None, min_size=None, max_size=None, epochs=None,
               iters=None, crop_size=None, scale=None, multiscale=False, rois_per_image=512)
@@ -83,11 +92,15 @@ RECIPES = {
                       eval_interval=1),
     "semfpn": dict(model="glnet_4g", iters=80000, lr_schedule="cosine", batch_size=4, lr=2e-4, weight_decay=1e-4,
                    warmup_iters=1000, crop_size=512, scale=512, fpn_channels=256, eval_interval=10),
+    "upernet": dict(model="glnet_4g", iters=160000, lr_schedule="poly", batch_size=2, lr=6e-5, weight_decay=0.01,
+                    warmup_iters=1500, warmup_factor=1e-6, drop_path=0.3, crop_size=512, scale=512, fpn_channels=512,
+                    eval_interval=13),
 }
 # The 3x schedule: 36 epochs, lr steps at 27 and 33, multi-scale training.
 SCHEDULE_3X = dict(epochs=36, lr_steps=(27, 33), multiscale=True)
 # Out of the box: glnet_mini from scratch on small synthetic scenes, sized for a CPU. Learning rates are
 # per reference batch as above (3e-4 and 1e-3 at the default batches of 4 and 8 on one process).
+# UperNet's width (--fpn-channels) is 512 in the paper, 64 here.
 SYNTHETIC_RECIPES = {
     "maskrcnn": dict(model="glnet_mini", epochs=3, lr_schedule="step", lr_steps=(2,), batch_size=4, lr=1.2e-3,
                      weight_decay=0.05, warmup_iters=50, min_size=128, max_size=208, fpn_channels=64,
@@ -97,6 +110,8 @@ SYNTHETIC_RECIPES = {
                       eval_interval=100),
     "semfpn": dict(model="glnet_mini", iters=150, lr_schedule="cosine", batch_size=8, lr=4e-3, weight_decay=1e-4,
                    warmup_iters=50, crop_size=128, scale=160, fpn_channels=64, eval_interval=100),
+    "upernet": dict(model="glnet_mini", iters=150, lr_schedule="poly", batch_size=8, lr=2e-3, weight_decay=0.01,
+                    warmup_iters=50, crop_size=128, scale=160, fpn_channels=64, eval_interval=100),
 }
 
 # The synthetic scenes: one class per shape, each drawn in its own colour family.
@@ -154,8 +169,10 @@ class GLNetFPN(nn.Module):
 
 def create_detector(task, backbone, num_classes, pretrained=None, min_size=800, max_size=1333, fpn_channels=FPN_CHANNELS,
                     rois_per_image=512, drop_path_rate=0.0):
-    """Mask R-CNN on P2-P6 or RetinaNet on P3-P7 (P6-P7 from P5 by strided convs), torchvision's
-    heads, anchors and losses; the mask head is as wide as the FPN (256 in the paper, as MMDetection's).
+    """Mask R-CNN on P2-P6 or RetinaNet on P3-P7, torchvision's heads, anchors and losses. RetinaNet's
+    P6 is a strided conv on the last stage C5, not on P5, and P7 one on P6, as in MMDetection's
+    RetinaNet that the paper used; its heads have no GroupNorm, as there. The mask head is as wide
+    as the FPN (256 in the paper, as MMDetection's).
     Takes a list of (3, H, W) images in [0, 1]; it resizes them (shorter side `min_size`, a tuple
     for multi-scale training, longer side at most `max_size`) and normalises them."""
     body = create_backbone(backbone, pretrained, frozen_bn=pretrained is not None, drop_path_rate=drop_path_rate)
@@ -167,9 +184,18 @@ def create_detector(task, backbone, num_classes, pretrained=None, min_size=800, 
                         mask_predictor=MaskRCNNPredictor(fpn_channels, fpn_channels, num_classes),
                         box_batch_size_per_image=rois_per_image, **common)
     if task == "retinanet":
-        return RetinaNet(GLNetFPN(body, (1, 2, 3), LastLevelP6P7(fpn_channels, fpn_channels), fpn_channels),
-                         num_classes, **common)
+        p6_p7 = LastLevelP6P7(body.stage_channels[3], fpn_channels)
+        p6_p7.use_P5 = False  # torchvision takes P5 when C5 is as wide as the FPN: always C5 here
+        return RetinaNet(GLNetFPN(body, (1, 2, 3), p6_p7, fpn_channels), num_classes, **common)
     raise ValueError(f"unknown detection task {task!r}; expected 'maskrcnn' or 'retinanet'")
+
+
+def normalize(images):
+    """(B, 3, H, W) images in [0, 1] -> normalised with the ImageNet statistics GLNet was trained on."""
+    return v2.functional.normalize(images, train.MEAN, train.STD)
+
+
+resize = functools.partial(F.interpolate, mode="bilinear", align_corners=False)
 
 
 def scale_head(in_channels, channels, stride_log2):
@@ -196,21 +222,72 @@ class SemanticFPN(nn.Module):
         self.backbone = GLNetFPN(body, out_channels=fpn_channels)
         self.scale_heads = nn.ModuleList(scale_head(fpn_channels, head_channels, i) for i in range(4))
         self.classifier = nn.Sequential(nn.Dropout2d(0.1), nn.Conv2d(head_channels, num_classes, 1))
-        self.register_buffer("mean", torch.tensor(train.MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(train.STD).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, images):
-        features = list(self.backbone((images - self.mean) / self.std).values())
+        features = list(self.backbone(normalize(images)).values())
         size = features[0].shape[-2:]  # stride 4; odd input sizes make 2x upsampling miss by one
-        x = sum(F.interpolate(head(f), size=size, mode="bilinear", align_corners=False)
-                for head, f in zip(self.scale_heads, features))
-        return F.interpolate(self.classifier(x), size=images.shape[-2:], mode="bilinear", align_corners=False)
+        x = sum(resize(head(f), size=size) for head, f in zip(self.scale_heads, features))
+        return resize(self.classifier(x), size=images.shape[-2:])
+
+
+def conv_bn_relu(in_channels, out_channels, kernel_size):
+    """MMCV's ConvModule with BatchNorm: a convolution without bias, BatchNorm, ReLU."""
+    return Conv2dNormActivation(in_channels, out_channels, kernel_size)
+
+
+class UperNet(nn.Module):
+    """UperNet (Xiao et al. 2018) as MMSegmentation's UPerHead in Swin's ADE20K configuration, which
+    the paper used: a pyramid pooling module on the last stage (PPM_SCALES), an FPN over the four
+    stages (1x1 lateral convs, top-down sums, 3x3 convs), the four levels upsampled to stride 4,
+    concatenated and fused by a 3x3 conv, dropout 0.1 and a 1x1 classifier; every conv but the
+    classifier is conv_bn_relu, `channels` wide (512 in the paper). The auxiliary FCN head on stage 3
+    (one 3x3 conv, channels / 2 wide, dropout, classifier) regularises training only.
+
+    Takes (B, 3, H, W) images in [0, 1]; returns (B, num_classes, H, W) logits, and in training mode
+    the pair (logits, auxiliary logits) of that shape."""
+
+    def __init__(self, backbone, num_classes, pretrained=None, channels=512, drop_path_rate=0.0):
+        super().__init__()
+        self.backbone = create_backbone(backbone, pretrained, drop_path_rate=drop_path_rate)
+        c1, c2, c3, c4 = self.backbone.stage_channels
+        self.psp_modules = nn.ModuleList(nn.Sequential(nn.AdaptiveAvgPool2d(scale), conv_bn_relu(c4, channels, 1))
+                                         for scale in PPM_SCALES)
+        self.bottleneck = conv_bn_relu(c4 + len(PPM_SCALES) * channels, channels, 3)
+        self.lateral_convs = nn.ModuleList(conv_bn_relu(c, channels, 1) for c in (c1, c2, c3))
+        self.fpn_convs = nn.ModuleList(conv_bn_relu(channels, channels, 3) for _ in range(3))
+        self.fpn_bottleneck = conv_bn_relu(4 * channels, channels, 3)
+        self.classifier = nn.Sequential(nn.Dropout2d(0.1), nn.Conv2d(channels, num_classes, 1))
+        self.auxiliary_head = nn.Sequential(conv_bn_relu(c3, channels // 2, 3), nn.Dropout2d(0.1),
+                                            nn.Conv2d(channels // 2, num_classes, 1))
+
+    def pyramid_pooling(self, c4):
+        """PPM: C5 and its poolings to 1x1, 2x2, 3x3, 6x6 (each projected, upsampled back), fused."""
+        pooled = [resize(ppm(c4), size=c4.shape[-2:]) for ppm in self.psp_modules]
+        return self.bottleneck(torch.cat([c4, *pooled], dim=1))
+
+    def forward(self, images):
+        c1, c2, c3, c4 = self.backbone.forward_features(normalize(images))     # strides 4, 8, 16, 32
+        laterals = [conv(c) for conv, c in zip(self.lateral_convs, (c1, c2, c3))] + [self.pyramid_pooling(c4)]
+        for i in range(3, 0, -1):  # top-down: each level plus the upsampled level above it
+            laterals[i - 1] = laterals[i - 1] + resize(laterals[i], size=laterals[i - 1].shape[-2:])
+        levels = [conv(x) for conv, x in zip(self.fpn_convs, laterals[:3])] + [laterals[3]]
+        size = levels[0].shape[-2:]
+        fused = self.fpn_bottleneck(torch.cat([levels[0], *(resize(x, size=size) for x in levels[1:])], dim=1))
+        logits = resize(self.classifier(fused), size=images.shape[-2:])           # (B, K, H, W)
+        if not self.training:
+            return logits
+        return logits, resize(self.auxiliary_head(c3), size=images.shape[-2:])
 
 
 def create_model(task, backbone, num_classes, pretrained=None, **kwargs):
+    """The model of one task: a GLNet backbone (from an ImageNet checkpoint when `pretrained`) with
+    the task's neck and heads."""
     if task == "semfpn":
         kwargs = {k: v for k, v in kwargs.items() if k in ("fpn_channels", "drop_path_rate")}
         return SemanticFPN(backbone, num_classes, pretrained, **kwargs)
+    if task == "upernet":
+        return UperNet(backbone, num_classes, pretrained, channels=kwargs.get("fpn_channels", 512),
+                       drop_path_rate=kwargs.get("drop_path_rate", 0.0))
     return create_detector(task, backbone, num_classes, pretrained, **kwargs)
 
 
@@ -569,9 +646,15 @@ def build_data(config):
 
 
 def segmentation_loss(model, batch, device):
+    """Per-pixel cross-entropy; with UperNet's auxiliary logits (training mode) plus AUXILIARY_WEIGHT x theirs."""
     images, labels = batch
-    logits = model(images.to(device, non_blocking=True))
-    return F.cross_entropy(logits.float(), labels.to(device, non_blocking=True), ignore_index=IGNORE_INDEX)
+    labels = labels.to(device, non_blocking=True)
+    outputs = model(images.to(device, non_blocking=True))
+    logits, auxiliary = outputs if isinstance(outputs, tuple) else (outputs, None)
+    loss = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX)
+    if auxiliary is not None:
+        loss = loss + AUXILIARY_WEIGHT * F.cross_entropy(auxiliary.float(), labels, ignore_index=IGNORE_INDEX)
+    return loss
 
 
 def detection_loss(model, batch, device):
@@ -745,6 +828,174 @@ def benchmark(backbone, device, height=800, width=1333):
 
 
 # ---------------------------------------------------------------------------------------------
+# Parameters and FLOPs of the paper's dense models: --report
+# ---------------------------------------------------------------------------------------------
+
+# The paper's (parameters in M, GFLOPs): Table 4 (COCO; FLOPs at 800x1280) for RetinaNet and Mask R-CNN,
+# Table 5 (ADE20K; FLOPs at 512x2048) for Semantic FPN (80k) and UperNet (160k).
+PAPER = {
+    "retinanet": {"glnet_4g": (37, 214), "glnet_9g": (70, 292)},
+    "maskrcnn": {"glnet_4g": (46.6, 233), "glnet_9g": (79.5, 311)},
+    "semfpn": {"glnet_4g": (30.7, 150), "glnet_9g": (63.6, 230)},
+    "upernet": {"glnet_4g": (56.8, 907), "glnet_9g": (91.7, 988)},
+}
+REPORT_SIZES = {"retinanet": (800, 1280), "maskrcnn": (800, 1280), "semfpn": (512, 2048), "upernet": (512, 2048)}
+# COCO's 80 classes (Mask R-CNN's box classifier adds the background, as MMDetection's does); ADE20K's 150.
+REPORT_CLASSES = {"retinanet": 80, "maskrcnn": 81, "semfpn": 150, "upernet": 150}
+REPORT_WIDTHS = {"retinanet": FPN_CHANNELS, "maskrcnn": FPN_CHANNELS, "semfpn": FPN_CHANNELS, "upernet": 512}
+PROPOSALS, MASK_PROPOSALS = 1000, 100  # MMDetection's forward_dummy: RoI heads on 1000 proposals, masks on 100
+
+
+class CountedForward(nn.Module):
+    """The forward pass MMDetection's and MMSegmentation's get_flops tools count (forward_dummy), on
+    (1, 3, H, W) images: a segmentation model in eval mode (so without UperNet's auxiliary head);
+    a detector's backbone and FPN, its dense heads on every level and, for Mask R-CNN, the RoI box
+    head on PROPOSALS RoIs and the mask head on MASK_PROPOSALS. Neither counter counts RoIAlign, so
+    the RoI heads get zero features of its output size. No pre- or post-processing (resizing,
+    anchors, box decoding, NMS)."""
+
+    def __init__(self, task, model):
+        super().__init__()
+        self.task, self.model = task, model
+
+    def forward(self, images):
+        if self.task in SEGMENTATION_TASKS:
+            return self.model(images)
+        features = self.model.backbone(images)
+        levels = list(features.values())
+        if self.task == "retinanet":
+            return self.model.head.classification_head(levels), self.model.head.regression_head(levels)
+        objectness, box_deltas = self.model.rpn.head(levels)
+        roi_heads, channels = self.model.roi_heads, levels[0].shape[1]
+        box_features = levels[0].new_zeros(PROPOSALS, channels, *roi_heads.box_roi_pool.output_size)
+        mask_features = levels[0].new_zeros(MASK_PROPOSALS, channels, *roi_heads.mask_roi_pool.output_size)
+        boxes = roi_heads.box_predictor(roi_heads.box_head(box_features))
+        masks = roi_heads.mask_predictor(roi_heads.mask_head(mask_features))
+        return objectness, box_deltas, boxes, masks
+
+
+def conv_flops(layer, x, y):
+    """Multiply-accumulates of every output position, plus one addition per output for the bias."""
+    per_position = layer.out_channels * layer.in_channels // layer.groups * math.prod(layer.kernel_size)
+    return y.numel() // y.shape[1] * per_position + (y.numel() if layer.bias is not None else 0)
+
+
+def deconv_flops(layer, x, y):
+    """A transposed conv: multiply-accumulates of every input position, plus the bias additions."""
+    per_position = layer.out_channels * layer.in_channels // layer.groups * math.prod(layer.kernel_size)
+    return x.numel() // x.shape[1] * per_position + (y.numel() if layer.bias is not None else 0)
+
+
+def norm_flops(layer, x, y):
+    affine = getattr(layer, "affine", False) or getattr(layer, "elementwise_affine", False)
+    return x.numel() * (2 if affine else 1)
+
+
+# MMCV's get_model_complexity_info: the layer types it counts, and how. It matches exact types.
+MMCV_RULES = {
+    nn.Conv2d: conv_flops, nn.ConvTranspose2d: deconv_flops,
+    nn.BatchNorm2d: norm_flops, nn.GroupNorm: norm_flops, nn.LayerNorm: norm_flops,
+    nn.Linear: lambda layer, x, y: x.numel() * y.shape[-1],
+    nn.ReLU: lambda layer, x, y: y.numel(), nn.Upsample: lambda layer, x, y: y.numel(),
+    nn.MaxPool2d: lambda layer, x, y: x.numel(), nn.AdaptiveAvgPool2d: lambda layer, x, y: x.numel(),
+}
+
+
+def mmcv_counted_layers(model):
+    """{layer: its MMCV_RULES type} for the layers MMCV's counter would have seen. It matches exact
+    types, so what it saw of GLNet depends on the classes the released code builds it from: attention
+    is nn.MultiheadAttention, computed by a function (not counted at all, projections included); the
+    norms of the blocks are timm's LayerNorm2d, a LayerNorm subclass (not counted), except the first
+    norm of the full-attention blocks (nn.LayerNorm); the FFN's z + DWConv3x3(z) is a Conv2d subclass
+    (not counted). The position-encoding conv and GLNet's other convolutions are plain nn.Conv2d."""
+    unseen = set()
+    for module in model.modules():
+        if isinstance(module, glnet.MHSA):
+            unseen.update(module.modules())
+        elif isinstance(module, glnet.GLMixBlock):
+            unseen.update((module.norm1, module.norm2))
+        elif isinstance(module, glnet.MHSABlock):
+            unseen.add(module.norm2)
+        elif isinstance(module, glnet.ConvFFN):
+            unseen.add(module[1])
+    layers = {}
+    for module in model.modules():
+        kind = nn.Conv2d if isinstance(module, nn.Conv2d) else type(module)  # ResidualDWConv, PatchConv
+        if kind in MMCV_RULES and module not in unseen:
+            layers[module] = kind
+    return layers
+
+
+@torch.no_grad()
+def mmcv_flops(module, inputs):
+    """FLOPs (multiply-accumulates) as MMCV's counter, which MMDetection's and MMSegmentation's
+    get_flops use, counts them: a forward hook on each layer of mmcv_counted_layers; matrix
+    products and attention inside functions go uncounted. Needs only shapes: meta tensors will do."""
+    total = 0
+
+    def count(layer, args, output):
+        nonlocal total
+        total += MMCV_RULES[layers[layer]](layer, args[0], output)
+
+    layers = mmcv_counted_layers(module)
+    handles = [layer.register_forward_hook(count) for layer in layers]
+    try:
+        module(*inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return total
+
+
+def report_model(task, backbone):
+    """One dense model with the paper's class count and widths, as get_flops runs it (eval mode).
+    UperNet's heads get SyncBatchNorm, as in the MMSegmentation configuration the paper used (the
+    same layers in eval mode; MMCV's counter does not count SyncBatchNorm)."""
+    model = create_model(task, backbone, REPORT_CLASSES[task], fpn_channels=REPORT_WIDTHS[task])
+    if task == "upernet":
+        for name, head in model.named_children():
+            if name != "backbone":
+                nn.SyncBatchNorm.convert_sync_batchnorm(head)
+    return CountedForward(task, model).eval()
+
+
+def dense_model_costs(task, backbone):
+    """(parameters, fvcore FLOPs, MMCV FLOPs) of one dense model at REPORT_SIZES. Parameters and
+    MMCV's count come from a model on the meta device (no arithmetic); fvcore traces a real forward
+    of a CPU model on a zero image."""
+    size = REPORT_SIZES[task]
+    with torch.device("meta"):
+        meta = report_model(task, backbone)
+    params, mmcv = glnet.count_params(meta), mmcv_flops(meta, (torch.zeros(1, 3, *size, device="meta"),))
+    with torch.no_grad():
+        everything = glnet.flop_analysis(report_model(task, backbone), (torch.zeros(1, 3, *size),)).total()
+    return params, everything, mmcv
+
+
+def report(tasks=TASKS, backbones=("glnet_4g", "glnet_9g")):
+    """Print parameters and GFLOPs of each dense model beside the paper's (Tables 4 and 5)."""
+    print(f"{'model':<11}{'backbone':<12}{'params (M)':>11}{'paper':>7}{'GFLOPs all':>12}{'GFLOPs MMCV':>13}"
+          f"{'paper':>7}  input")
+    rows = []
+    for task in tasks:
+        for backbone in backbones:
+            params, everything, mmcv = dense_model_costs(task, backbone)
+            paper = PAPER[task].get(backbone)
+            paper_params, paper_flops = (f"{paper[0]:>7g}", f"{paper[1]:>7g}") if paper else (f"{'-':>7}", f"{'-':>7}")
+            height, width = REPORT_SIZES[task]
+            print(f"{task:<11}{backbone:<12}{params / 1e6:>11.2f}{paper_params}{everything / 1e9:>12.1f}"
+                  f"{mmcv / 1e9:>13.1f}{paper_flops}  {height}x{width}", flush=True)
+            rows.append((task, backbone, params, everything, mmcv))
+    print("GFLOPs: multiply-accumulates of one image. 'all': fvcore, every operation, attention included.\n"
+          "'MMCV': what MMCV's counter (the paper's tools) sees: layers such as convolutions, norms and plain\n"
+          "  linear layers; GLNet's attention (nn.MultiheadAttention in the released code) and its clustering\n"
+          "  and dispatching matrix products are not counted.\n"
+          f"Mask R-CNN: backbone, FPN, RPN head, box head on {PROPOSALS} RoIs, mask head on {MASK_PROPOSALS} "
+          "(MMDetection's convention).\nSegmentation: without UperNet's auxiliary head (training only).")
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
 # Command line: train.py's flags, plus the dense tasks' own
 # ---------------------------------------------------------------------------------------------
 
@@ -754,7 +1005,7 @@ def parse_args(argv=None):
 
     def default(key):
         if key == "data":
-            return ("COCO 2017 root (maskrcnn, retinanet) or ADEChallengeData2016 root (semfpn); "
+            return ("COCO 2017 root (maskrcnn, retinanet) or ADEChallengeData2016 root (semfpn, upernet); "
                     "default: the synthetic scenes")
         if key == "output_dir":
             return "one subfolder per task (default runs/detect_seg)"
@@ -764,24 +1015,31 @@ def parse_args(argv=None):
 
     train.add_training_arguments(parser, default)
     parser.add_argument("--task", nargs="+", choices=TASKS, default=None,
-                        help="models to train, one after the other (default: maskrcnn semfpn on the synthetic scenes)")
+                        help="models to train, one after the other (default: maskrcnn semfpn on the synthetic scenes); "
+                             "with --report, the models to count (default: all four)")
     parser.add_argument("--pretrained", default=None, help="ImageNet GLNet checkpoint for the backbone (released ones included)")
     parser.add_argument("--schedule", choices=("1x", "3x"), default="1x", help="detection: 12 epochs, or 36 with multi-scale training")
     parser.add_argument("--min-size", type=int, default=None, help="detection: shorter image side")
     parser.add_argument("--max-size", type=int, default=None, help="detection: longest image side at most")
     parser.add_argument("--multiscale", action="store_true", default=None,
                         help=f"detection: shorter side drawn from {MULTISCALE_SIZES[0]}-{MULTISCALE_SIZES[-1]} (3x sets it)")
-    parser.add_argument("--fpn-channels", type=int, default=None, help="FPN (and mask head) width: 256 in the paper")
+    parser.add_argument("--fpn-channels", type=int, default=None,
+                        help="FPN (and mask head) width: 256 in the paper; UperNet's width: 512 in the paper")
     parser.add_argument("--rois-per-image", type=int, default=None, help="Mask R-CNN: RoIs sampled per image for the box/mask losses")
     parser.add_argument("--crop-size", type=int, default=None, help="segmentation training crop")
     parser.add_argument("--scale", type=int, default=None, help="segmentation: images resized into (4*scale, scale)")
     parser.add_argument("--predict", metavar="IMAGE", default=None, help="draw the predictions on IMAGE into a PNG")
     parser.add_argument("--predict-output", default=None, help="default: <output-dir>/<image name>_<task>.png")
     parser.add_argument("--score-threshold", type=float, default=0.5)
+    parser.add_argument("--report", action="store_true",
+                        help="print parameters and GFLOPs of the dense models (--task, default all four) with "
+                             "glnet_4g and glnet_9g (or --model) against the paper's Tables 4 and 5, then exit")
     args = parser.parse_args(argv)
+    if args.task is None and args.report:
+        args.task = list(TASKS)
     if args.task is None:
         if args.data is not None and not (args.bench or args.predict):
-            parser.error("--task is required with --data (maskrcnn or retinanet on COCO, semfpn on ADE20K)")
+            parser.error("--task is required with --data (maskrcnn or retinanet on COCO, semfpn or upernet on ADE20K)")
         args.task = ["maskrcnn", "semfpn"]
     if args.output_dir is None:
         args.output_dir = os.path.join("runs", "detect_seg")
@@ -810,6 +1068,8 @@ def main(argv=None):
     try:
         if args.bench:
             return benchmark(args.model or "glnet_4g", device)
+        if args.report:
+            return report(args.task, [args.model] if args.model else ["glnet_4g", "glnet_9g"])
         if args.predict:
             checkpoint = args.checkpoint or os.path.join(args.output_dir, args.task[0], "best.pth")
             stem = os.path.splitext(os.path.basename(args.predict))[0]

@@ -1372,6 +1372,92 @@ def test_semantic_fpn_forward_backward():
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
 
 
+def test_upernet_returns_the_auxiliary_logits_and_loss_in_training_only():
+    torch.manual_seed(0)
+    model = detect_seg.UperNet("glnet_mini", num_classes=5, channels=32)
+    images, labels = torch.rand(2, 3, 65, 97), torch.randint(0, 5, (2, 65, 97))
+    labels[:, :10] = detect_seg.IGNORE_INDEX
+    cross_entropy = lambda logits: torch.nn.functional.cross_entropy(logits, labels, ignore_index=detect_seg.IGNORE_INDEX)
+    cpu = torch.device("cpu")
+
+    torch.manual_seed(1)  # the same dropout masks in both forward passes
+    loss = detect_seg.segmentation_loss(model, (images, labels), cpu)
+    torch.manual_seed(1)
+    logits, auxiliary = model(images)
+    assert logits.shape == auxiliary.shape == (2, 5, 65, 97)
+    main_loss = cross_entropy(logits)
+    torch.testing.assert_close(loss, main_loss + detect_seg.AUXILIARY_WEIGHT * cross_entropy(auxiliary))
+    assert loss > main_loss + 0.1
+    loss.backward()
+    for module in (model.backbone.stages[0], model.psp_modules[0], model.lateral_convs[0], model.auxiliary_head):
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
+
+    model.eval()
+    with torch.no_grad():
+        logits = model(images)
+        assert isinstance(logits, torch.Tensor) and logits.shape == (2, 5, 65, 97)
+        assert detect_seg.segmentation_loss(model, (images, labels), cpu) == cross_entropy(logits)
+
+
+def test_retinanet_p6_comes_from_c5():
+    """As in MMDetection's RetinaNet: P6 is a strided conv on C5, also when C5 is as wide as the FPN
+    (glnet_mini's C5 has 256 channels), where torchvision's LastLevelP6P7 would take P5."""
+    fpn = detect_seg.create_detector("retinanet", "glnet_mini", 4, fpn_channels=256).backbone.eval()
+    inputs = []
+    fpn.fpn.extra_blocks.p6.register_forward_pre_hook(lambda module, args: inputs.append(args[0]))
+    x = torch.rand(1, 3, 96, 128)
+    with torch.no_grad():
+        levels = fpn(x)
+        c5 = fpn.body.forward_features(x)[3]
+    assert list(levels) == ["0", "1", "2", "p6", "p7"] and torch.equal(inputs[0], c5)
+
+
+# Parameters (M) with COCO's 80 classes and ADE20K's 150: the paper's Tables 4 and 5 (RetinaNet: the
+# paper prints 37 / 70; 36.7 / 70.2 is MMDetection's RetinaNet, P6 on C5), UperNet with its auxiliary head.
+DENSE_PARAMS = {("retinanet", "glnet_4g"): 36.7, ("retinanet", "glnet_9g"): 70.2, ("maskrcnn", "glnet_4g"): 46.6,
+                ("maskrcnn", "glnet_9g"): 79.5, ("semfpn", "glnet_4g"): 30.7, ("semfpn", "glnet_9g"): 63.6,
+                ("upernet", "glnet_4g"): 56.8, ("upernet", "glnet_9g"): 91.7}
+
+
+@pytest.mark.parametrize("task, backbone", list(DENSE_PARAMS))
+def test_dense_models_have_the_papers_parameters(task, backbone):
+    with torch.device("meta"):
+        model = detect_seg.report_model(task, backbone)
+    assert glnet.count_params(model) / 1e6 == pytest.approx(DENSE_PARAMS[task, backbone], abs=0.05)
+    if task == "upernet":
+        assert sum(p.numel() for p in model.model.auxiliary_head.parameters()) > 0.5e6
+
+
+@pytest.mark.parametrize("task, backbone", list(DENSE_PARAMS))
+def test_mmcv_flops_are_the_papers(task, backbone):
+    """On the meta device (shapes only), MMCV's count, what the paper's tools saw, gives the paper's
+    GFLOPs, which it prints as integers: all within rounding but UperNet with glnet_9g (988.5 for 988)."""
+    with torch.device("meta"):
+        model = detect_seg.report_model(task, backbone)
+    images = torch.zeros(1, 3, *detect_seg.REPORT_SIZES[task], device="meta")
+    gflops = detect_seg.mmcv_flops(model, (images,)) / 1e9
+    tolerance = 0.6 if (task, backbone) == ("upernet", "glnet_9g") else 0.5
+    assert gflops == pytest.approx(detect_seg.PAPER[task][backbone][1], abs=tolerance)
+
+
+def test_mmcv_flops_count_layers_not_functions():
+    """A conv with bias, BatchNorm, ReLU, pooling counted by MMCV's rules; GLNet's attention, block norms
+    and FFN depth-wise conv left out, as MMCV saw them in the released code."""
+    layers = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(2))
+    x = torch.zeros(1, 3, 10, 10)
+    assert detect_seg.mmcv_flops(layers, (x,)) == 100 * 8 * 27 + 800 + 2 * 800 + 800 + 800
+
+    block = glnet.GLMixBlock(64, mlp_ratio=3, conv_pos=True, conv_ffn=True)
+    hidden = block.mlp[0].out_channels
+    counted = detect_seg.mmcv_counted_layers(block)
+    assert block.pos_conv in counted and block.mlp[0] in counted and block.local_branch[1] in counted
+    assert not {block.norm1, block.norm2, block.mlp[1], block.slot_mhsa.out_proj} & set(counted)
+    pixels = 16 * 16
+    convs = 64 * 9 + 2 * 64 * 64 + 64 * 25 + 2 * 64 * hidden  # pos_conv, local branch, FFN 1x1s
+    biases = 64 * 4 + hidden + 64
+    assert detect_seg.mmcv_flops(block, (torch.zeros(1, 64, 16, 16),)) == pixels * (convs + biases)
+
+
 def test_backbone_from_imagenet_checkpoint(tmp_path):
     classifier = glnet.create_model("glnet_mini", num_classes=10)
     with torch.no_grad():
@@ -1622,6 +1708,40 @@ def test_mask_rcnn_run_evaluates_and_predict_draws(cache_dir, scenes, tmp_path):
     assert drawn.shape == original.shape and (drawn != original).any()
     with pytest.raises(FileNotFoundError, match="nothere.png"):
         detect_seg.main(["--output-dir", str(tmp_path), "--predict", str(tmp_path / "nothere.png")])
+
+
+def test_upernet_trains_on_the_scenes_and_predict_draws_its_masks(cache_dir, scenes, tmp_path, capsys):
+    args = ["--task", "upernet", *SEGMENTATION[2:], "--cache-dir", str(cache_dir), "--output-dir", str(tmp_path),
+            "--batch-size", "4", "--lr", "8e-3", "--warmup-iters", "3", "--iters", "9"]  # 2e-3 at the global batch of 4
+    results = detect_seg.main(args)["upernet"]
+    records = read_metrics(tmp_path / "upernet")
+    assert [r["epoch"] for r in records] == [1, 2, 3] and records[-1]["train_loss"] < records[0]["train_loss"]
+    assert 0 <= results["mIoU"] <= 1 and results["mIoU"] == records[-1]["val_mIoU"]
+    assert "peak lr 2.00e-03 (8.00e-03 per 16)" in capsys.readouterr().out
+
+    image = os.path.join(scenes, "val2017", sorted(os.listdir(os.path.join(scenes, "val2017")))[0])
+    output = str(tmp_path / "drawn.png")
+    detect_seg.main(["--task", "upernet", "--output-dir", str(tmp_path), "--predict", image, "--predict-output", output])
+    drawn, original = np.array(Image.open(output)), np.array(Image.open(image).convert("RGB"))
+    assert drawn.shape == original.shape and (drawn != original).any()
+    assert "classes " in capsys.readouterr().out
+
+
+def test_report_prints_a_row_per_model(monkeypatch, capsys):
+    for task, size in (("retinanet", (96, 128)), ("maskrcnn", (96, 128)), ("semfpn", (64, 128)), ("upernet", (64, 128))):
+        monkeypatch.setitem(detect_seg.REPORT_SIZES, task, size)
+    monkeypatch.setitem(detect_seg.REPORT_WIDTHS, "upernet", 64)
+    monkeypatch.setattr(detect_seg, "PROPOSALS", 20)
+    monkeypatch.setattr(detect_seg, "MASK_PROPOSALS", 2)
+    rows = detect_seg.main(["--report", "--model", "glnet_mini"])
+    lines = capsys.readouterr().out.splitlines()
+    assert [(task, backbone) for task, backbone, *_ in rows] == [(task, "glnet_mini") for task in detect_seg.TASKS]
+    for task, backbone, params, everything, mmcv in rows:
+        line = next(line.split() for line in lines if line.startswith(f"{task} "))
+        assert line[:3] == [task, backbone, f"{params / 1e6:.2f}"] and line[3] == "-"
+        assert float(line[4]) == round(everything / 1e9, 1) and float(line[5]) == round(mmcv / 1e9, 1)
+        assert everything > 0 and mmcv > 0
+    assert "box head on 20 RoIs, mask head on 2" in "\n".join(lines)
 
 
 def test_torchrun_two_processes_from_an_empty_cache(tmp_path):
