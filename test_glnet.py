@@ -844,7 +844,8 @@ def test_unreadable_image_is_named(tmp_path, data):
     bad = broken / "train" / "square" / "00003.png"
     bad.write_bytes(b"not a png")
     with pytest.raises(OSError, match=f"cannot read image {bad}"):
-        train.main(["--data", str(broken), "--output-dir", str(tmp_path / "out"), "--epochs", "1", *TINY])
+        train.main(["--data", str(broken), "--output-dir", str(tmp_path / "out"), "--epochs", "1", *TINY,
+                    "--repeated-aug", "1"])  # every image in the epoch
     assert not (tmp_path / "out" / "last.pth").exists()
 
 
@@ -902,7 +903,7 @@ def test_eval_of_a_checkpoint_from_elsewhere(tmp_path, data):
         train.main(["--eval", "--checkpoint", path, "--model", "glnet_4g", "--data", data, "--workers", "0"])
     metrics = train.main(["--eval", "--checkpoint", path, "--model", "glnet_mini", "--data", data,
                           "--image-size", "32", "--workers", "0"])
-    val_set = train.build_val_dataset(data, 32)
+    val_set = train.build_val_dataset(data, 32, "bicubic")  # evaluated as the released models were
     with torch.no_grad():
         correct = sum(model(image[None]).argmax().item() == label for image, label in val_set)
     assert metrics["images"] == 15 and metrics["top1"] == pytest.approx(100 * correct / 15)
