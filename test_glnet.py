@@ -1048,7 +1048,8 @@ def test_label_map_follows_the_crop_and_the_flip(tmp_path):
         pixels = image[:2] * torch.tensor(train.STD[:2])[:, None, None] + torch.tensor(train.MEAN[:2])[:, None, None]
         said = (token_labels[:, :2] / token_labels[:, 5:]).log().T / RAMP        # (x, y) of the 2 x 2 tokens
         torch.testing.assert_close(said, pixels.reshape(2, 2, 32, 2, 32).mean((2, 4)).flatten(1), atol=0.006, rtol=0)
-        torch.testing.assert_close((crop_label[:2] / crop_label[5]).log() / RAMP, pixels.mean((1, 2)), atol=0.006, rtol=0)
+        torch.testing.assert_close((crop_label[:2] / crop_label[5]).log() / RAMP, pixels.mean((1, 2)),
+                                   atol=0.006, rtol=0)
         flips.append(bool(pixels[0, :, 0].mean() > pixels[0, :, -1].mean()))
         torch.manual_seed(seed)
         torch.testing.assert_close(smoothed[0][2], 0.9 * crop_label + 0.1 / 6)
@@ -1134,7 +1135,8 @@ def test_token_labeling_demo_teacher_labels_student_eval(tmp_path, five_classes)
 
     teacher = glnet.create_model("glnet_mini", num_classes=5, checkpoint=os.path.join(teacher_dir, "best.pth")).eval()
     images = train.image_folder(five_classes, "train", v2.Compose([  # the whole image, at the teacher's size
-        v2.Resize((64, 64)), v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(train.MEAN, train.STD)]))
+        v2.Resize((64, 64)), v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(train.MEAN, train.STD)]))
     paths = [os.path.join(labels, os.path.basename(os.path.dirname(p)), os.path.basename(p)[:-4] + ".pt")
              for p, _ in images.samples]
     assert sorted(os.path.relpath(p, labels) for p in paths) == \

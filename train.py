@@ -888,7 +888,8 @@ class TokenLabeledImages(Dataset):
 
     def check_labels_dir(self):
         """Before training starts: the data's class folders, and a label map for every image."""
-        layout = f"expected one label map per training image: {self.path(os.path.join(self.images.root, '<class>', '<image>.JPEG'))}"
+        example = self.path(os.path.join(self.images.root, "<class>", "<image>.JPEG"))
+        layout = f"expected one label map per training image: {example}"
         if not os.path.isdir(self.labels_dir):
             raise FileNotFoundError(f"--token-labels {self.labels_dir} does not exist; {layout}")
         classes = class_folders(self.labels_dir)
@@ -1025,7 +1026,8 @@ def make_token_labels(args):
         v2.Resize((image_size, image_size), interpolation=interpolation, antialias=True),
         v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)]))
     if not TOP_K <= len(images.classes) <= 2048:  # class indices are exact in half precision up to 2048
-        raise ValueError(f"label maps hold the top-{TOP_K} of at most 2048 classes; {data_dir} has {len(images.classes)}")
+        raise ValueError(f"label maps hold the top-{TOP_K} of at most 2048 classes; {data_dir} has "
+                         f"{len(images.classes)}")
     teacher = glnet.create_model(model_name, num_classes=len(images.classes), checkpoint=checkpoint,
                                  checkpoint_key=args.checkpoint_key, **model_options(trained)).to(device).eval()
     loader = eval_loader(images, args.batch_size, args.workers, rank, world_size)
@@ -1348,10 +1350,12 @@ def parse_args(argv=None):
         values = "; ".join(f"{name} {recipe[key]}" for name, recipe in RECIPES.items() if key in recipe)
         if key == "drop_path":
             return f"default: {values}; otherwise per model: {DROP_PATH}"
+        if key in CLASSIFICATION_SCHEDULE:
+            return f"default {CLASSIFICATION_SCHEDULE[key]}"
         return f"default by --recipe: {values}" if values else "default: none"
 
     add_training_arguments(parser, default)
-    parser.add_argument("--recipe", choices=list(RECIPES), help="the defaults of every flag below: the built-in "
+    parser.add_argument("--recipe", choices=list(RECIPES), help="the defaults of the training flags: the built-in "
                         "data's (CPU, minutes), the paper's Table 8 (imagenet) or Table 9 (imagenet-tklb, token "
                         "labeling); default: imagenet with --data (imagenet-tklb with --token-labels), builtin without")
     parser.add_argument("--image-size", type=int, help=default("image_size"))
