@@ -52,7 +52,7 @@ from torchvision.datasets import CocoDetection, wrap_dataset_for_transforms_v2
 from torchvision.models.detection import MaskRCNN, RetinaNet
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
-from torchvision.ops import FeaturePyramidNetwork, FrozenBatchNorm2d
+from torchvision.ops import FeaturePyramidNetwork, FrozenBatchNorm2d, box_convert
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 from torchvision.transforms import v2
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
@@ -449,8 +449,7 @@ COCO_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 def detections_to_coco(output, image_id):
     """One image's torchvision detections as COCO result records (XYWH boxes, RLE masks)."""
-    boxes = output["boxes"].float().cpu()
-    boxes[:, 2:] -= boxes[:, :2]
+    boxes = box_convert(output["boxes"].float().cpu(), "xyxy", "xywh")
     records = [dict(image_id=int(image_id), category_id=int(label), bbox=[round(float(v), 2) for v in box], score=float(score))
                for box, label, score in zip(boxes, output["labels"].cpu(), output["scores"].cpu())]
     if "masks" in output and len(records):

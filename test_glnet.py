@@ -10,6 +10,7 @@ below (all copied from ../shared/reference, which tests check when present).
 """
 
 import collections
+import contextlib
 import copy
 import itertools
 import json
@@ -588,6 +589,26 @@ def run_script(args, launcher=(sys.executable,), timeout=120):
     return result.stdout
 
 
+def kill_process_tree(pid):
+    """SIGKILL a process and all its descendants (torchrun's workers run in sessions of their own)."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parent = int(f.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            children.setdefault(parent, []).append(int(entry))
+    pending, tree = [pid], []
+    while pending:
+        tree.append(pending.pop())
+        pending += children.get(tree[-1], [])
+    for member in tree:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(member, signal.SIGKILL)
+
+
 def torchrun(nproc):
     return (sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}")
 
@@ -794,7 +815,7 @@ def decayed_by_kind(model):
     kinds = {}
     for module_name, module in model.named_modules():
         for leaf, _ in module.named_parameters(recurse=False):
-            matrix = (isinstance(module, (nn.Conv2d, nn.Linear)) and leaf == "weight") or \
+            matrix = (isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)) and leaf == "weight") or \
                 (isinstance(module, glnet.MHSA) and leaf == "in_proj_weight")
             kinds[f"{module_name}.{leaf}".lstrip(".")] = matrix
     return kinds
@@ -948,20 +969,69 @@ def test_resume_after_sigkill_gives_the_same_weights(tmp_path, data):
             assert torch.equal(tensor, final[key][name]), f"{key}.{name} differs"
 
 
-def test_torchrun_ddp_training_and_exactly_once_evaluation(tmp_path, data):
+def test_torchrun_ddp_training_resume_and_exactly_once_evaluation(tmp_path, data):
+    """Two processes (gloo): rank 0 alone reports; a run killed with SIGKILL after its first
+    mid-epoch checkpoint and restarted ends with the weights of an uninterrupted run; evaluation
+    counts each validation image once, with the figures of a 1-process evaluation."""
+    args = ["--data", data, "--epochs", "2", "--checkpoint-every", "1", *TINY, "--batch-size", "2", "--accum-steps", "2"]
     out = str(tmp_path / "ddp")
-    log = run_script(["--data", data, "--output-dir", out, "--epochs", "1", *TINY], launcher=torchrun(2))
-    assert "global batch 8 = 4 per process x 2 processes x 1 accumulation steps" in log
-    assert "epoch 1/1  step 3/3  loss" in log and "val top1" in log
-    assert log.count("epoch 1/1 done") == 1  # rank 0 only
+    log = run_script([*args, "--output-dir", out], launcher=torchrun(2))
+    assert "global batch 8 = 2 per process x 2 processes x 2 accumulation steps" in log
+    assert "epoch 1/2  step 3/3  loss" in log and "val top1" in log
+    assert log.count("epoch 1/2 done") == 1  # rank 0 only
     assert f"python train.py --eval --checkpoint {out}/best.pth" in log
-    assert torch.load(os.path.join(out, "last.pth"))["epoch"] == 1
+
+    interrupted = str(tmp_path / "interrupted")
+    child = subprocess.Popen([*torchrun(2), os.path.join(HERE, "train.py"), *args, "--output-dir", interrupted], cwd=HERE,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    while not os.path.exists(os.path.join(interrupted, "last.pth")) and child.poll() is None:
+        time.sleep(0.01)
+    kill_process_tree(child.pid)  # torchrun and both of its processes, as a killed job
+    child.wait()
+    killed_at = torch.load(os.path.join(interrupted, "last.pth"))
+    assert (killed_at["epoch"], killed_at["step"]) < (2, 0), "the run finished before it was killed"
+    resumed = run_script([*args, "--output-dir", interrupted], launcher=torchrun(2))
+    assert f"resuming from {interrupted}/last.pth: epoch {killed_at['epoch'] + 1}, step {killed_at['step']}" in resumed
+    straight, final = torch.load(os.path.join(out, "last.pth")), torch.load(os.path.join(interrupted, "last.pth"))
+    for key in ("model", "model_ema"):
+        for name, tensor in straight[key].items():
+            assert torch.equal(tensor, final[key][name]), f"{key}.{name} differs"
 
     two_ranks = run_script(["--eval", "--checkpoint", os.path.join(out, "last.pth"), "--batch-size", "4"],
                            launcher=torchrun(2))
     assert "on 15 images" in two_ranks  # 8 + 7: nothing padded, nothing dropped
     one_rank = train.main(["--eval", "--checkpoint", os.path.join(out, "last.pth")])
-    assert f"top-1 {one_rank['top1']:.2f}  top-5 {one_rank['top5']:.2f}" in two_ranks
+    assert f"top-1 {one_rank['top1']:.2f}  top-5 {one_rank['top5']:.2f}  loss {one_rank['loss']:.4f}" in two_ranks
+
+
+def test_readme_main_command_on_an_empty_cache(tmp_path):
+    """`python train.py` exactly as the README runs it, as a new user: the built-in dataset is
+    generated into an empty cache, the first epoch trains, evaluates and checkpoints; the run is
+    then killed (all five epochs take minutes) and the same command resumes it."""
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+
+    def run_until(marker):
+        child = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py")], cwd=tmp_path, env=env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        lines = []
+        for line in child.stdout:
+            lines.append(line)
+            if marker in line:
+                break
+        child.kill()
+        child.wait()
+        return "".join(lines)
+
+    log = run_until("epoch 2/5  step")  # epoch 1 is evaluated and saved
+    shapes = tmp_path / "cache" / "glnet" / train.SHAPES_VERSION
+    assert sorted(os.listdir(tmp_path / "cache" / "glnet")) == [train.SHAPES_VERSION]
+    assert sorted(os.listdir(shapes / "train")) == sorted(train.SHAPES_CLASSES)
+    assert sum(len(os.listdir(shapes / "val" / c)) for c in train.SHAPES_CLASSES) == 500
+    assert "3000 train / 500 val images" in log and "global batch 32" in log
+    record = json.loads((tmp_path / "runs" / "glnet_mini-builtin" / "metrics.jsonl").read_text())
+    assert record["epoch"] == 1 and record["val_top1"] > 30  # 10 classes: it learns in one epoch
+    resumed = run_until("resuming from")
+    assert "resuming from runs/glnet_mini-builtin/last.pth: epoch 2, step 0" in resumed
 
 
 # --- recipes, repeated augmentation, token labeling ----------------------------------------------
@@ -1818,3 +1888,108 @@ def test_torchrun_two_processes_from_an_empty_cache(tmp_path):
     one_process = detect_seg.main([*args, "--output-dir", str(out), "--eval", "--checkpoint",
                                    str(out / "semfpn" / "last.pth")])["semfpn"]
     assert one_process["mIoU"] == records[-1]["val_mIoU"] and one_process["aAcc"] == records[-1]["val_aAcc"]
+
+
+def test_frozen_batchnorm_keeps_every_statistic_and_affine(tmp_path):
+    """The detectors freeze GLNet's BatchNorms at the ImageNet checkpoint's values: with every
+    statistic and affine parameter random, the frozen backbone computes what the checkpoint's
+    model computes in eval mode, in training mode too."""
+    torch.manual_seed(0)
+    classifier = glnet.create_model("glnet_mini", num_classes=10)
+    norms = [m for m in classifier.modules() if isinstance(m, nn.BatchNorm2d)]
+    with torch.no_grad():
+        for norm in norms:
+            norm.running_mean.normal_()
+            norm.running_var.uniform_(0.5, 2.0)
+            norm.weight.normal_()
+            norm.bias.normal_()
+    torch.save({"model": classifier.state_dict()}, tmp_path / "imagenet.pth")
+    frozen = detect_seg.create_backbone("glnet_mini", str(tmp_path / "imagenet.pth"), frozen_bn=True)
+    assert sum(isinstance(m, FrozenBatchNorm2d) for m in frozen.modules()) == len(norms) - 1  # all but the head's
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in frozen.modules())
+    reference = glnet.create_model("glnet_mini", num_classes=0, checkpoint=str(tmp_path / "imagenet.pth")).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = reference.forward_features(x)
+        for mode in (False, True):
+            for actual, wanted in zip(frozen.train(mode).forward_features(x), expected):
+                torch.testing.assert_close(actual, wanted)
+
+
+def test_coco_ap_of_hand_made_detections():
+    """Four 10x10 squares of one class: perfect detections give AP 1.0; moving the least confident
+    one off its square leaves recall 3/4 at precision 1, so COCO's 101-point AP is 76/101."""
+    squares = [(0, 0), (20, 0), (40, 0), (60, 0)]
+    coco = COCO()
+    coco.dataset = dict(images=[dict(id=1, width=100, height=100)], categories=[dict(id=1, name="square")],
+                        annotations=[dict(id=i + 1, image_id=1, category_id=1, bbox=[x, y, 10, 10], area=100,
+                                          iscrowd=0) for i, (x, y) in enumerate(squares)])
+    coco.createIndex()
+    boxes = torch.tensor([[x, y, x + 10, y + 10] for x, y in squares], dtype=torch.float32)
+    detections = dict(boxes=boxes, labels=torch.ones(4, dtype=torch.long), scores=torch.tensor([0.9, 0.8, 0.7, 0.6]))
+    assert detect_seg.coco_evaluate(coco, detect_seg.detections_to_coco(detections, 1), "bbox")["AP"] == 1.0
+    detections["boxes"][3] += torch.tensor([0.0, 50.0, 0.0, 50.0])  # no overlap with any square
+    metrics = detect_seg.coco_evaluate(coco, detect_seg.detections_to_coco(detections, 1), "bbox")
+    assert metrics["AP"] == metrics["AP50"] == metrics["AP75"] == pytest.approx(76 / 101, abs=1e-9)
+
+
+ORACLE_EVALUATION = """
+import json, sys, numpy as np, torch, detect_seg, train
+from pycocotools import mask as mask_util
+rank, world_size, device = train.setup_distributed()
+val_set = detect_seg.coco_dataset(sys.argv[1], "val", train=False, with_masks=True)
+coco = val_set._dataset.coco
+truth = {}
+for image_id in coco.getImgIds():
+    info, annotations = coco.loadImgs(image_id)[0], coco.loadAnns(coco.getAnnIds(imgIds=image_id))
+    boxes = torch.tensor([a["bbox"] for a in annotations], dtype=torch.float32)
+    boxes[:, 2:] += boxes[:, :2]
+    boxes[::2] += torch.tensor([0.0, 0.3, 0.0, 0.3]) * (boxes[::2, 3:] - boxes[::2, 1:2])  # every other box moved
+    masks = torch.stack([torch.from_numpy(mask_util.decode(a["segmentation"])).float() for a in annotations])
+    scores = torch.tensor([1.0 - 0.01 * image_id - 0.001 * i for i in range(len(annotations))])
+    truth[(info["height"], info["width"])] = dict(boxes=boxes, labels=torch.tensor([a["category_id"] for a in annotations]),
+                                                   scores=scores, masks=masks[:, None])
+
+
+class Oracle(torch.nn.Module):
+    def forward(self, images):
+        return [truth[tuple(image.shape[1:])] for image in images]
+
+
+metrics = detect_seg.evaluate_detection(Oracle(), val_set, device, rank, world_size, workers=0)
+if rank == 0:
+    print(json.dumps(metrics))
+"""
+
+
+def test_distributed_detection_evaluation_equals_one_process(scenes, tmp_path):
+    """COCO AP of the same detections with 2 processes (each scoring half the images, rank 0
+    gathering them) and with 1: identical. The detections are the ground truth with every other box
+    moved (IoU 0.7), so AP is neither 0 nor 1 and a rank that scored only its own half would differ."""
+    sizes = [tuple(Image.open(os.path.join(scenes, "val2017", f)).size) for f in os.listdir(os.path.join(scenes, "val2017"))]
+    assert len(set(sizes)) == len(sizes)  # the oracle finds each image's truth by its size
+    script = tmp_path / "oracle.py"
+    script.write_text(ORACLE_EVALUATION)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": HERE}
+    outputs = []
+    for launcher in ((sys.executable,), torchrun(2)):
+        result = subprocess.run([*launcher, str(script), scenes], cwd=HERE, capture_output=True, text=True, env=env,
+                                timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        outputs.append(json.loads(result.stdout.strip().splitlines()[-1]))
+    one_process, two_processes = outputs
+    assert one_process == two_processes
+    assert 0.3 < one_process["bbox_AP"] < 0.9 and one_process["bbox_AP50"] == 1.0 and one_process["segm_AP"] == 1.0
+
+
+def test_the_dense_trainer_decays_exactly_the_weight_matrices(cache_dir, tmp_path):
+    for task_name, frozen in (("semfpn", False), ("maskrcnn", True)):
+        args = detect_seg.parse_args(["--task", task_name, "--cache-dir", str(cache_dir), "--fpn-channels", "32"])
+        config = detect_seg.task_config(args, task_name)
+        task = detect_seg.build_task(config, 0, 1, torch.device("cpu"))
+        model = detect_seg.model_from_config(vars(config), task.num_classes)
+        if frozen:
+            detect_seg.freeze_batchnorm(model.backbone.body)
+        trainer = train.Trainer(config, model, task, 0, 1, torch.device("cpu"))
+        names = assert_optimizer_decays(trainer, config.weight_decay)
+        assert any(name.endswith(".tau") for name in names) and any(name.endswith(".bias") for name in names)
