@@ -898,8 +898,11 @@ class TokenLabeledImages(Dataset):
                              f"{self.images.root}: {len(classes)} vs {len(self.classes)}; only in the labels: "
                              f"{sorted(set(classes) - set(self.classes))[:5]}, only in the data: "
                              f"{sorted(set(self.classes) - set(classes))[:5]}")
-        present = {os.path.join(folder, name) for folder, _, names in os.walk(self.labels_dir) for name in names}
-        missing = [path for path, _ in self.images.samples if self.path(path) not in present]
+        missing = []
+        for label, samples in itertools.groupby(self.images.samples, key=lambda sample: sample[1]):  # class by class
+            present = {os.path.join(folder, name) for folder, _, names in
+                       os.walk(os.path.join(self.labels_dir, self.classes[label])) for name in names}
+            missing += [path for path, _ in samples if self.path(path) not in present]
         if missing:
             raise FileNotFoundError(f"{len(missing)} of {len(self.images)} training images have no label map, e.g. "
                                     f"{missing[0]}: expected {self.path(missing[0])}, {self.expected()}")
