@@ -99,9 +99,10 @@ def build_model(checkpoint, model_name=None):
                          f"pass --model ({', '.join(glnet.MODELS)})")
     state_dict = glnet.unwrap_state_dict(checkpoint)
     num_classes = state_dict["head.weight"].shape[0] if "head.weight" in state_dict else 0
+    options = {"token_head": True} if "token_head.weight" in state_dict else {}  # train.py --token-labels
     if not checkpoint.get("approximated"):
-        return glnet.create_model(name, num_classes=num_classes, checkpoint=state_dict).eval(), name
-    model = glnet.create_model(name, num_classes=num_classes)  # rebuilt as approximated, then loaded
+        return glnet.create_model(name, num_classes=num_classes, checkpoint=state_dict, **options).eval(), name
+    model = glnet.create_model(name, num_classes=num_classes, **options)  # rebuilt as approximated, then loaded
     for stage, i, j in checkpoint["approximated"]:
         replace_blocks(model, stage, i, j, linear_map(model.stage_channels[stage - 1]))
     glnet.load_checkpoint(model, state_dict)

@@ -9,6 +9,7 @@ eval logits, class logits and a strided sample of its token logits) for the dete
 below (all copied from ../shared/reference, which tests check when present).
 """
 
+import collections
 import contextlib
 import copy
 import itertools
@@ -30,7 +31,9 @@ from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
+from einops import rearrange
 from torchvision.ops import FrozenBatchNorm2d
+from torchvision.transforms import v2
 
 import analyze
 import detect_seg
@@ -664,6 +667,14 @@ def test_small_helpers():
     (detect_seg.parse_args, ["--checkpoint-every", "-1"], "--checkpoint-every must be at least 1, got -1"),
     (detect_seg.parse_args, ["--iters", "0"], "--iters must be at least 1, got 0"),
     (detect_seg.parse_args, ["--data", "/data/coco"], "--task is required with --data"),
+    (train.parse_args, ["--repeated-aug", "0"], "--repeated-aug must be at least 1, got 0"),
+    (train.parse_args, ["--model", "glnet_4g_tklb"], "glnet_4g_tklb has a token head, trained with token labels: "
+                                                     "pass --token-labels DIR"),
+    (train.parse_args, ["--recipe", "imagenet-tklb"], "--recipe imagenet-tklb trains with token labels: pass "
+                                                      "--token-labels DIR (the label maps, e.g. the NFNet-F6 ones, "
+                                                      "or make them with --make-token-labels DIR --teacher CHECKPOINT)"),
+    (train.parse_args, ["--token-labels", "labels", "--cutmix", "1.0"], "pass --mixup 0 --cutmix 0 (got 0.0, 1.0)"),
+    (train.parse_args, ["--teacher", "teacher.pth"], "--make-token-labels DIR and --teacher CHECKPOINT go together"),
 ])
 def test_bad_arguments_are_usage_errors(parse_args, argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -865,7 +876,8 @@ def test_unreadable_image_is_named(tmp_path, data):
     bad = broken / "train" / "square" / "00003.png"
     bad.write_bytes(b"not a png")
     with pytest.raises(OSError, match=f"cannot read image {bad}"):
-        train.main(["--data", str(broken), "--output-dir", str(tmp_path / "out"), "--epochs", "1", *TINY])
+        train.main(["--data", str(broken), "--output-dir", str(tmp_path / "out"), "--epochs", "1", *TINY,
+                    "--repeated-aug", "1"])  # every image in the epoch
     assert not (tmp_path / "out" / "last.pth").exists()
 
 
@@ -923,7 +935,7 @@ def test_eval_of_a_checkpoint_from_elsewhere(tmp_path, data):
         train.main(["--eval", "--checkpoint", path, "--model", "glnet_4g", "--data", data, "--workers", "0"])
     metrics = train.main(["--eval", "--checkpoint", path, "--model", "glnet_mini", "--data", data,
                           "--image-size", "32", "--workers", "0"])
-    val_set = train.build_val_dataset(data, 32)
+    val_set = train.build_val_dataset(data, 32, "bicubic")  # evaluated as the released models were
     with torch.no_grad():
         correct = sum(model(image[None]).argmax().item() == label for image, label in val_set)
     assert metrics["images"] == 15 and metrics["top1"] == pytest.approx(100 * correct / 15)
@@ -1022,6 +1034,242 @@ def test_readme_main_command_on_an_empty_cache(tmp_path):
     assert "resuming from runs/glnet_mini-builtin/last.pth: epoch 2, step 0" in resumed
 
 
+# --- recipes, repeated augmentation, token labeling ----------------------------------------------
+
+def test_recipes_are_chosen_by_flag_or_data_and_every_flag_overrides(tmp_path):
+    builtin, imagenet = train.parse_args([]), train.parse_args(["--data", "d"])
+    assert (builtin.recipe, imagenet.recipe) == ("builtin", "imagenet")
+    assert train.parse_args(["--data", "d", "--token-labels", "l"]).recipe == "imagenet-tklb"
+    assert train.parse_args(["--recipe", "imagenet"]).model == "glnet_4g"  # explicit, on the built-in data
+    for key, value in train.IMAGENET_RECIPE.items():
+        assert getattr(imagenet, key) == value, key
+    assert imagenet.given == [] and builtin.output_dir == os.path.join("runs", "glnet_mini-builtin")
+    # where Table 8 is silent: the released configuration; the warm-up starts at 1e-6 at the paper's batch
+    assert (imagenet.repeated_aug, imagenet.random_erasing, imagenet.interpolation) == (3, 0.25, "bicubic")
+    assert (imagenet.ema_decay, imagenet.min_lr) == (0.9999, 1e-5)
+    assert imagenet.lr * imagenet.warmup_factor == pytest.approx(1e-6) and imagenet.drop_path == 0.15
+    tklb = train.parse_args(["--recipe", "imagenet-tklb", "--token-labels", "l", "--epochs", "3", "--lr", "1e-3"])
+    assert (tklb.model, tklb.epochs, tklb.lr, tklb.drop_path, tklb.mixup, tklb.cutmix) == \
+        ("glnet_4g_tklb", 3, 1e-3, 0.1, 0.0, 0.0)
+    assert tklb.given == ["epochs", "lr"] and tklb.token_head and tklb.token_labels == os.path.abspath("l")
+    assert train.parse_args(["--token-labels", "l"]).output_dir == os.path.join("runs", "glnet_mini-builtin-tklb")
+    # the Trainer's sampler repeats, with the same number of steps per epoch
+    data = train.make_shapes_dataset(str(tmp_path / "shapes"), 8, 1, 32, classes=("circle", "square"))
+    trainers = [trainer_for(train.parse_args(["--data", data, "--output-dir", str(tmp_path / "out"), *TINY,
+                                              "--repeated-aug", repeats]))
+                for repeats in ("1", "3")]
+    assert [t.sampler.repeated_aug for t in trainers] == [1, 3]
+    assert trainers[0].steps_per_epoch == trainers[1].steps_per_epoch == 4
+
+
+def test_repeated_augmentation_sampler_spreads_three_copies_over_two_ranks():
+    dataset = list(range(30))
+    samplers = [train.ResumableDistributedSampler(dataset, 2, rank, shuffle=True, seed=0, drop_last=True,
+                                                  repeated_aug=3) for rank in (0, 1)]
+    plain = torch.utils.data.DistributedSampler(dataset, 2, 0, shuffle=True, seed=0, drop_last=True)
+    shown = []
+    for epoch in (0, 1):
+        for sampler in samplers:
+            sampler.set_epoch(epoch)
+        ranks = [list(sampler) for sampler in samplers]
+        assert [len(r) for r in ranks] == [len(s) for s in samplers] == [len(plain)] * 2 == [15, 15]
+        counts = collections.Counter(ranks[0] + ranks[1])
+        assert len(counts) == 10 and set(counts.values()) == {3}  # a third of the images, each 3 times
+        assert all(i in ranks[0] and i in ranks[1] for i in counts)  # the copies of an image on both ranks
+        shown.append(set(counts))
+    assert shown[0] != shown[1]
+    samplers[0].start = 4  # a mid-epoch resume continues the same order
+    assert list(samplers[0]) == ranks[0][4:] and len(samplers[0]) == 11
+
+
+RAMP = 8.0  # logit per unit of image width / height in the label maps below
+
+
+def ramp_data(root, classes=6, size=(96, 128), cells=(48, 32)):
+    """Every class folder holds the same image, whose red and green channels are each pixel's x and y
+    (fractions of the width and height), and its label map, whose classes 0 and 1 have the logits
+    RAMP * x and RAMP * y of each cell's centre (classes 2-4 logit 0, class 5 not in the top 5)."""
+    height, width = size
+    y, x = torch.meshgrid((torch.arange(height) + 0.5) / height, (torch.arange(width) + 0.5) / width, indexing="ij")
+    image = v2.functional.to_pil_image((torch.stack([x, y, torch.zeros_like(x)]) * 255).round().to(torch.uint8))
+    cy, cx = torch.meshgrid((torch.arange(cells[0]) + 0.5) / cells[0], (torch.arange(cells[1]) + 0.5) / cells[1],
+                            indexing="ij")
+    logits = torch.stack([RAMP * cx, RAMP * cy, *torch.zeros(3, *cells)])
+    label_map = torch.stack([logits, torch.arange(5.0)[:, None, None].expand(5, *cells)]).half()
+    for c in range(classes):
+        os.makedirs(os.path.join(root, "train", f"class{c}"))
+        os.makedirs(os.path.join(root, "labels", f"class{c}"))
+        image.save(os.path.join(root, "train", f"class{c}", "img.png"))
+        torch.save(label_map, os.path.join(root, "labels", f"class{c}", "img.pt"))
+    return root
+
+
+def test_label_map_follows_the_crop_and_the_flip(tmp_path):
+    """The x and y that the token labels (and the crop label) say land where the image's pixels have them."""
+    root = ramp_data(str(tmp_path))
+    dataset = train.TokenLabeledImages(root, os.path.join(root, "labels"), 64, train.augment_and_normalize(False),
+                                       label_smoothing=0.0)
+    smoothed = train.TokenLabeledImages(root, os.path.join(root, "labels"), 64, train.augment_and_normalize(False))
+    flips = []
+    for seed in range(12):
+        torch.manual_seed(seed)
+        image, target, crop_label, token_labels = dataset[0]
+        assert image.shape == (3, 64, 64) and target == 0 and token_labels.shape == (4, 6) and crop_label.shape == (6,)
+        pixels = image[:2] * torch.tensor(train.STD[:2])[:, None, None] + torch.tensor(train.MEAN[:2])[:, None, None]
+        said = (token_labels[:, :2] / token_labels[:, 5:]).log().T / RAMP        # (x, y) of the 2 x 2 tokens
+        torch.testing.assert_close(said, pixels.reshape(2, 2, 32, 2, 32).mean((2, 4)).flatten(1), atol=0.006, rtol=0)
+        torch.testing.assert_close((crop_label[:2] / crop_label[5]).log() / RAMP, pixels.mean((1, 2)),
+                                   atol=0.006, rtol=0)
+        flips.append(bool(pixels[0, :, 0].mean() > pixels[0, :, -1].mean()))
+        torch.manual_seed(seed)
+        torch.testing.assert_close(smoothed[0][2], 0.9 * crop_label + 0.1 / 6)
+    assert 0 < sum(flips) < len(flips)
+
+
+class TokenGrid(nn.Module):
+    """A stand-in for GLNet whose token logits are the mean of its input over each 32 x 32 token (through
+    a stride-4 'stem'), and whose class logits are their mean: MixToken's swaps show up unblurred."""
+    stage_strides = (4, 8, 16, 32)
+
+    def __init__(self):
+        super().__init__()
+        self.downsample_layers = nn.ModuleList([nn.AvgPool2d(4)])
+
+    def forward(self, x):
+        tokens = rearrange(nn.functional.avg_pool2d(self.downsample_layers[0](x), 8), "b k h w -> b (h w) k")
+        return tokens.mean(dim=1), tokens
+
+
+def test_mix_token_puts_every_token_back_and_mixes_the_class_by_area():
+    model = TokenGrid().train()
+    mix_token = train.MixToken(model)
+    images = torch.randn(4, 3, 96, 64)                                   # 3 x 2 tokens
+    own_class, own_tokens = model(images)
+    mixed = 0
+    for seed in range(20):
+        torch.manual_seed(seed)
+        box = train.random_token_box(3, 2).flatten()[None, :, None]
+        torch.manual_seed(seed)
+        class_logits, token_logits, lam = train.mix_token_forward(model, images, mix_token)
+        torch.testing.assert_close(token_logits, own_tokens)              # every token back with its image
+        # the class logits saw the other image in the box: a share 1 - lam of the tokens
+        torch.testing.assert_close(class_logits, torch.where(box, own_tokens.flip(0), own_tokens).mean(1))
+        assert lam == 1 - box.float().mean()
+        mixed += bool(0 < lam < 1)
+    assert mixed >= 10 and mix_token.mask is None
+    mix_token.mask = torch.ones(3, 2, dtype=torch.bool)
+    assert not torch.equal(model(images)[1], own_tokens)                 # the hook swaps in training mode ...
+    assert torch.equal(model.eval()(images)[1], own_tokens)              # ... and not in eval mode
+
+
+def test_token_labeling_loss_by_hand():
+    torch.manual_seed(0)
+    B, K, T = 3, 4, 4                                                    # 64 x 64 images: 2 x 2 tokens
+    class_logits, token_logits = torch.randn(B, K), torch.randn(B, T, K)
+    crop_labels, token_labels = torch.randn(B, K).softmax(-1), torch.randn(B, T, K).softmax(-1)
+    batch = (torch.zeros(B, 3, 64, 64), torch.zeros(B, dtype=torch.long), crop_labels, token_labels)
+    seed = next(s for s in range(100) if 0 < (torch.manual_seed(s), train.random_token_box(2, 2))[1].sum() < 4)
+    torch.manual_seed(seed)
+    box = train.random_token_box(2, 2).flatten().tolist()
+    torch.manual_seed(seed)
+    loss = train.token_labeling_loss(lambda images: (class_logits, token_logits), batch, torch.device("cpu"),
+                                     train.MixToken(TokenGrid()))
+
+    def cross_entropy(logits, target):
+        return -sum(p * math.log(math.exp(l) / sum(math.exp(m) for m in logits)) for p, l in zip(target, logits))
+
+    lam = 1 - sum(box) / T
+    class_loss = sum(cross_entropy(class_logits[b].tolist(),
+                                   (lam * crop_labels[b] + (1 - lam) * crop_labels[B - 1 - b]).tolist())
+                     for b in range(B)) / B
+    token_loss = sum(cross_entropy(token_logits[B - 1 - b if box[t] else b, t].tolist(), token_labels[b, t].tolist())
+                     for b in range(B) for t in range(T)) / (B * T)
+    assert loss.item() == pytest.approx(class_loss + 0.5 * token_loss, rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def five_classes(tmp_path_factory):
+    """Label maps hold the top 5 classes: 5 classes, 6 train and 3 val images each."""
+    root = str(tmp_path_factory.mktemp("five") / "shapes")
+    return train.make_shapes_dataset(root, train_per_class=6, val_per_class=3, image_size=40,
+                                     classes=("circle", "square", "vertical_stripes", "ring", "cross"))
+
+
+def test_token_labeling_demo_teacher_labels_student_eval(tmp_path, five_classes):
+    """The README's CPU demo, shortened: a teacher, its label maps, a student trained on them under
+    torchrun (MixToken inside the DDP forward), and --eval of the student."""
+    small = [*TINY, "--image-size", "64", "--epochs", "1", "--recipe", "builtin"]
+    teacher_dir, labels, student_dir = (str(tmp_path / name) for name in ("teacher", "labels", "student"))
+    train.main(["--data", five_classes, "--output-dir", teacher_dir, *small])
+    train.main(["--make-token-labels", labels, "--teacher", os.path.join(teacher_dir, "best.pth"), "--workers", "0"])
+
+    teacher = glnet.create_model("glnet_mini", num_classes=5, checkpoint=os.path.join(teacher_dir, "best.pth")).eval()
+    images = train.image_folder(five_classes, "train", v2.Compose([  # the whole image, at the teacher's size
+        v2.Resize((64, 64)), v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(train.MEAN, train.STD)]))
+    paths = [os.path.join(labels, os.path.basename(os.path.dirname(p)), os.path.basename(p)[:-4] + ".pt")
+             for p, _ in images.samples]
+    assert sorted(os.path.relpath(p, labels) for p in paths) == \
+        sorted(os.path.join(d, f) for d in os.listdir(labels) for f in os.listdir(os.path.join(labels, d)))
+    with torch.no_grad():
+        x = torch.stack([images[i][0] for i in (0, 29)])
+        token_logits = train.teacher_token_logits(teacher, x)            # (2, 5, 2, 2): the class head on each token
+        torch.testing.assert_close(token_logits.mean((2, 3)), teacher(x))
+    for i, logits in zip((0, 29), token_logits):
+        label_map = torch.load(paths[i])
+        assert label_map.shape == (2, 5, 2, 2) and label_map.dtype == torch.float16
+        assert torch.equal(label_map[1, 0].long(), logits.argmax(0))     # the teacher's top class at each token
+        torch.testing.assert_close(label_map[0].float(), logits.topk(5, dim=0).values, atol=2e-2, rtol=1e-2)
+
+    log = run_script(["--token-labels", labels, "--data", five_classes, "--output-dir", student_dir, *small],
+                     launcher=torchrun(2))
+    assert f"recipe builtin, token labels {labels}: model glnet_mini*" in log and "with a token head" in log
+    assert "epoch 1/1  step 3/3  loss" in log and log.count("epoch 1/1 done") == 1
+    checkpoint = torch.load(os.path.join(student_dir, "best.pth"))
+    assert (checkpoint["args"]["recipe"], checkpoint["args"]["token_head"]) == ("builtin", True)
+    assert checkpoint["model"]["token_head.weight"].shape == (5, 256)
+    metrics = train.main(["--eval", "--checkpoint", os.path.join(student_dir, "best.pth")])
+    record = checkpoint["metrics"]
+    assert metrics["images"] == 15 and metrics["top1"] == pytest.approx(max(record["val_top1"], record["ema_top1"]))
+
+    before = {name: file_bytes(os.path.join(teacher_dir, name)) for name in os.listdir(teacher_dir)}
+    with pytest.raises(ValueError, match="differ in token_head.bias, token_head.weight"):
+        train.main(["--token-labels", labels, "--data", five_classes, "--output-dir", teacher_dir, *small])
+    assert {name: file_bytes(os.path.join(teacher_dir, name)) for name in os.listdir(teacher_dir)} == before
+
+
+def test_bad_label_maps_are_named_before_training(tmp_path, five_classes):
+    labels = str(tmp_path / "labels")
+    for image_path, _ in train.image_folder(five_classes, "train", None).samples:
+        path = train.label_map_path(labels, os.path.join(five_classes, "train"), image_path)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        torch.save(torch.zeros(2, 5, 3, 3, dtype=torch.float16), path)
+    args = ["--data", five_classes, "--output-dir", str(tmp_path / "out"), *TINY, "--recipe", "builtin"]
+    image = os.path.join(five_classes, "train", "ring", "00002.png")
+    label_map = os.path.join(labels, "ring", "00002.pt")
+
+    torch.save(torch.zeros(5, 3, 3), label_map)
+    dataset = train.TokenLabeledImages(five_classes, labels, 32, train.augment_and_normalize(False))
+    with pytest.raises(ValueError, match=f"the label map {label_map} of {image} holds shape \\(5, 3, 3\\); expected a "
+                                         r"tensor \(2, 5, H, W\): the teacher's top-5 logits and their class indices"):
+        dataset[dataset.images.samples.index((image, dataset.images.class_to_idx["ring"]))]
+    torch.save(torch.full((2, 5, 3, 3), 7.0), label_map)
+    with pytest.raises(ValueError, match=r"holds class indices 7-7; expected .* class indices \(0-4\)"):
+        dataset[dataset.images.samples.index((image, dataset.images.class_to_idx["ring"]))]
+    os.remove(label_map)
+    with pytest.raises(FileNotFoundError, match=f"1 of 30 training images have no label map, e.g. {image}: expected "
+                                                f"{label_map}, a tensor \\(2, 5, H, W\\)"):
+        train.main([*args, "--token-labels", labels])
+    shutil.rmtree(os.path.join(labels, "ring"))
+    with pytest.raises(ValueError, match=r"class folders of --token-labels .* differ .* only in the data: \['ring'\]"):
+        train.main([*args, "--token-labels", labels])
+    with pytest.raises(FileNotFoundError, match="--token-labels .*nowhere does not exist"):
+        train.main([*args, "--token-labels", str(tmp_path / "nowhere")])
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(FileExistsError, match=f"{labels} is not empty"):
+        train.main(["--make-token-labels", labels, "--teacher", "teacher.pth"])
+
+
 def test_interleaved_medians_time_each_call():
     calls = {"short": lambda: time.sleep(0.01), "long": lambda: time.sleep(0.05)}
     seconds = train.interleaved_medians(calls, rounds=3, device=torch.device("cpu"))
@@ -1032,7 +1280,7 @@ def test_interleaved_medians_time_each_call():
 def test_bench_times_every_model_and_measures_memory(capsys):
     """`python train.py --bench`: a row per model in both tables (the training step is the Trainer's
     own), latency per size, and a peak forward memory that grows with the image."""
-    result = train.main(["--bench", "--models", "glnet_mini", "--rounds", "1", "--batch-size", "1",
+    result = train.main(["--bench", "--models", "glnet_mini", "glnet_4g_tklb", "--rounds", "1", "--batch-size", "1",
                          "--image-size", "64", "--latency-sizes", "64", "96", "--memory-sizes", "64", "256",
                          "--threads", "1"])
     printed = capsys.readouterr().out
@@ -1040,7 +1288,7 @@ def test_bench_times_every_model_and_measures_memory(capsys):
     inference, training = (next(t for t in tables if t.startswith(title)) for title in ("inference", "training step"))
     for table in (inference, training):
         rows = {line.split()[0]: [float(v) for v in line.split()[1:]] for line in table.splitlines()[2:]}
-        assert set(rows) == {"glnet_mini", "swin_t", "convnext_tiny"}
+        assert set(rows) == {"glnet_mini", "glnet_4g_tklb", "swin_t", "convnext_tiny"}  # tklb: token labeling's step
         for name, (speed, x_swin, x_convnext) in rows.items():
             assert speed > 0
             assert x_swin == pytest.approx(speed / rows["swin_t"][0], rel=0.05, abs=0.01)

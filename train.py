@@ -1,23 +1,32 @@
-"""Train GLNet on ImageNet with the paper's recipe, or on a built-in dataset to see it work first.
+"""Train GLNet on ImageNet with the paper's recipes, or on a built-in dataset to see it work first.
 
-    python train.py                                          # built-in shapes dataset, CPU, minutes
-    torchrun --nproc_per_node 2 train.py                     # the same with 2 processes (gloo on CPU)
-    torchrun --nproc_per_node 16 train.py --model glnet_4g --data /path/to/imagenet
+    python train.py --recipe builtin                         # built-in shapes dataset, CPU, minutes
+    torchrun --nproc_per_node 2 train.py --recipe builtin    # the same with 2 processes (gloo on CPU)
+    torchrun --nproc_per_node 16 train.py --recipe imagenet --model glnet_4g --data /path/to/imagenet
+    torchrun --nproc_per_node 16 train.py --recipe imagenet-tklb --data /path/to/imagenet --token-labels LABELS
     python train.py --eval --checkpoint runs/glnet_mini-builtin/best.pth
+    python train.py --make-token-labels runs/labels --teacher runs/glnet_mini-builtin/best.pth
     python train.py --bench                                  # speed against swin_t and convnext_tiny
 
-The recipe is Table 8 of the paper: AdamW (lr 2e-3 per 2048 images, betas 0.9/0.999, weight decay
+Three recipes (--recipe; every flag overrides a value, and the run prints them all first):
+`imagenet` is Table 8 of the paper: AdamW (lr 2e-3 per 2048 images, betas 0.9/0.999, weight decay
 0.05), cosine schedule with 5 warm-up epochs, 300 epochs, RandAugment(9, 0.5), label smoothing 0.1,
-mixup 0.8, cutmix 1.0, gradient clipping 5.0, drop path per variant, EMA of the weights.
+mixup 0.8, cutmix 1.0, gradient clipping 5.0, drop path per variant; where the table is silent, the
+configuration the released checkpoints were trained with (repeated augmentation, random erasing,
+bicubic resizing, EMA 0.9999, warm-up from 1e-6, minimum lr 1e-5). `imagenet-tklb` is Table 9,
+GLNet-4G*/9G*: LV-ViT's token labeling ("All Tokens Matter"), where a teacher's dense score maps
+supervise every token of the last stage, with MixToken instead of mixup and cutmix, 310 epochs,
+drop path 0.1. `builtin` is a CPU-sized run of the same code.
 
 This file is the one home of the training loop. `Trainer` runs every task of the project; a `Task`
 says what differs: the data, the loss of a batch and the evaluation. train.py plugs in image
-classification, detect_seg.py detection and segmentation, as torchvision's references share one
-engine. A run never loses its work: a checkpoint (model, EMA, optimizer, scheduler, grad scaler,
-position in the epoch, RNG states, args) is written atomically every epoch (and every
---checkpoint-every steps), and restarting the same command resumes from it where it stopped: bit
-for bit with --workers 0; with loader workers the images come in the same order, but their random
-augmentations differ after a mid-epoch resume (at epoch boundaries the workers' seeds are the same).
+classification (with or without token labels), detect_seg.py detection and segmentation, as
+torchvision's references share one engine. A run never loses its work: a checkpoint (model, EMA,
+optimizer, scheduler, grad scaler, position in the epoch, RNG states, args) is written atomically
+every epoch (and every --checkpoint-every steps), and restarting the same command resumes from it
+where it stopped: bit for bit with --workers 0; with loader workers the images come in the same
+order, but their random augmentations differ after a mid-epoch resume (at epoch boundaries the
+workers' seeds are the same).
 
 It also keeps the helpers detect_seg.py and analyze.py share: distributed setup, atomic
 checkpoints, metrics logging, AdamW parameter groups, the built-in datasets' cache, the datasets
@@ -43,44 +52,59 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from einops import rearrange
 from PIL import Image
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision import datasets
+from torchvision.ops import roi_align
 from torchvision.transforms import v2
 
 import glnet
 
 # ---------------------------------------------------------------------------------------------
-# Config: the paper's ImageNet recipe (Table 8), and the out-of-the-box run on the built-in data.
-# Every flag left unset takes its value from the recipe that matches the data.
+# Config: the recipes. --recipe picks one (default: imagenet with --data, builtin without); every
+# flag left unset takes its value from it. Sources: README.md, "Recipes".
 # ---------------------------------------------------------------------------------------------
 
+# Table 8, and where it is silent the configuration the released checkpoints were trained with.
 IMAGENET_RECIPE = dict(
     model="glnet_4g", epochs=300, batch_size=128, image_size=224,
     lr=2e-3,                 # peak learning rate per 2048 images, scaled linearly to the global batch
-    warmup_epochs=5, min_lr=1e-5, weight_decay=0.05, clip_grad=5.0,
+    warmup_epochs=5,
+    warmup_factor=5e-4,      # the warm-up starts at 5e-4 x the peak lr: 1e-6 at the paper's batch of 2048
+    min_lr=1e-5, weight_decay=0.05, clip_grad=5.0,
     randaugment=True, mixup=0.8, cutmix=1.0, label_smoothing=0.1,
-    ema_decay=0.9998, print_freq=50, workers=8, threads=0,
+    repeated_aug=3,          # every image 3 times per epoch (DeiT's sampler), the epoch as long as without
+    random_erasing=0.25,     # probability, per-pixel random values (after normalisation)
+    interpolation="bicubic",  # training crop, RandAugment and evaluation resize
+    ema_decay=0.9999, print_freq=50, workers=8, threads=0,
 )
+# Table 9, GLNet-4G*/9G*: token labeling. MixToken replaces mixup and cutmix.
+TOKEN_LABELING_RECIPE = IMAGENET_RECIPE | dict(model="glnet_4g_tklb", epochs=310, drop_path=0.1, mixup=0.0, cutmix=0.0)
 # A CPU-sized run of the same code: glnet_mini at 64x64 for 5 epochs of 3000 images, too short for
-# RandAugment, mixup and cutmix to pay off, so they are off.
+# RandAugment, mixup, cutmix, random erasing and repeated augmentation to pay off, so they are off.
 BUILTIN_RECIPE = dict(
     model="glnet_mini", epochs=5, batch_size=32, image_size=64,
     lr=6.4e-2,               # per 2048 images: 1e-3 at the default global batch of 32
-    warmup_epochs=1, min_lr=1e-5, weight_decay=0.05, clip_grad=5.0,
+    warmup_epochs=1, warmup_factor=1e-3, min_lr=1e-5, weight_decay=0.05, clip_grad=5.0,
     randaugment=False, mixup=0.0, cutmix=0.0, label_smoothing=0.1,
+    repeated_aug=1, random_erasing=0.0, interpolation="bilinear",
     ema_decay=0.99, print_freq=20, workers=1,
     threads=1,               # per process: two OpenMP threads on a busy 2-core CPU can run 10x slower
 )
+RECIPES = {"builtin": BUILTIN_RECIPE, "imagenet": IMAGENET_RECIPE, "imagenet-tklb": TOKEN_LABELING_RECIPE}
 # What the classification recipes share with the schedule of train.Trainer.
-CLASSIFICATION_SCHEDULE = dict(lr_schedule="cosine", warmup_factor=1e-3, eval_interval=1)
+CLASSIFICATION_SCHEDULE = dict(lr_schedule="cosine", eval_interval=1)
 DROP_PATH = {"glnet_stl": 0.1, "glnet_stl_paramslot": 0.1, "glnet_4g": 0.15, "glnet_9g": 0.3,
              "glnet_16g": 0.4, "glnet_4g_tklb": 0.1, "glnet_9g_tklb": 0.1, "glnet_mini": 0.0}
 REFERENCE_BATCH = 2048       # the global batch the paper's learning rate is given for
 BETAS = (0.9, 0.999)
-RANDAUGMENT = dict(num_ops=2, magnitude=9)  # timm's rand-m9-mstd0.5 without the magnitude noise
+RANDAUGMENT = dict(num_ops=2, magnitude=9, magnitude_std=0.5)  # timm's rand-m9-mstd0.5: magnitudes out of 10
+TOKEN_STRIDE = 32            # the last stage's stride: a 224 image has 7 x 7 tokens
+TOKEN_LOSS_WEIGHT = 0.5      # LV-ViT: class loss + 0.5 x the mean token loss
+TOP_K = 5                    # label maps hold the teacher's top-5 logits and classes at every position
 EVAL_CROP_RATIO = 0.875      # resize 256, center crop 224
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 DEFAULT_CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "glnet")
@@ -333,21 +357,48 @@ def image_folder(data_dir, split, transform):
         raise FileNotFoundError(f"{e} (in {folder}; expected <class>/<image> files)") from e
 
 
-def train_transform(image_size, randaugment=True):
+class RandAugment(v2.RandAugment):
+    """timm's rand-m9-mstd0.5 on torchvision's RandAugment: magnitudes on timm's scale of 0-10
+    (torchvision's default 31 bins would make magnitude 9 a third as strong), in steps of 0.1,
+    drawn for every image from N(magnitude, magnitude_std) clipped to [0, 10] (timm draws one per
+    operation); out-of-image pixels filled with the mean colour, as timm does."""
+
+    MAX_MAGNITUDE, STEPS = 10, 10
+
+    def __init__(self, num_ops, magnitude, magnitude_std, interpolation="bilinear"):
+        super().__init__(num_ops, num_magnitude_bins=self.MAX_MAGNITUDE * self.STEPS + 1,
+                         interpolation=interpolation, fill=[round(255 * m) for m in MEAN])
+        self.mean, self.std = magnitude, magnitude_std
+
+    def forward(self, *inputs):
+        magnitude = self.mean + self.std * torch.randn(()).item()
+        self.magnitude = round(min(max(magnitude, 0), self.MAX_MAGNITUDE) * self.STEPS)  # the bin
+        return super().forward(*inputs)
+
+
+def augment_and_normalize(randaugment=True, interpolation="bilinear", random_erasing=0.0):
+    """What follows the random-resized crop and the flip in training."""
     return v2.Compose([
-        v2.RandomResizedCrop(image_size, antialias=True),
-        v2.RandomHorizontalFlip(),
-        *([v2.RandAugment(**RANDAUGMENT)] if randaugment else []),
+        *([RandAugment(**RANDAUGMENT, interpolation=interpolation)] if randaugment else []),
         v2.PILToTensor(),
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(MEAN, STD),
+        *([v2.RandomErasing(random_erasing, value="random")] if random_erasing else []),
     ])
 
 
-def eval_transform(image_size):
+def train_transform(image_size, randaugment=True, interpolation="bilinear", random_erasing=0.0):
+    return v2.Compose([
+        v2.RandomResizedCrop(image_size, interpolation=interpolation, antialias=True),
+        v2.RandomHorizontalFlip(),
+        augment_and_normalize(randaugment, interpolation, random_erasing),
+    ])
+
+
+def eval_transform(image_size, interpolation="bilinear"):
     """Resize to image_size / 0.875 (256 for 224), center crop image_size."""
     return v2.Compose([
-        v2.Resize(round(image_size / EVAL_CROP_RATIO), antialias=True),
+        v2.Resize(round(image_size / EVAL_CROP_RATIO), interpolation=interpolation, antialias=True),
         v2.CenterCrop(image_size),
         v2.PILToTensor(),
         v2.ToDtype(torch.float32, scale=True),
@@ -355,28 +406,46 @@ def eval_transform(image_size):
     ])
 
 
-def build_datasets(data_dir, image_size, randaugment=True):
-    """(train, val) ImageFolder datasets after checking the layout and that the classes match."""
+def build_datasets(data_dir, image_size, randaugment=True, interpolation="bilinear", random_erasing=0.0,
+                   token_labels=None, label_smoothing=0.1):
+    """(train, val) datasets after checking the layout and that the classes match; with
+    `token_labels` (a folder of label maps) the training images come with their token labels."""
     check_layout(data_dir)
-    return (image_folder(data_dir, "train", train_transform(image_size, randaugment)),
-            image_folder(data_dir, "val", eval_transform(image_size)))
+    augment = augment_and_normalize(randaugment, interpolation, random_erasing)
+    if token_labels:
+        train_set = TokenLabeledImages(data_dir, token_labels, image_size, augment, interpolation, label_smoothing)
+    else:
+        train_set = image_folder(data_dir, "train", train_transform(image_size, randaugment, interpolation,
+                                                                    random_erasing))
+    return train_set, build_val_dataset(data_dir, image_size, interpolation)
 
 
-def build_val_dataset(data_dir, image_size):
+def build_val_dataset(data_dir, image_size, interpolation="bilinear"):
     check_layout(data_dir, splits=("val",))
-    return image_folder(data_dir, "val", eval_transform(image_size))
+    return image_folder(data_dir, "val", eval_transform(image_size, interpolation))
 
 
 class ResumableDistributedSampler(DistributedSampler):
     """DistributedSampler that can start `start` samples into its epoch's permutation, so a run
-    resumed mid-epoch sees exactly the images it had not seen yet."""
+    resumed mid-epoch sees exactly the images it had not seen yet.
 
-    def __init__(self, *args, **kwargs):
+    With `repeated_aug` = n > 1, repeated augmentation as DeiT's sampler: every image of the epoch's
+    permutation comes n times in a row, dealt out over the ranks in turn (its copies get different
+    augmentations, mostly on different ranks), and each rank keeps as many as without, so an epoch
+    has the same length and shows the first 1/n of the permutation n times."""
+
+    def __init__(self, *args, repeated_aug=1, **kwargs):
         super().__init__(*args, **kwargs)
-        self.start = 0
+        self.repeated_aug, self.start = repeated_aug, 0
 
     def __iter__(self):
-        return itertools.islice(super().__iter__(), self.start, None)
+        if self.repeated_aug == 1:
+            indices = super().__iter__()
+        else:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            repeated = torch.randperm(len(self.dataset), generator=g).repeat_interleave(self.repeated_aug)
+            indices = iter(repeated[self.rank::self.num_replicas][:self.num_samples].tolist())
+        return itertools.islice(indices, self.start, None)
 
     def __len__(self):
         return self.num_samples - self.start
@@ -436,6 +505,7 @@ class Task:
     num_classes: int
     classes: list | dict = dataclasses.field(default_factory=list)  # names, kept in the checkpoint
     collate_fn: Callable | None = None
+    repeated_aug: int = 1       # each training image this many times per epoch (ResumableDistributedSampler)
 
 
 def lr_factor(step, warmup_steps, total_steps, schedule, warmup_factor=1e-3, min_factor=0.0, milestones=()):
@@ -528,7 +598,7 @@ class Trainer:
         self.ema = ema_model(self.model, args.ema_decay) if args.ema_decay > 0 else None
 
         self.sampler = ResumableDistributedSampler(task.train_set, world_size, rank, shuffle=True, seed=args.seed,
-                                                   drop_last=True)
+                                                   drop_last=True, repeated_aug=task.repeated_aug)
         self.train_loader = DataLoader(task.train_set, args.batch_size, sampler=self.sampler, drop_last=True,
                                        num_workers=args.workers, pin_memory=device.type == "cuda",
                                        collate_fn=task.collate_fn)
@@ -567,8 +637,9 @@ class Trainer:
         }
 
     def resume(self):
-        """Continue from output_dir/last.pth if there is one. A checkpoint of another task, model
-        or class count cannot continue this run: say so before anything is written."""
+        """Continue from output_dir/last.pth if there is one. A checkpoint of another task, model,
+        class count or other model parts (a token head) cannot continue this run: say so before
+        anything is written."""
         path = find_last_checkpoint(self.args.output_dir)
         if path is None:
             return
@@ -579,6 +650,11 @@ class Trainer:
             raise ValueError(f"{path} is a {old[0]} checkpoint of {old[1]} with {old[2]} classes, but this run "
                              f"trains {new[0]} with {new[1]} and {new[2]} classes; use another --output-dir "
                              f"(or the same task, --model and data) to resume")
+        differ = sorted(set(checkpoint["model"]) ^ set(self.model.state_dict()))
+        if differ:
+            raise ValueError(f"{path} holds a {old[1]} with other parts than this run's (they differ in "
+                             f"{', '.join(differ[:4])}{', ...' if len(differ) > 4 else ''}); use another "
+                             f"--output-dir (or the same model, token head included) to resume")
         self.model.load_state_dict(checkpoint["model"])
         if self.ema and checkpoint["model_ema"] is not None:
             self.ema.load_state_dict(checkpoint["model_ema"])
@@ -733,15 +809,257 @@ def classification_loss(model, batch, device, criterion, mixup=None):
     return criterion(model(images), targets)
 
 
-def classification_task(args, train_set, val_set, rank, world_size, device):
+def classification_task(args, train_set, val_set, rank, world_size, device, mix_token=None):
+    """Classification of ImageFolder classes; with `mix_token` (a MixToken on the model) the training
+    set is TokenLabeledImages and the loss is token labeling's."""
     num_classes = len(train_set.classes)
     val_loader = eval_loader(val_set, args.batch_size, args.workers, rank, world_size)
-    loss = functools.partial(classification_loss, device=device,
-                             criterion=nn.CrossEntropyLoss(label_smoothing=args.label_smoothing),
-                             mixup=mixup_cutmix(num_classes, args.mixup, args.cutmix))
+    if mix_token is not None:
+        loss = functools.partial(token_labeling_loss, device=device, mix_token=mix_token)
+    else:
+        loss = functools.partial(classification_loss, device=device,
+                                 criterion=nn.CrossEntropyLoss(label_smoothing=args.label_smoothing),
+                                 mixup=mixup_cutmix(num_classes, args.mixup, args.cutmix))
     return Task("classification", train_set, loss, functools.partial(evaluate, loader=val_loader, device=device),
                 main_metric="top1", reference_batch=REFERENCE_BATCH, num_classes=num_classes,
-                classes=train_set.classes)
+                classes=train_set.classes, repeated_aug=args.repeated_aug)
+
+
+# ---------------------------------------------------------------------------------------------
+# Token labeling (LV-ViT, "All Tokens Matter"; Table 9): a teacher's dense score maps supervise
+# every token of the last stage. Label maps on disk -> targets of the crop in the data loader ->
+# MixToken inside the forward -> the loss. And --make-token-labels, which writes label maps.
+# ---------------------------------------------------------------------------------------------
+
+def label_map_path(labels_dir, split_dir, image_path):
+    """LV-ViT's layout: <labels>/<class folder>/<image file name without extension>.pt."""
+    return os.path.join(labels_dir, os.path.splitext(os.path.relpath(image_path, split_dir))[0] + ".pt")
+
+
+def token_label_targets(label_map, box, image_size, grid, num_classes, smoothing=0.0):
+    """The targets of a crop, as LV-ViT builds them from the label map (2, 5, H, W) of the whole
+    image (`image_size` = (height, width) pixels): the top-5 logits are scattered into a dense
+    (K, H, W) map (0 elsewhere), cut out with the crop's `box` (top, left, height, width in pixels)
+    by roi_align to the token `grid` (h, w) and to 1 x 1, softmaxed over the classes and smoothed.
+    Returns (crop label (K,), token labels (K, h, w))."""
+    logits, classes = label_map.float()                                          # (5, H, W) each
+    dense = torch.zeros(num_classes, *logits.shape[1:]).scatter_(0, classes.long(), logits)
+    top, left, height, width = box
+    sy, sx = dense.shape[1] / image_size[0], dense.shape[2] / image_size[1]      # map cells per pixel
+    roi = torch.tensor([[0, left * sx, top * sy, (left + width) * sx, (top + height) * sy]])  # (index, x1, y1, x2, y2)
+    tokens = roi_align(dense[None], roi, output_size=grid, aligned=True)[0]      # (K, h, w)
+    crop = roi_align(dense[None], roi, output_size=1, aligned=True)[0, :, 0, 0]  # (K,)
+
+    def smooth(scores):
+        return (1 - smoothing) * scores.softmax(dim=0) + smoothing / num_classes
+
+    return smooth(crop), smooth(tokens)
+
+
+class TokenLabeledImages(Dataset):
+    """The images of an ImageFolder split with their label maps in LV-ViT's format: one file per
+    image, label_map_path(), holding a tensor (2, 5, H, W): the teacher's top-5 logits and their
+    class indices (half precision) at every position of an H x W grid over the whole image.
+
+    An item is (image, class index, crop label (K,), token labels (h*w, K), row-major as the model's
+    token logits). The label map follows the image through the random-resized crop (the same box)
+    and the horizontal flip. RandAugment's rotations, shears and translations move the pixels but
+    leave the map as it is: torchvision's RandAugment does not say which operation it drew, and the
+    labels of those images are off by up to the operation's shift (up to 40% of the crop for
+    translations at magnitude 9, drawn for about one image in four)."""
+
+    def __init__(self, data_dir, labels_dir, image_size, augment, interpolation="bilinear", label_smoothing=0.1):
+        self.images = image_folder(data_dir, "train", None)
+        self.classes, self.labels_dir = self.images.classes, labels_dir
+        self.augment, self.smoothing = augment, label_smoothing
+        self.crop = v2.RandomResizedCrop(image_size, interpolation=interpolation, antialias=True)
+        self.grid = (math.ceil(image_size / TOKEN_STRIDE),) * 2
+        self.check_labels_dir()
+
+    def __len__(self):
+        return len(self.images)
+
+    def path(self, image_path):
+        return label_map_path(self.labels_dir, self.images.root, image_path)
+
+    def expected(self):
+        return (f"a tensor (2, {TOP_K}, H, W): the teacher's top-{TOP_K} logits and their class indices "
+                f"(0-{len(self.classes) - 1}) at every position of an H x W grid over the image")
+
+    def check_labels_dir(self):
+        """Before training starts: the data's class folders, and a label map for every image."""
+        example = self.path(os.path.join(self.images.root, "<class>", "<image>.JPEG"))
+        layout = f"expected one label map per training image: {example}"
+        if not os.path.isdir(self.labels_dir):
+            raise FileNotFoundError(f"--token-labels {self.labels_dir} does not exist; {layout}")
+        classes = class_folders(self.labels_dir)
+        if classes != self.classes:
+            raise ValueError(f"the class folders of --token-labels {self.labels_dir} differ from those of "
+                             f"{self.images.root}: {len(classes)} vs {len(self.classes)}; only in the labels: "
+                             f"{sorted(set(classes) - set(self.classes))[:5]}, only in the data: "
+                             f"{sorted(set(self.classes) - set(classes))[:5]}")
+        missing = []
+        for label, samples in itertools.groupby(self.images.samples, key=lambda sample: sample[1]):  # class by class
+            present = {os.path.join(folder, name) for folder, _, names in
+                       os.walk(os.path.join(self.labels_dir, self.classes[label])) for name in names}
+            missing += [path for path, _ in samples if self.path(path) not in present]
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} of {len(self.images)} training images have no label map, e.g. "
+                                    f"{missing[0]}: expected {self.path(missing[0])}, {self.expected()}")
+
+    def read_label_map(self, image_path):
+        path = self.path(image_path)
+        try:
+            label_map = torch.load(path, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no label map for {image_path}: expected {path}, {self.expected()}") from None
+        if not isinstance(label_map, torch.Tensor) or label_map.ndim != 4 or label_map.shape[:2] != (2, TOP_K):
+            found = f"shape {tuple(label_map.shape)}" if isinstance(label_map, torch.Tensor) else \
+                f"a {type(label_map).__name__}"
+        elif not 0 <= label_map[1].min() <= label_map[1].max() < len(self.classes):
+            found = f"class indices {label_map[1].min():.0f}-{label_map[1].max():.0f}"
+        else:
+            return label_map
+        raise ValueError(f"the label map {path} of {image_path} holds {found}; expected {self.expected()}")
+
+    def __getitem__(self, index):
+        path, target = self.images.samples[index]
+        image, label_map = load_image(path), self.read_label_map(path)
+        box = self.crop.make_params([image])                                    # the random-resized crop
+        crop_label, token_labels = token_label_targets(
+            label_map, (box["top"], box["left"], box["height"], box["width"]), (image.height, image.width),
+            self.grid, len(self.classes), self.smoothing)
+        image = self.crop.transform(image, box)
+        if torch.rand(()) < 0.5:                                                # the horizontal flip
+            image, token_labels = v2.functional.horizontal_flip(image), token_labels.flip(-1)
+        return self.augment(image), target, crop_label, rearrange(token_labels, "k h w -> (h w) k")
+
+
+def random_token_box(height, width):
+    """CutMix's box on the height x width token grid, as a bool mask: lam ~ Beta(1, 1) (uniform), a
+    box of sides sqrt(1 - lam) times the grid's around a random token, clipped at the edges."""
+    side = (1 - torch.rand(())).sqrt().item()
+    box_h, box_w = int(height * side), int(width * side)
+    top = torch.randint(height, ()).item() - box_h // 2
+    left = torch.randint(width, ()).item() - box_w // 2
+    mask = torch.zeros(height, width, dtype=torch.bool)
+    mask[max(top, 0):top + box_h, max(left, 0):left + box_w] = True
+    return mask
+
+
+class MixToken:
+    """LV-ViT's MixToken, inside the model's own forward (so DDP synchronises the gradients as for
+    any forward): a forward hook on the stem swaps the stride-4 features in a box with those of the
+    batch flipped along its first axis. The box is chosen on the token grid (stride 32) and covers
+    8 x 8 stem pixels per token, so the token logits of the box can be swapped back exactly. `mask`
+    (the box on the token grid) is set for one forward; None, or eval mode, mixes nothing."""
+
+    def __init__(self, model):
+        self.mask = None
+        self.scale = model.stage_strides[-1] // model.stage_strides[0]  # 8 stem pixels per token
+        model.downsample_layers[0].register_forward_hook(self.mix)
+
+    def mix(self, stem, inputs, features):                                     # (B, C, H/4, W/4)
+        if self.mask is None or not stem.training:
+            return None
+        box = self.mask.repeat_interleave(self.scale, 0).repeat_interleave(self.scale, 1)
+        return torch.where(box[:features.shape[2], :features.shape[3]], features.flip(0), features)
+
+
+def mix_token_forward(model, images, mix_token):
+    """(class logits (B, K), token logits (B, h*w, K), lam) of a batch mixed by MixToken in a random
+    box: each token's logits are put back to the image they came from, and the class logits saw a
+    share lam (1 - the box's area) of their own image."""
+    mask = random_token_box(*(math.ceil(size / TOKEN_STRIDE) for size in images.shape[2:])).to(images.device)
+    mix_token.mask = mask
+    try:
+        class_logits, token_logits = model(images)
+    finally:
+        mix_token.mask = None
+    in_box = mask.flatten()[None, :, None]                                     # the tokens' row-major order
+    return class_logits, torch.where(in_box, token_logits.flip(0), token_logits), 1 - mask.float().mean()
+
+
+def token_labeling_loss(model, batch, device, mix_token):
+    """LV-ViT's loss with MixToken: soft-target cross-entropy of the class logits against the
+    teacher's crop label, mixed by the box's area (the ground truth is not used, as in the released
+    recipe), + 0.5 x the mean over all tokens of the soft-target cross-entropy of the token logits
+    against their token labels."""
+    images, _, crop_labels, token_labels = (t.to(device, non_blocking=True) for t in batch)
+    if device.type == "cuda":
+        images = images.contiguous(memory_format=torch.channels_last)
+    class_logits, token_logits, lam = mix_token_forward(model, images, mix_token)
+    crop_labels = lam * crop_labels + (1 - lam) * crop_labels.flip(0)
+    token_loss = nn.functional.cross_entropy(token_logits.flatten(0, 1), token_labels.flatten(0, 1))
+    return nn.functional.cross_entropy(class_logits, crop_labels) + TOKEN_LOSS_WEIGHT * token_loss
+
+
+def teacher_token_logits(teacher, images):
+    """(B, K, h, w): the logits of every token of the last stage, by the token head, or by the class
+    head for a teacher without one (its class logits are their mean)."""
+    last = teacher.forward_features(images)[-1]                                # (B, C, h, w)
+    if teacher.token_head is not None:
+        tokens = teacher.forward_head(last, return_tokens=True)[1]             # (B, h*w, K)
+    else:
+        tokens = teacher.head(rearrange(teacher.norm(last), "b c h w -> b (h w) c"))
+    return rearrange(tokens, "b (h w) k -> b k h w", h=last.shape[2])
+
+
+@torch.no_grad()
+def make_token_labels(args):
+    """--make-token-labels DIR --teacher CHECKPOINT: label maps in LV-ViT's format for every training
+    image of --data (default: the teacher's data), from a GLNet checkpoint: the top-5 token logits
+    of the whole image resized to the teacher's image size, and their classes, (2, 5, h, w) in half
+    precision. Written to DIR.tmp and renamed to DIR when complete."""
+    rank, world_size, device = setup_distributed()
+    output = os.path.abspath(args.make_token_labels)
+    if os.path.isdir(output) and os.listdir(output):
+        raise FileExistsError(f"{output} is not empty: label maps go into a new folder (choose another or remove it)")
+    checkpoint = glnet.read_checkpoint(args.teacher)
+    trained = checkpoint.get("args", {})
+    model_name = args.model if "model" in args.given else trained.get("model")
+    if model_name is None:
+        raise ValueError(f"{args.teacher} was not written by train.py, so it does not say which model it is: "
+                         f"pass --model ({', '.join(glnet.MODELS)})")
+    data = args.data or trained.get("data")  # None: the built-in data
+    data_dir = data or shapes_dataset(trained.get("cache_dir", args.cache_dir))
+    check_layout(data_dir, splits=("train",))
+    image_size, interpolation = (checkpoint_setting(args, trained, key) for key in ("image_size", "interpolation"))
+    images = image_folder(data_dir, "train", v2.Compose([
+        v2.Resize((image_size, image_size), interpolation=interpolation, antialias=True),
+        v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)]))
+    if not TOP_K <= len(images.classes) <= 2048:  # class indices are exact in half precision up to 2048
+        raise ValueError(f"label maps hold the top-{TOP_K} of at most 2048 classes; {data_dir} has "
+                         f"{len(images.classes)}")
+    teacher = glnet.create_model(model_name, num_classes=len(images.classes), checkpoint=checkpoint,
+                                 checkpoint_key=args.checkpoint_key, **model_options(trained)).to(device).eval()
+    loader = eval_loader(images, args.batch_size, args.workers, rank, world_size)
+    tmp = output + ".tmp"
+    if is_main_process():
+        shutil.rmtree(tmp, ignore_errors=True)
+    if dist.is_initialized():
+        dist.barrier()
+    start, indices = time.perf_counter(), iter(loader.sampler)
+    for batch, _ in loader:
+        with autocast(device, amp_settings(args.amp, device)[0]):
+            top = teacher_token_logits(teacher, batch.to(device)).float().topk(TOP_K, dim=1)
+        label_maps = torch.stack([top.values, top.indices.float()], dim=1).half().cpu()  # (B, 2, 5, h, w)
+        for label_map in label_maps:
+            path = label_map_path(tmp, images.root, images.samples[next(indices)][0])
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            torch.save(label_map.clone(), path)  # a copy: saving a view would store the whole batch
+    if dist.is_initialized():
+        dist.barrier()
+    if is_main_process():
+        if os.path.isdir(output):
+            os.rmdir(output)
+        os.replace(tmp, output)
+    grid = math.ceil(image_size / TOKEN_STRIDE)
+    log(f"wrote {len(images)} label maps (2, {TOP_K}, {grid}, {grid}) of {model_name} at {image_size}x{image_size} "
+        f"to {output} in {format_eta(time.perf_counter() - start)}\n"
+        f"train with them: python train.py --token-labels {output}"
+        + (f" --data {data}" if data else ""))
+    return output
 
 
 # ---------------------------------------------------------------------------------------------
@@ -804,7 +1122,8 @@ def _peak_rss_rise_mib(name, image_size):
 def bench(args):
     """--bench: inference and training steps (the Trainer's own: forward, backward, clipping,
     AdamW, EMA) of GLNet variants against torchvision's swin_t and convnext_tiny, interleaved in
-    one run; glnet_stl's latency across sizes; the peak memory of its forward."""
+    one run; glnet_stl's latency across sizes; the peak memory of its forward. A variant with a
+    token head takes token labeling's step (MixToken, both losses) on random targets."""
     import torchvision
     rank, world_size, device = setup_distributed()
     seed_everything(args.seed, rank)
@@ -814,8 +1133,6 @@ def bench(args):
     task = Task("classification", fake, functools.partial(classification_loss, device=device,
                                                           criterion=nn.CrossEntropyLoss()),
                 None, "top1", REFERENCE_BATCH, num_classes=1000)
-    trainers = {name: Trainer(args, build(num_classes=1000), task, rank, world_size, device)
-                for name, build in builders.items()}
     amp_dtype, _ = amp_settings(args.amp, device)
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
 
@@ -829,6 +1146,17 @@ def bench(args):
         return call
 
     batch = (images(args.image_size, args.batch_size), torch.zeros(args.batch_size, dtype=torch.long))
+    tokens = math.ceil(args.image_size / TOKEN_STRIDE) ** 2
+    token_batch = (*batch, torch.randn(args.batch_size, 1000, device=device).softmax(-1),
+                   torch.randn(args.batch_size, tokens, 1000, device=device).softmax(-1))
+    trainers, batches = {}, {}
+    for name, build in builders.items():
+        model, model_task, batches[name] = build(num_classes=1000), task, batch
+        if getattr(model, "token_head", None) is not None:
+            model_task = dataclasses.replace(task, loss=functools.partial(token_labeling_loss, device=device,
+                                                                          mix_token=MixToken(model)))
+            batches[name] = token_batch
+        trainers[name] = Trainer(args, model, model_task, rank, world_size, device)
     log(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {world_size} x {device.type}; autocast "
         f"{amp_dtype}, {'channels_last' if device.type == 'cuda' else 'NCHW'} input, "
         f"{'compiled' if args.compile else 'eager'}; medians of {args.rounds} interleaved rounds")
@@ -837,7 +1165,7 @@ def bench(args):
         calls = {}
         for name, trainer in trainers.items():
             trainer.model.train(train_mode)
-            calls[name] = (lambda t=trainer: t.train_step([batch] * args.accum_steps)) if train_mode \
+            calls[name] = (lambda t=trainer, b=batches[name]: t.train_step([b] * args.accum_steps)) if train_mode \
                 else inference(trainer.forward, batch[0])
         seconds = interleaved_medians(calls, args.rounds, device)
         images_per_call = args.batch_size * (world_size * args.accum_steps if train_mode else 1)
@@ -867,17 +1195,45 @@ def bench(args):
 # Entry points: train, --eval, --bench
 # ---------------------------------------------------------------------------------------------
 
+def recipe_keys(args):
+    return list(dict.fromkeys([*RECIPES[args.recipe], *CLASSIFICATION_SCHEDULE, "drop_path"]))
+
+
+def describe_recipe(args):
+    """The recipe's name and every value the run uses (* = set on the command line)."""
+    labels = f", token labels {args.token_labels}" if args.token_labels else ""
+    values = ", ".join(f"{key} {getattr(args, key)}{'*' if key in args.given else ''}" for key in recipe_keys(args))
+    return f"recipe {args.recipe}{labels}: {values} (* = set on the command line)"
+
+
+def model_options(trained):
+    """What glnet.create_model needs beside the name to rebuild a model trained here (from the
+    checkpoint's args): the token head of a --token-labels run."""
+    return {"token_head": True} if trained.get("token_head") else {}
+
+
+def checkpoint_setting(args, trained, key):
+    """For --eval and --make-token-labels: the value given on the command line, else the one the
+    checkpoint was trained with, else the ImageNet recipe's (a checkpoint from elsewhere)."""
+    return getattr(args, key) if key in args.given else trained.get(key, IMAGENET_RECIPE[key])
+
+
 def train(args):
     rank, world_size, device = setup_distributed()
     seed_everything(args.seed, rank)
+    log(describe_recipe(args))
     data_dir = args.data or shapes_dataset(args.cache_dir)
-    train_set, val_set = build_datasets(data_dir, args.image_size, args.randaugment)
-    task = classification_task(args, train_set, val_set, rank, world_size, device)
-    model = glnet.create_model(args.model, num_classes=task.num_classes, drop_path_rate=args.drop_path)
+    train_set, val_set = build_datasets(data_dir, args.image_size, args.randaugment, args.interpolation,
+                                        args.random_erasing, args.token_labels, args.label_smoothing)
+    model = glnet.create_model(args.model, num_classes=len(train_set.classes), drop_path_rate=args.drop_path,
+                               **model_options(vars(args)))
+    mix_token = MixToken(model) if args.token_labels else None
+    task = classification_task(args, train_set, val_set, rank, world_size, device, mix_token)
     trainer = Trainer(args, model, task, rank, world_size, device)
     trainer.resume()
-    log(f"{args.model} ({glnet.count_params(model) / 1e6:.2f} M params), {task.num_classes} classes, "
-        f"{len(train_set)} train / {len(val_set)} val images from {data_dir}, {args.image_size}x{args.image_size}")
+    log(f"{args.model}{' with a token head' if args.token_head else ''} ({glnet.count_params(model) / 1e6:.2f} M "
+        f"params), {task.num_classes} classes, {len(train_set)} train / {len(val_set)} val images from {data_dir}, "
+        f"{args.image_size}x{args.image_size}")
     start = time.perf_counter()
     trainer.fit()
     log(f"done in {format_eta(time.perf_counter() - start)}: best val top-1 {trainer.best:.2f}\n"
@@ -888,22 +1244,22 @@ def train(args):
 
 
 def evaluate_checkpoint(args):
-    """--eval: a checkpoint of this script (its model, data and size are read from it) or a released
-    one (give --model and --data)."""
+    """--eval: a checkpoint of this script (its model, data, size and resizing are read from it) or a
+    released one (give --model and --data; it is evaluated as the released models were: bicubic)."""
     rank, world_size, device = setup_distributed()
     if not args.checkpoint:
         raise ValueError("--eval needs --checkpoint FILE")
     checkpoint = glnet.read_checkpoint(args.checkpoint)
     trained = checkpoint.get("args", {})
-    model_name = args.model_given or trained.get("model")
+    model_name = args.model if "model" in args.given else trained.get("model")
     if model_name is None or not (args.data or trained):
         raise ValueError(f"{args.checkpoint} was not written by train.py, so it does not say which model and data "
                          f"it is for: pass --model ({', '.join(glnet.MODELS)}) and --data (the ImageNet folder)")
     data_dir = args.data or trained.get("data") or shapes_dataset(trained.get("cache_dir", args.cache_dir))
-    image_size = args.image_size_given or trained.get("image_size") or IMAGENET_RECIPE["image_size"]
-    val_set = build_val_dataset(data_dir, image_size)
+    image_size, interpolation = (checkpoint_setting(args, trained, key) for key in ("image_size", "interpolation"))
+    val_set = build_val_dataset(data_dir, image_size, interpolation)
     model = glnet.create_model(model_name, num_classes=len(val_set.classes), checkpoint=checkpoint,
-                               checkpoint_key=args.checkpoint_key)
+                               checkpoint_key=args.checkpoint_key, **model_options(trained))
     model.to(device)
     with autocast(device, amp_settings(args.amp, device)[0]):
         metrics = evaluate(model, eval_loader(val_set, args.batch_size, args.workers, rank, world_size), device)
@@ -981,6 +1337,11 @@ def check_training_arguments(parser, args):
         parser.error(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
 
 
+def has_token_head(model_name):
+    with torch.device("meta"):
+        return glnet.create_model(model_name).token_head is not None
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 
@@ -988,20 +1349,39 @@ def parse_args(argv=None):
         if key == "data":
             return "ImageNet-layout folder (train/<class>/*, val/<class>/*); default: the built-in shapes dataset"
         if key == "output_dir":
-            return "checkpoints and metrics.jsonl; default: runs/<model>-<data name>"
+            return "checkpoints and metrics.jsonl; default: runs/<model>-<data name>[-tklb]"
+        values = "; ".join(f"{name} {recipe[key]}" for name, recipe in RECIPES.items() if key in recipe)
         if key == "drop_path":
-            return f"default per model: {DROP_PATH}"
-        if key in IMAGENET_RECIPE:
-            return f"default {IMAGENET_RECIPE[key]} with --data (the paper's recipe), {BUILTIN_RECIPE[key]} without"
-        return "default: none"
+            return f"default: {values}; otherwise per model: {DROP_PATH}"
+        if key in CLASSIFICATION_SCHEDULE:
+            return f"default {CLASSIFICATION_SCHEDULE[key]}"
+        return f"default by --recipe: {values}" if values else "default: none"
 
     add_training_arguments(parser, default)
+    parser.add_argument("--recipe", choices=list(RECIPES), help="the defaults of the training flags: the built-in "
+                        "data's (CPU, minutes), the paper's Table 8 (imagenet) or Table 9 (imagenet-tklb, token "
+                        "labeling); default: imagenet with --data (imagenet-tklb with --token-labels), builtin without")
     parser.add_argument("--image-size", type=int, help=default("image_size"))
-    parser.add_argument("--randaugment", action=argparse.BooleanOptionalAction, help=f"RandAugment(9, 0.5); {default('randaugment')}")
+    parser.add_argument("--randaugment", action=argparse.BooleanOptionalAction,
+                        help=f"RandAugment(9, 0.5), timm's rand-m9-mstd0.5; {default('randaugment')}")
     parser.add_argument("--mixup", type=float, help=f"MixUp alpha, 0 = off; {default('mixup')}")
     parser.add_argument("--cutmix", type=float, help=f"CutMix alpha, 0 = off; {default('cutmix')}")
     parser.add_argument("--label-smoothing", type=float, help=default("label_smoothing"))
+    parser.add_argument("--repeated-aug", type=int, help="every training image N times per epoch, spread over the "
+                        f"ranks, the epoch as long as without (1 = off); {default('repeated_aug')}")
+    parser.add_argument("--random-erasing", type=float, help="probability of erasing a random rectangle with "
+                        f"per-pixel random values, 0 = off; {default('random_erasing')}")
+    parser.add_argument("--interpolation", choices=["bilinear", "bicubic"], help="of the training crop, RandAugment "
+                        f"and the evaluation resize; {default('interpolation')}")
     parser.add_argument("--checkpoint-key", help="with --eval: 'model' or 'model_ema' (default: EMA if present)")
+    labels = parser.add_argument_group("token labeling (LV-ViT's label maps: <labels>/<class>/<image name>.pt, "
+                                       "a tensor (2, 5, H, W) of top-5 logits and class indices)")
+    labels.add_argument("--token-labels", metavar="DIR", help="train with token labeling on these label maps "
+                        "(e.g. the NFNet-F6 ones of the paper); adds a token head to the model")
+    labels.add_argument("--make-token-labels", metavar="DIR", help="write label maps of every training image of "
+                        "--data to DIR with --teacher, then exit")
+    labels.add_argument("--teacher", metavar="CHECKPOINT", help="with --make-token-labels: a GLNet checkpoint (of "
+                        "train.py, or a released one with --model)")
     bench = parser.add_argument_group("--bench: GLNet against torchvision's " + " and ".join(BENCH_BASELINES))
     bench.add_argument("--models", nargs="+", default=list(BENCH_MODELS), choices=list(glnet.MODELS),
                        help=f"the GLNet variants to time (default: {' '.join(BENCH_MODELS)})")
@@ -1010,32 +1390,51 @@ def parse_args(argv=None):
     bench.add_argument("--memory-sizes", type=int, nargs="+", default=[512, 1024])
     args = parser.parse_args(argv)
 
-    args.model_given, args.image_size_given = args.model, args.image_size
+    if args.recipe is None:
+        args.recipe = ("imagenet-tklb" if args.token_labels else "imagenet") if args.data or args.bench else "builtin"
+    args.given = [key for key in recipe_keys(args) if getattr(args, key) is not None]
     if args.bench:  # one batch of 224x224 images: 8 on a CPU, 128 on a GPU
         apply_recipe(args, dict(batch_size=128 if torch.cuda.is_available() else 8, image_size=224, workers=0))
-    apply_recipe(args, IMAGENET_RECIPE if args.data or args.bench else BUILTIN_RECIPE)
-    apply_recipe(args, CLASSIFICATION_SCHEDULE)
+    apply_recipe(args, RECIPES[args.recipe] | CLASSIFICATION_SCHEDULE)
     if args.drop_path is None:
         args.drop_path = DROP_PATH[args.model]
-    if args.data is not None:
-        args.data = os.path.abspath(args.data)
+    for key in ("data", "token_labels"):
+        if getattr(args, key) is not None:
+            setattr(args, key, os.path.abspath(getattr(args, key)))
+    args.token_head = bool(args.token_labels)
     if args.output_dir is None:
         data_name = os.path.basename(args.data.rstrip("/")) if args.data else "builtin"
-        args.output_dir = os.path.join("runs", f"{args.model}-{data_name}")
+        args.output_dir = os.path.join("runs", f"{args.model}-{data_name}{'-tklb' if args.token_labels else ''}")
     check_training_arguments(parser, args)
-    require_positive(parser, args, ("image_size", "rounds"))
+    require_positive(parser, args, ("image_size", "rounds", "repeated_aug"))
     require_image_size(parser, args)
+    if bool(args.make_token_labels) != bool(args.teacher):
+        parser.error("--make-token-labels DIR and --teacher CHECKPOINT go together")
+    if not (args.eval or args.bench or args.make_token_labels):
+        how = "--token-labels DIR (the label maps, e.g. the NFNet-F6 ones, or make them with --make-token-labels " \
+              "DIR --teacher CHECKPOINT)"
+        if args.recipe == "imagenet-tklb" and not args.token_labels:
+            parser.error(f"--recipe imagenet-tklb trains with token labels: pass {how}")
+        if has_token_head(args.model) and not args.token_labels:
+            parser.error(f"{args.model} has a token head, trained with token labels: pass {how}, or train "
+                         f"{args.model.removesuffix('_tklb')} without them")
+        if args.token_labels and (args.mixup or args.cutmix):
+            parser.error(f"token labeling mixes with MixToken instead of mixup and cutmix, whose labels the token "
+                         f"labels could not follow: pass --mixup 0 --cutmix 0 (got {args.mixup}, {args.cutmix})")
     return args
 
 
 def main(argv=None):
-    """Train, --eval or --bench; returns the best top-1, the metrics or the timings."""
+    """Train, --eval, --make-token-labels or --bench; returns the best top-1, the metrics, the label
+    folder or the timings."""
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
         if args.eval:
             return evaluate_checkpoint(args)
+        if args.make_token_labels:
+            return make_token_labels(args)
         if args.bench:
             return bench(args)
         return train(args)
