@@ -1062,6 +1062,112 @@ def test_recipes_are_chosen_by_flag_or_data_and_every_flag_overrides(tmp_path):
     assert trainers[0].steps_per_epoch == trainers[1].steps_per_epoch == 4
 
 
+# README.md, "Recipes": the table's values, checked below on the objects a run trains with.
+RECIPE_TABLE = {
+    "builtin": dict(model="glnet_mini", epochs=5, image_size=64, batch_size=32, lr_per_2048=6.4e-2,
+                    weight_decay=0.05, warmup_epochs=1, warmup_factor=1e-3, min_lr=1e-5, clip_grad=5.0,
+                    drop_path=0.0, randaugment=None, label_smoothing=0.1, mixup_cutmix=None, repeated_aug=1,
+                    random_erasing=None, interpolation="bilinear", ema_decay=0.99, eval_resize=73, token_labels=False),
+    "imagenet": dict(model="glnet_4g", epochs=300, image_size=224, batch_size=128, lr_per_2048=2e-3,
+                     weight_decay=0.05, warmup_epochs=5, warmup_factor=5e-4, min_lr=1e-5, clip_grad=5.0,
+                     drop_path=0.15, randaugment=(2, 9, 0.5), label_smoothing=0.1, mixup_cutmix=(0.8, 1.0),
+                     repeated_aug=3, random_erasing=0.25, interpolation="bicubic", ema_decay=0.9999, eval_resize=256,
+                     token_labels=False),
+    "imagenet-tklb": dict(model="glnet_4g_tklb", epochs=310, image_size=224, batch_size=128, lr_per_2048=2e-3,
+                          weight_decay=0.05, warmup_epochs=5, warmup_factor=5e-4, min_lr=1e-5, clip_grad=5.0,
+                          drop_path=0.1, randaugment=(2, 9, 0.5), label_smoothing=0.1, mixup_cutmix=None,
+                          repeated_aug=3, random_erasing=0.25, interpolation="bicubic", ema_decay=0.9999,
+                          eval_resize=256, token_labels=True),
+}
+
+
+def interpolation(transform):
+    return v2.InterpolationMode(transform.interpolation).value
+
+
+def transforms_of(transform):
+    """Every transform inside (nested) v2.Compose objects."""
+    inner = getattr(transform, "transforms", None)
+    return [t for child in inner for t in transforms_of(child)] if inner is not None else [transform]
+
+
+@pytest.fixture(scope="module")
+def recipe_data(tmp_path_factory):
+    """Enough images for one batch of 128 (3 classes of 44, 32x32), and a label map for each."""
+    root = tmp_path_factory.mktemp("recipes")
+    data = train.make_shapes_dataset(str(root / "shapes"), 44, 1, 32, classes=("circle", "square", "ring"))
+    for folder, _, names in os.walk(os.path.join(data, "train")):
+        for name in names:
+            path = train.label_map_path(str(root / "labels"), os.path.join(data, "train"), os.path.join(folder, name))
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            torch.save(torch.stack([torch.randn(5, 2, 2), torch.randint(0, 3, (5, 2, 2)).float()]).half(), path)
+    return data, str(root / "labels")
+
+
+@pytest.mark.parametrize("recipe", list(RECIPE_TABLE))
+def test_the_recipes_as_training_applies_them(recipe, recipe_data, tmp_path, monkeypatch):
+    """Each value of the README's recipe table, on what a run trains with (train.build_trainer):
+    the model, the datasets' transforms, the sampler, the optimizer, the schedule, the loss, the
+    EMA and one real training step."""
+    expected = RECIPE_TABLE[recipe]
+    data, labels = recipe_data
+    argv = ["--recipe", recipe, "--data", data, "--output-dir", str(tmp_path), "--workers", "0"]
+    args = train.parse_args(argv + (["--token-labels", labels] if expected["token_labels"] else []))
+    trainer = train.build_trainer(args, data, 0, 1, torch.device("cpu"))
+    model, task, train_set = trainer.model, trainer.task, trainer.task.train_set
+
+    reference = glnet.create_model(expected["model"], num_classes=3, token_head=expected["token_labels"])
+    assert glnet.count_params(model) == glnet.count_params(reference) and model.stage_channels == reference.stage_channels
+    assert max(m.p for m in model.modules() if isinstance(m, glnet.StochasticDepth)) == expected["drop_path"]
+    assert trainer.epochs == expected["epochs"] and trainer.train_loader.batch_size == expected["batch_size"]
+    assert trainer.sampler.repeated_aug == expected["repeated_aug"]
+
+    crop_and_flip = transforms_of(train_set.crop) if expected["token_labels"] else []
+    augment = transforms_of(train_set.augment if expected["token_labels"] else train_set.transform)
+    crop = next(t for t in crop_and_flip + augment if isinstance(t, v2.RandomResizedCrop))
+    assert tuple(crop.size) == (expected["image_size"],) * 2 and interpolation(crop) == expected["interpolation"]
+    randaugment = [t for t in augment if isinstance(t, v2.RandAugment)]
+    assert [(t.num_ops, t.mean, t.std) for t in randaugment] == ([expected["randaugment"]] if expected["randaugment"] else [])
+    assert all(t.num_magnitude_bins == 101 and interpolation(t) == expected["interpolation"] for t in randaugment)
+    erasing = [(t.p, t.value) for t in augment if isinstance(t, v2.RandomErasing)]
+    assert erasing == ([(expected["random_erasing"], None)] if expected["random_erasing"] else [])  # None: random
+    val_set = task.evaluate.keywords["loader"].dataset
+    resize, center = (t for t in transforms_of(val_set.transform) if isinstance(t, (v2.Resize, v2.CenterCrop)))
+    assert resize.size == [expected["eval_resize"]] and interpolation(resize) == expected["interpolation"]
+    assert center.size == (expected["image_size"],) * 2 and val_set[0][0].shape == (3,) + center.size
+
+    if expected["token_labels"]:
+        assert task.loss.func is train.token_labeling_loss and train_set.smoothing == expected["label_smoothing"]
+    else:
+        assert task.loss.keywords["criterion"].label_smoothing == expected["label_smoothing"]
+        mixing = task.loss.keywords["mixup"]
+        alphas = tuple(t.alpha for t in mixing.transforms) if mixing is not None else None
+        assert alphas == expected["mixup_cutmix"]
+
+    peak = expected["lr_per_2048"] * trainer.global_batch / 2048
+    assert isinstance(trainer.optimizer, torch.optim.AdamW) and trainer.lr == pytest.approx(peak)
+    assert {g["betas"] for g in trainer.optimizer.param_groups} == {(0.9, 0.999)}
+    assert sorted(g["weight_decay"] for g in trainer.optimizer.param_groups) == [0.0, expected["weight_decay"]]
+    lr_at = lambda step: peak * trainer.scheduler.lr_lambdas[0](step)  # noqa: E731
+    warmup, total = expected["warmup_epochs"] * trainer.steps_per_epoch, trainer.total_steps
+    assert lr_at(0) == pytest.approx(expected["warmup_factor"] * peak) and lr_at(warmup - 1) < peak
+    assert lr_at(warmup) == pytest.approx(peak) and lr_at(total) == pytest.approx(expected["min_lr"])
+    assert lr_at((warmup + total) / 2) == pytest.approx((peak + expected["min_lr"]) / 2)  # the cosine's middle
+
+    clipped_at = []
+    clip = train.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(train.nn.utils, "clip_grad_norm_", lambda p, max_norm: clipped_at.append(max_norm) or clip(p, max_norm))
+    model.train()
+    trainer.train_step([torch.utils.data.default_collate([train_set[i] for i in range(2)])])
+    assert clipped_at == [expected["clip_grad"]]
+    with torch.no_grad():  # the step's own update is too small to tell 0.9999 from 0.9998: move the weights by 1
+        model.head.weight.add_(1.0)
+    before = trainer.ema.module.head.weight.detach().clone()
+    trainer.ema.update_parameters(model)
+    moved = (trainer.ema.module.head.weight - before) / (model.head.weight - before)
+    torch.testing.assert_close(moved, torch.full_like(moved, 1 - expected["ema_decay"]), rtol=1e-3, atol=0)
+
+
 def test_repeated_augmentation_sampler_spreads_three_copies_over_two_ranks():
     dataset = list(range(30))
     samplers = [train.ResumableDistributedSampler(dataset, 2, rank, shuffle=True, seed=0, drop_last=True,

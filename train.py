@@ -1218,22 +1218,27 @@ def checkpoint_setting(args, trained, key):
     return getattr(args, key) if key in args.given else trained.get(key, IMAGENET_RECIPE[key])
 
 
-def train(args):
-    rank, world_size, device = setup_distributed()
-    seed_everything(args.seed, rank)
-    log(describe_recipe(args))
-    data_dir = args.data or shapes_dataset(args.cache_dir)
+def build_trainer(args, data_dir, rank, world_size, device):
+    """What a run trains with, all from its args: the datasets, the model, the Task, the Trainer."""
     train_set, val_set = build_datasets(data_dir, args.image_size, args.randaugment, args.interpolation,
                                         args.random_erasing, args.token_labels, args.label_smoothing)
     model = glnet.create_model(args.model, num_classes=len(train_set.classes), drop_path_rate=args.drop_path,
                                **model_options(vars(args)))
     mix_token = MixToken(model) if args.token_labels else None
     task = classification_task(args, train_set, val_set, rank, world_size, device, mix_token)
-    trainer = Trainer(args, model, task, rank, world_size, device)
-    trainer.resume()
     log(f"{args.model}{' with a token head' if args.token_head else ''} ({glnet.count_params(model) / 1e6:.2f} M "
         f"params), {task.num_classes} classes, {len(train_set)} train / {len(val_set)} val images from {data_dir}, "
         f"{args.image_size}x{args.image_size}")
+    return Trainer(args, model, task, rank, world_size, device)
+
+
+def train(args):
+    rank, world_size, device = setup_distributed()
+    seed_everything(args.seed, rank)
+    log(describe_recipe(args))
+    data_dir = args.data or shapes_dataset(args.cache_dir)
+    trainer = build_trainer(args, data_dir, rank, world_size, device)
+    trainer.resume()
     start = time.perf_counter()
     trainer.fit()
     log(f"done in {format_eta(time.perf_counter() - start)}: best val top-1 {trainer.best:.2f}\n"
