@@ -1976,6 +1976,12 @@ def test_semantic_fpn_training_lowers_the_loss_and_resumes(cache_dir, tmp_path, 
     assert results["semfpn"]["mIoU"] == read_metrics(tmp_path / "semfpn")[-1]["val_mIoU"]
     assert os.path.isfile(tmp_path / "semfpn" / "best.pth")
 
+    before = {name: file_bytes(tmp_path / "semfpn" / name) for name in os.listdir(tmp_path / "semfpn")}
+    with pytest.raises(ValueError, match="is a semfpn checkpoint of glnet_mini with 4 classes, but this run trains "
+                                         "semfpn with glnet_4g and 4 classes"):
+        detect_seg.main(args + ["--iters", "18", "--model", "glnet_4g"])
+    assert {name: file_bytes(tmp_path / "semfpn" / name) for name in os.listdir(tmp_path / "semfpn")} == before
+
 
 def run_detect_seg(args, launcher=(sys.executable,), timeout=300):
     result = subprocess.run([*launcher, os.path.join(HERE, "detect_seg.py"), *args], cwd=HERE, capture_output=True,
