@@ -389,7 +389,10 @@ class SegmentationFolder(torch.utils.data.Dataset):
                                     f"{label_dir}, e.g. {missing[0]}.png")
         self.samples = [(images[s], labels[s]) for s in sorted(images)]
         for image_path, label_path in self.samples:  # image headers only: quick, and before training starts
-            check_label_size(image_path, label_path, Image.open(image_path).size, Image.open(label_path).size)
+            (width, height), label_size = Image.open(image_path).size, Image.open(label_path).size
+            if label_size != (width, height):
+                raise ValueError(f"label {label_path} is {label_size[0]}x{label_size[1]} but its image {image_path} "
+                                 f"is {width}x{height}; expected a label PNG of its image's size")
         self.transforms = transforms
 
     def __len__(self):
@@ -399,17 +402,9 @@ class SegmentationFolder(torch.utils.data.Dataset):
         image_path, label_path = self.samples[index]
         image = v2.functional.pil_to_tensor(train.load_image(image_path))
         label = torch.from_numpy(np.array(Image.open(label_path), dtype=np.int64))
-        check_label_size(image_path, label_path, image.shape[:0:-1], label.shape[::-1])
         label = tv_tensors.Mask(torch.where(label == 0, IGNORE_INDEX, label - 1))
         image = tv_tensors.Image(image)
         return self.transforms(image, label)
-
-
-def check_label_size(image_path, label_path, image_size, label_size):
-    """Sizes as (width, height)."""
-    if tuple(image_size) != tuple(label_size):
-        raise ValueError(f"label {label_path} is {label_size[0]}x{label_size[1]} but its image {image_path} is "
-                         f"{image_size[0]}x{image_size[1]}; expected a label PNG of its image's size")
 
 
 def ade20k_folders(root, split):
@@ -875,15 +870,11 @@ class CountedForward(nn.Module):
 
 
 def conv_flops(layer, x, y):
-    """Multiply-accumulates of every output position, plus one addition per output for the bias."""
+    """Multiply-accumulates of every output position (of every input position for a transposed
+    conv), plus one addition per output for the bias."""
     per_position = layer.out_channels * layer.in_channels // layer.groups * math.prod(layer.kernel_size)
-    return y.numel() // y.shape[1] * per_position + (y.numel() if layer.bias is not None else 0)
-
-
-def deconv_flops(layer, x, y):
-    """A transposed conv: multiply-accumulates of every input position, plus the bias additions."""
-    per_position = layer.out_channels * layer.in_channels // layer.groups * math.prod(layer.kernel_size)
-    return x.numel() // x.shape[1] * per_position + (y.numel() if layer.bias is not None else 0)
+    positions = x if isinstance(layer, nn.ConvTranspose2d) else y
+    return positions.numel() // positions.shape[1] * per_position + (y.numel() if layer.bias is not None else 0)
 
 
 def norm_flops(layer, x, y):
@@ -893,7 +884,7 @@ def norm_flops(layer, x, y):
 
 # MMCV's get_model_complexity_info: the layer types it counts, and how. It matches exact types.
 MMCV_RULES = {
-    nn.Conv2d: conv_flops, nn.ConvTranspose2d: deconv_flops,
+    nn.Conv2d: conv_flops, nn.ConvTranspose2d: conv_flops,
     nn.BatchNorm2d: norm_flops, nn.GroupNorm: norm_flops, nn.LayerNorm: norm_flops,
     nn.Linear: lambda layer, x, y: x.numel() * y.shape[-1],
     nn.ReLU: lambda layer, x, y: y.numel(), nn.Upsample: lambda layer, x, y: y.numel(),
