@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torchvision.ops import StochasticDepth
 
+torch.fx.wrap("rearrange")     # einops cannot see fx Proxies: symbolic tracing keeps it as one call
+
 SLOT_GRID = 8                  # slots are initialised by pooling the grid to 8x8 ...
 NUM_SLOTS = SLOT_GRID ** 2     # ... so M = 64 semantic slots, at every input resolution
 HEAD_DIM = 32                  # attention heads = channels / 32
@@ -88,14 +90,7 @@ def norm_pixels(norm, x):
 
 
 class ConvFFN(nn.Sequential):
-    """The per-pixel FFN on the grid: Conv1x1 -> [z + DWConv3x3(z)] -> GELU -> Conv1x1.
-
-    CPU inference runs it on a few images at a time, so that the hidden features (mlp_ratio x
-    wider than the input) of a chunk stay small enough to be reused from the allocator and the
-    cache instead of fresh memory on every call; each image's result is unchanged. Training keeps
-    every chunk's hidden features for the backward anyway, and GPUs prefer one large batch."""
-
-    CPU_CHUNK_ELEMENTS = 2 ** 21  # hidden features per chunk: 8 MiB in fp32
+    """The per-pixel FFN on the grid: Conv1x1 -> [z + DWConv3x3(z)] -> GELU -> Conv1x1."""
 
     def __init__(self, dim, mlp_ratio, conv_ffn):
         hidden = int(dim * mlp_ratio)
@@ -105,14 +100,6 @@ class ConvFFN(nn.Sequential):
             nn.GELU(),
             nn.Conv2d(hidden, dim, 1),
         )
-
-    def forward(self, x):                                              # (B, C, H, W)
-        hidden_features = x.shape[0] * self[0].out_channels * x.shape[2] * x.shape[3]
-        num_chunks = min(x.shape[0], math.ceil(hidden_features / self.CPU_CHUNK_ELEMENTS))
-        ffn = super().forward
-        if num_chunks <= 1 or x.device.type != "cpu" or torch.is_grad_enabled():
-            return ffn(x)
-        return torch.cat([ffn(chunk) for chunk in x.tensor_split(num_chunks)])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,7 +118,9 @@ class GLMixBlock(nn.Module):
         self.pos_conv = ResidualDWConv(dim) if conv_pos else nn.Identity()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.tau = nn.Parameter(torch.tensor(dim ** -0.5))  # the learnable scale of Eq. 2
+        self.clustering = nn.Softmax(dim=-1)   # Eq. 3: each slot's weights over the pixels
         self.slot_mhsa = MHSA(dim)
+        self.dispatching = nn.Softmax(dim=1)   # Eq. 4: each pixel's weights over the slots
         self.local_branch = nn.Sequential(
             nn.Conv2d(dim, dim, 1),
             nn.Conv2d(dim, dim, LOCAL_KERNEL, padding=LOCAL_KERNEL // 2, groups=dim),
@@ -142,7 +131,6 @@ class GLMixBlock(nn.Module):
         self.mlp = ConvFFN(dim, mlp_ratio, conv_ffn)
         self.ls2 = LayerScale((1, dim, 1, 1), layer_scale) if layer_scale else nn.Identity()
         self.drop_path = StochasticDepth(drop_path, "row")
-        self.keep_clustering_weights = False  # set by GLNet.clustering_weights (Figure 5)
 
     def initial_slots(self, x):
         """Eq. 1: S_init = Flatten(AvgPool(X)), or learned slots shared by all images."""
@@ -167,13 +155,10 @@ class GLMixBlock(nn.Module):
 
         # Global branch: soft clustering (Eq. 2-3), MHSA over the slots, dispatching (Eq. 4).
         logits = self.correspondence_logits(slots_init, pixels)        # A: (B, 64, HW)
-        clustering = logits.softmax(dim=-1)                            # each slot: weights over pixels
-        if self.keep_clustering_weights:
-            self.clustering_weights = rearrange(clustering.detach(), "b m (h w) -> b m h w", h=H)
-        slots = clustering @ pixels                                    # S: (B, 64, C)
+        slots = self.clustering(logits) @ pixels                       # S: (B, 64, C)
         slots = self.slot_mhsa(slots)                                  # S'
-        dispatching = logits.softmax(dim=1)                            # each pixel: weights over slots
-        global_features = rearrange(dispatching.transpose(1, 2) @ slots, "b (h w) c -> b c h w", h=H)
+        dispatched = self.dispatching(logits).transpose(1, 2) @ slots  # G: (B, HW, C)
+        global_features = rearrange(dispatched, "b (h w) c -> b c h w", h=H)
 
         local_features = self.local_branch(rearrange(y, "b h w c -> b c h w"))
         x = shortcut + self.drop_path(self.ls1(global_features + local_features))
@@ -232,15 +217,12 @@ class TransformerBlock(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 class PatchConv(nn.Conv2d):
-    """Non-overlapped patch convolution (kernel = stride). Pads the bottom and right edges to a
-    multiple of the stride, so that sizes not divisible by 32 lose no pixels."""
+    """Non-overlapped patch convolution (kernel = stride) that pads the bottom and right edges by
+    stride - 1, so that sizes not divisible by 32 lose no pixels. A constant padding, read by no
+    window when the size is divisible, keeps traced and exported graphs right at every size."""
 
     def forward(self, x):
-        stride = self.stride[0]
-        pad_h, pad_w = -x.shape[2] % stride, -x.shape[3] % stride
-        if pad_h or pad_w:
-            x = F.pad(x, (0, pad_w, 0, pad_h))
-        return super().forward(x)
+        return super().forward(F.pad(x, (0, self.stride[1] - 1, 0, self.stride[0] - 1)))
 
 
 def stem(in_chans, dim, overlapped):
@@ -267,6 +249,22 @@ class Stage(nn.Module):
 
     def forward(self, x):
         return self.blocks(x)
+
+
+@torch.fx.wrap
+def check_input(x, in_chans):
+    """Fail early, saying what was expected, instead of deep inside a convolution. Wrapped for
+    torch.fx: a traced model keeps the check as one call and runs it on real tensors."""
+    expected = f"a float image batch of shape (B, {in_chans}, H, W) with H, W >= {MIN_INPUT_SIZE}"
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"GLNet expects {expected}, got {type(x).__name__}")
+    if x.dim() != 4 or x.shape[1] != in_chans:
+        raise ValueError(f"GLNet expects {expected}, got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"GLNet expects {expected}, got dtype {x.dtype} "
+                        f"(convert images with x.float() / 255 and normalise them)")
+    if min(x.shape[2:]) < MIN_INPUT_SIZE:
+        raise ValueError(f"GLNet expects {expected}, got {x.shape[2]}x{x.shape[3]}")
 
 
 class GLNet(nn.Module):
@@ -329,23 +327,10 @@ class GLNet(nn.Module):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
 
-    def check_input(self, x):
-        """Fail early, saying what was expected, instead of deep inside a convolution."""
-        expected = f"a float image batch of shape (B, {self.in_chans}, H, W) with H, W >= {MIN_INPUT_SIZE}"
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"GLNet expects {expected}, got {type(x).__name__}")
-        if x.dim() != 4 or x.shape[1] != self.in_chans:
-            raise ValueError(f"GLNet expects {expected}, got shape {tuple(x.shape)}")
-        if not x.is_floating_point():
-            raise TypeError(f"GLNet expects {expected}, got dtype {x.dtype} "
-                            f"(convert images with x.float() / 255 and normalise them)")
-        if min(x.shape[2:]) < MIN_INPUT_SIZE:
-            raise ValueError(f"GLNet expects {expected}, got {x.shape[2]}x{x.shape[3]}")
-
     def forward_features(self, x):
         """The four stage outputs at strides 4, 8, 16, 32: (B, C_i, ceil(H / s_i), ceil(W / s_i)).
         Works at any size >= 32: the dense-prediction interface."""
-        self.check_input(x)
+        check_input(x, self.in_chans)
         x = x.contiguous(memory_format=torch.channels_last)  # per-pixel LayerNorms become views, convs run NHWC
         features = []
         for downsample_layer, stage in zip(self.downsample_layers, self.stages):
@@ -372,24 +357,28 @@ class GLNet(nn.Module):
             return class_logits, token_logits
         return class_logits + TOKEN_LOGITS_WEIGHT * token_logits.amax(dim=1)
 
-    def forward(self, x, return_tokens=False):
-        """forward_head on the last stage: class logits (B, K), or with a token head in training
-        mode (or return_tokens=True) the pair (class logits, token logits (B, h*w, K))."""
-        return self.forward_head(self.forward_features(x)[-1], return_tokens)
+    def forward(self, x):
+        """Class logits (B, K) of the last stage; with a token head in training mode the pair
+        (class logits, token logits (B, h*w, K)), see forward_head."""
+        return self.forward_head(self.forward_features(x)[-1])
 
     @torch.no_grad()
     def clustering_weights(self, x):
         """The soft clustering weights softmax(A) of Eq. 3 of every GLMix block, for the slot
-        visualisation of Figure 5: {block name: (B, 64, H_i, W_i)}, each map summing to 1."""
-        blocks = {name: m for name, m in self.named_modules() if isinstance(m, GLMixBlock)}
-        for block in blocks.values():
-            block.keep_clustering_weights = True
+        visualisation of Figure 5: {block name: (B, 64, H_i, W_i)}, each map summing to 1. They are
+        computed in eval mode, and the model is left as it was (mode, buffers, no hooks)."""
+        weights = {}
+        hooks = [block.clustering.register_forward_hook(lambda _, __, w, name=name: weights.update({name: w}))
+                 for name, block in self.named_modules() if isinstance(block, GLMixBlock)]
+        was_training = self.training
         try:
-            self.forward_features(x)
-            return {name: block.__dict__.pop("clustering_weights") for name, block in blocks.items()}
+            features = self.eval().forward_features(x)
         finally:
-            for block in blocks.values():
-                block.keep_clustering_weights = False
+            self.train(was_training)
+            for hook in hooks:
+                hook.remove()
+        # a block of stages.i keeps stage i's grid
+        return {name: w.unflatten(2, features[int(name.split(".")[1])].shape[2:]) for name, w in weights.items()}
 
 
 # ---------------------------------------------------------------------------------------------

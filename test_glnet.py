@@ -337,11 +337,11 @@ def test_token_head_eval_output_is_class_plus_half_the_token_maximum():
         token_logits = torch.stack(tokens, dim=1)                                    # (2, 6, 5)
         expected = class_logits + 0.5 * token_logits.max(dim=1).values
         torch.testing.assert_close(model(x), expected)
-        both = model(x, return_tokens=True)
+        both = model.forward_head(model.forward_features(x)[-1], return_tokens=True)
     torch.testing.assert_close(both[0], class_logits)
     torch.testing.assert_close(both[1], token_logits)
     with pytest.raises(ValueError, match="needs a model with a token head"):
-        glnet.glnet_mini()(x, return_tokens=True)
+        glnet.glnet_mini().forward_head(torch.randn(1, 256, 2, 2), return_tokens=True)
 
 
 def test_drop_path_is_stochastic_in_training_only():
@@ -394,10 +394,93 @@ def test_clustering_weights():
         assert w.shape == (2, glnet.NUM_SLOTS, 96 // stride, 128 // stride)
         # Eq. 3: each slot's weights are a softmax over the pixels, so they sum to 1 over H and W.
         torch.testing.assert_close(w.sum(dim=(2, 3)), torch.ones(2, glnet.NUM_SLOTS))
-    assert not any(hasattr(m, "clustering_weights") or m.keep_clustering_weights
-                   for m in model.modules() if isinstance(m, glnet.GLMixBlock))
     with torch.no_grad():
         assert torch.equal(model(x), expected_logits)
+
+
+def test_clustering_weights_leave_a_training_model_as_it_was():
+    """Slots visualised during training (the paper's Figure 7) change nothing: the weights are
+    eval-mode ones, and mode, buffers and hooks are as before, also when the forward is interrupted."""
+    torch.manual_seed(0)
+    model = glnet.create_model("glnet_mini").train()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        model(x)  # BatchNorm statistics that differ from their initial values
+    before = copy.deepcopy(model.state_dict())
+    expected = copy.deepcopy(model).eval().clustering_weights(x)
+    weights = model.clustering_weights(x)
+    assert model.training and list(weights) == list(expected)
+    for name, w in weights.items():
+        torch.testing.assert_close(w, expected[name], rtol=0, atol=0)
+    interrupt = model.stages[2].register_forward_hook(lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        model.clustering_weights(x)
+    interrupt.remove()
+    assert model.training and all(m.training for m in model.modules())
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in before.items())
+
+
+def fx_nodes(model):
+    """The four stage outputs and the first GLMix block's clustering weights, as node names."""
+    nodes = {f"stages.{i}": f"c{i + 2}" for i in range(4)}
+    first = next(name for name, m in model.named_modules() if isinstance(m, glnet.GLMixBlock))
+    return nodes | {f"{first}.clustering": "clustering"}, first
+
+
+@pytest.mark.parametrize("variant", list(glnet.MODELS))
+def test_fx_feature_extraction_of_every_variant(variant):
+    """torchvision's feature extraction traces every variant (on the meta device: shapes only) and
+    gives the stage outputs and an inner node, a block's clustering weights (B, 64, HW)."""
+    from torchvision.models.feature_extraction import create_feature_extractor
+    with torch.device("meta"):
+        model = glnet.create_model(variant, num_classes=10).eval()
+        nodes, _ = fx_nodes(model)
+        x = torch.zeros(2, 3, 33, 47)
+        features = create_feature_extractor(model, nodes)(x)
+        eager = model.forward_features(x)
+    assert [features[f"c{i + 2}"].shape for i in range(4)] == [f.shape for f in eager]
+    assert features["clustering"].shape == (2, glnet.NUM_SLOTS, 9 * 12)  # stage 1: 33x47 / 4, rounded up
+
+
+@pytest.mark.parametrize("variant", ["glnet_stl", "glnet_mini"])  # non-overlapped and overlapped stems
+def test_fx_features_equal_the_eager_ones(variant):
+    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+    torch.manual_seed(0)
+    model = glnet.create_model(variant, num_classes=10).eval()
+    nodes, first = fx_nodes(model)
+    train_nodes, eval_nodes = get_graph_node_names(model)
+    assert f"{first}.clustering" in train_nodes and f"{first}.clustering" in eval_nodes
+    x = torch.randn(2, 3, 33, 47)
+    with torch.no_grad():
+        features = create_feature_extractor(model, nodes)(x)
+        for feature, expected in zip((features[f"c{i + 2}"] for i in range(4)), model.forward_features(x)):
+            torch.testing.assert_close(feature, expected)
+        clustering = model.clustering_weights(x)[first]
+        torch.testing.assert_close(features["clustering"].unflatten(2, clustering.shape[2:]), clustering)
+        traced = torch.fx.symbolic_trace(model)
+        torch.testing.assert_close(traced(x), model(x))
+    with pytest.raises(ValueError, match=r"got shape \(2, 1, 33, 47\)"):  # the traced model keeps the check
+        traced(torch.randn(2, 1, 33, 47))
+
+
+@pytest.mark.parametrize("variant", ["glnet_stl", "glnet_mini"])  # non-overlapped and overlapped stems
+def test_traced_and_exported_models_are_right_at_other_sizes(variant):
+    """torch.jit.trace at 64x64 and torch.export with a dynamic height and width (from 33) give the
+    eager outputs at sizes not divisible by 32."""
+    torch.manual_seed(0)
+    model = glnet.create_model(variant, num_classes=10).eval()
+    size = torch.export.Dim("size", min=33, max=512)
+    with torch.no_grad():
+        traced = torch.jit.trace(model, torch.randn(2, 3, 64, 64), check_trace=False)
+        exported = torch.export.export(model, (torch.randn(2, 3, 64, 64),),
+                                       dynamic_shapes={"x": {2: size, 3: torch.export.Dim("width", min=33, max=512)}})
+        for shape in ((2, 3, 97, 130), (2, 3, 33, 47)):
+            x = torch.randn(shape)
+            expected = model(x)
+            torch.testing.assert_close(traced(x), expected)
+            torch.testing.assert_close(exported.module()(x), expected)
 
 
 def test_num_classes_zero_gives_pooled_features():
@@ -446,19 +529,6 @@ def test_glmix_block_tensors_are_at_most_64_or_mlp_width_times_pixels():
     for size in (16, 48):
         pixels = size * size
         assert largest_tensor(block, torch.randn(2, 32, size, size)) == 2 * pixels * max(glnet.NUM_SLOTS, 3 * 32)
-
-
-def test_ffn_runs_in_chunks_in_cpu_inference_only_with_the_same_result():
-    ffn = glnet.ConvFFN(16, 4, conv_ffn=True)
-    ffn.CPU_CHUNK_ELEMENTS = 2 * 64 * 8 * 8  # the hidden features of two 8x8 images
-    x = torch.randn(6, 16, 8, 8)
-    whole = nn.Sequential.forward(ffn, x)
-    assert largest_tensor(ffn, x) == 2 * 64 * 8 * 8  # three chunks of two images
-    with torch.inference_mode():
-        torch.testing.assert_close(ffn(x), whole)
-    with LargestTensor() as mode:  # training: one pass over the whole batch
-        ffn(x).sum().backward()
-    assert mode.numel == 6 * 64 * 8 * 8
 
 
 @pytest.mark.parametrize("variant", ["glnet_stl", "glnet_4g"])
