@@ -371,7 +371,8 @@ def detection_collate(batch):
 
 class SegmentationFolder(torch.utils.data.Dataset):
     """Images and label PNGs matched by file name stem. Labels follow ADE20K: 0 = unlabelled
-    (ignored), 1..K = the classes; they come out as 0..K-1 with IGNORE_INDEX for unlabelled."""
+    (ignored), 1..K = the classes; they come out as 0..K-1 with IGNORE_INDEX for unlabelled and for
+    255 (other datasets' ignore value), as MMSegmentation's reduce_zero_label does."""
 
     def __init__(self, image_dir, label_dir, transforms):
         for path, what in ((image_dir, "image folder"), (label_dir, "label folder")):
@@ -402,7 +403,7 @@ class SegmentationFolder(torch.utils.data.Dataset):
         image_path, label_path = self.samples[index]
         image = v2.functional.pil_to_tensor(train.load_image(image_path))
         label = torch.from_numpy(np.array(Image.open(label_path), dtype=np.int64))
-        label = tv_tensors.Mask(torch.where(label == 0, IGNORE_INDEX, label - 1))
+        label = tv_tensors.Mask(torch.where((label == 0) | (label == 255), IGNORE_INDEX, label - 1))
         image = tv_tensors.Image(image)
         return self.transforms(image, label)
 
@@ -520,16 +521,20 @@ COCO_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
 def detections_to_coco(output, image_id):
-    """One image's torchvision detections as COCO result records (XYWH boxes, RLE masks)."""
-    boxes = box_convert(output["boxes"].float().cpu(), "xyxy", "xywh")
-    records = [dict(image_id=int(image_id), category_id=int(label), bbox=[round(float(v), 2) for v in box], score=float(score))
-               for box, label, score in zip(boxes, output["labels"].cpu(), output["scores"].cpu())]
-    if "masks" in output and len(records):
+    """One image's torchvision detections as COCO results, prepared as torchvision's CocoEvaluator
+    prepares them: {'bbox': records with full-precision XYWH boxes, 'segm' (with masks): records
+    with RLE masks and no box, so that pycocotools takes their area (size range) from the mask}."""
+    boxes = box_convert(output["boxes"].float().cpu(), "xyxy", "xywh").tolist()
+    common = [dict(image_id=int(image_id), category_id=label, score=score)
+              for label, score in zip(output["labels"].tolist(), output["scores"].tolist())]
+    results = {"bbox": [dict(record, bbox=box) for record, box in zip(common, boxes)]}
+    if "masks" in output:
         masks = (output["masks"][:, 0] > 0.5).cpu().numpy().astype(np.uint8)
-        for record, rle in zip(records, mask_util.encode(np.asfortranarray(masks.transpose(1, 2, 0)))):
+        rles = mask_util.encode(np.asfortranarray(masks.transpose(1, 2, 0))) if common else []
+        for rle in rles:
             rle["counts"] = rle["counts"].decode("ascii")
-            record["segmentation"] = rle
-    return records
+        results["segm"] = [dict(record, segmentation=rle) for record, rle in zip(common, rles)]
+    return results
 
 
 def coco_evaluate(coco_gt, results, iou_type):
@@ -546,25 +551,24 @@ def coco_evaluate(coco_gt, results, iou_type):
 @torch.no_grad()
 def evaluate_detection(model, dataset, device, rank=0, world_size=1, workers=2):
     """COCO box AP (and mask AP for Mask R-CNN) of the validation set: each image once, on its
-    rank; rank 0 scores them all and every rank returns the same metrics."""
+    rank, alone in its forward as MMDetection tests (a batch would pad it with zeros that GLNet's
+    slots and global attention see); rank 0 scores them all and every rank returns the metrics."""
     model.eval()
-    loader = torch.utils.data.DataLoader(dataset, batch_size=2, sampler=train.ShardSampler(dataset, rank, world_size),
+    loader = torch.utils.data.DataLoader(dataset, batch_size=1, sampler=train.ShardSampler(dataset, rank, world_size),
                                          num_workers=workers, collate_fn=detection_collate)
-    results = []
+    parts = []
     for images, targets in loader:
-        outputs = model([image.to(device) for image in images])
-        for output, target in zip(outputs, targets):
-            results += detections_to_coco(output, target["image_id"])
+        parts.append(detections_to_coco(model([images[0].to(device)])[0], targets[0]["image_id"]))
     if world_size > 1:
         gathered = [None] * world_size
-        dist.all_gather_object(gathered, results)
-        results = [r for part in gathered for r in part]
+        dist.all_gather_object(gathered, parts)
+        parts = [part for rank_parts in gathered for part in rank_parts]
     metrics = {}
     if rank == 0:
-        coco_gt = dataset._dataset.coco
-        metrics = {f"bbox_{k}": v for k, v in coco_evaluate(coco_gt, results, "bbox").items()}
-        if results and "segmentation" in results[0]:
-            metrics.update({f"segm_{k}": v for k, v in coco_evaluate(coco_gt, results, "segm").items()})
+        for iou_type in ("bbox", "segm") if any("segm" in part for part in parts) else ("bbox",):
+            results = [record for part in parts for record in part.get(iou_type, [])]
+            scores = coco_evaluate(dataset._dataset.coco, results, iou_type)
+            metrics.update({f"{iou_type}_{k}": v for k, v in scores.items()})
     if world_size > 1:
         shared = [metrics]
         dist.broadcast_object_list(shared, src=0)

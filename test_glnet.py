@@ -29,6 +29,7 @@ import torch.nn as nn
 from PIL import Image
 from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from einops import rearrange
@@ -1918,11 +1919,12 @@ def ground_truth_as_detections(coco, image_id):
 
 def test_coco_evaluation_of_ground_truth_is_perfect(scenes):
     coco = COCO(os.path.join(scenes, "annotations", "instances_val2017.json"))
-    results = [r for i in coco.getImgIds() for r in detect_seg.detections_to_coco(ground_truth_as_detections(coco, i), i)]
+    parts = [detect_seg.detections_to_coco(ground_truth_as_detections(coco, i), i) for i in coco.getImgIds()]
+    results = {iou_type: [r for part in parts for r in part[iou_type]] for iou_type in ("bbox", "segm")}
     for iou_type in ("bbox", "segm"):
-        metrics = detect_seg.coco_evaluate(coco, results, iou_type)
+        metrics = detect_seg.coco_evaluate(coco, copy.deepcopy(results[iou_type]), iou_type)
         assert metrics["AP"] == metrics["AP50"] == metrics["AP75"] == 1.0
-    shifted = copy.deepcopy(results)
+    shifted = copy.deepcopy(results["bbox"])
     for r in shifted[::2]:
         r["bbox"][0] += r["bbox"][2] / 2  # IoU 1/3: a miss
     assert detect_seg.coco_evaluate(coco, shifted, "bbox")["AP50"] < 1.0
@@ -2229,9 +2231,9 @@ def test_coco_ap_of_hand_made_detections():
     coco.createIndex()
     boxes = torch.tensor([[x, y, x + 10, y + 10] for x, y in squares], dtype=torch.float32)
     detections = dict(boxes=boxes, labels=torch.ones(4, dtype=torch.long), scores=torch.tensor([0.9, 0.8, 0.7, 0.6]))
-    assert detect_seg.coco_evaluate(coco, detect_seg.detections_to_coco(detections, 1), "bbox")["AP"] == 1.0
+    assert detect_seg.coco_evaluate(coco, detect_seg.detections_to_coco(detections, 1)["bbox"], "bbox")["AP"] == 1.0
     detections["boxes"][3] += torch.tensor([0.0, 50.0, 0.0, 50.0])  # no overlap with any square
-    metrics = detect_seg.coco_evaluate(coco, detect_seg.detections_to_coco(detections, 1), "bbox")
+    metrics = detect_seg.coco_evaluate(coco, detect_seg.detections_to_coco(detections, 1)["bbox"], "bbox")
     assert metrics["AP"] == metrics["AP50"] == metrics["AP75"] == pytest.approx(76 / 101, abs=1e-9)
 
 
@@ -2282,6 +2284,168 @@ def test_distributed_detection_evaluation_equals_one_process(scenes, tmp_path):
     one_process, two_processes = outputs
     assert one_process == two_processes
     assert 0.3 < one_process["bbox_AP"] < 0.9 and one_process["bbox_AP50"] == 1.0 and one_process["segm_AP"] == 1.0
+
+
+# --- evaluation as the toolboxes run it: pycocotools the standard way, one image per forward --------
+
+def write_coco(root, size, annotations):
+    """A COCO 2017 folder with one grey val image (id 1) of `size` (H, W) and `annotations`, whose
+    masks (H, W arrays) become RLE segmentations with their own area and box."""
+    os.makedirs(root / "val2017")
+    os.makedirs(root / "annotations")
+    Image.new("RGB", size[::-1], (128, 128, 128)).save(root / "val2017" / "000001.png")
+    records = []
+    for i, (category, mask) in enumerate(annotations):
+        rle = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
+        rle["counts"] = rle["counts"].decode("ascii")
+        records.append(dict(id=i + 1, image_id=1, category_id=category, segmentation=rle, area=float(mask.sum()),
+                            bbox=[float(v) for v in mask_util.toBbox(rle)], iscrowd=0))
+    coco = dict(images=[dict(id=1, file_name="000001.png", height=size[0], width=size[1])], annotations=records,
+                categories=[dict(id=1, name="square")])
+    (root / "annotations" / "instances_val2017.json").write_text(json.dumps(coco))
+    return str(root)
+
+
+def square_mask(size, x0, y0, x1, y1):
+    mask = np.zeros(size, np.uint8)
+    mask[y0:y1, x0:x1] = 1
+    return mask
+
+
+class FixedDetections(torch.nn.Module):
+    """A 'detector' returning the same torchvision-style detections for every image."""
+
+    def __init__(self, output):
+        super().__init__()
+        self.output = output
+
+    def forward(self, images):
+        return [self.output for _ in images]
+
+
+def standard_coco_metrics(ann_file, detections):
+    """pycocotools run the standard way on {image id: torchvision detections}, prepared as
+    torchvision's CocoEvaluator prepares them: box records with full-precision XYWH boxes, mask
+    records (masks > 0.5, RLE) without a box, each list loaded by its own loadRes."""
+    records = {"bbox": [], "segm": []}
+    for image_id, output in detections.items():
+        boxes = output["boxes"].clone()
+        boxes[:, 2:] -= boxes[:, :2]
+        common = [dict(image_id=image_id, category_id=label, score=score)
+                  for label, score in zip(output["labels"].tolist(), output["scores"].tolist())]
+        records["bbox"] += [dict(record, bbox=box) for record, box in zip(common, boxes.tolist())]
+        if "masks" in output:
+            for record, mask in zip(common, output["masks"] > 0.5):
+                rle = mask_util.encode(np.array(mask[0, :, :, np.newaxis].numpy(), dtype=np.uint8, order="F"))[0]
+                rle["counts"] = rle["counts"].decode("utf-8")
+                records["segm"].append(dict(record, segmentation=rle))
+    metrics = {}
+    for iou_type, results in records.items():
+        if results:
+            coco = COCO(ann_file)
+            evaluation = COCOeval(coco, coco.loadRes(results), iou_type)
+            evaluation.evaluate()
+            evaluation.accumulate()
+            evaluation.summarize()
+            metrics.update({f"{iou_type}_{name}": float(value) for name, value in
+                            zip(("AP", "AP50", "AP75", "APs", "APm", "APl"), evaluation.stats[:6])})
+    return metrics
+
+
+def test_mask_ap_by_size_uses_the_mask_area(tmp_path):
+    """A false positive whose mask is a 1-pixel frame: mask area 156 (COCO 'small'), box 40x40 =
+    1600 ('medium'). Scored the standard way it counts for mask APs, so the small square's mask
+    APs is 1/2 (one TP after one FP) while the box APs is 1 (the frame's box is not small)."""
+    size = (100, 100)
+    square = square_mask(size, 5, 5, 25, 5 + 20)
+    frame = square_mask(size, 50, 50, 90, 90) - square_mask(size, 51, 51, 89, 89)
+    root = write_coco(tmp_path / "coco", size, [(1, square)])
+    output = dict(boxes=torch.tensor([[50.0, 50.0, 90.0, 90.0], [5.0, 5.0, 25.0, 25.0]]), labels=torch.tensor([1, 1]),
+                  scores=torch.tensor([0.9, 0.8]), masks=torch.from_numpy(np.stack([frame, square])).float()[:, None])
+    dataset = detect_seg.coco_dataset(root, "val", train=False, with_masks=True)
+    metrics = detect_seg.evaluate_detection(FixedDetections(output), dataset, torch.device("cpu"), workers=0)
+    expected = standard_coco_metrics(os.path.join(root, "annotations", "instances_val2017.json"), {1: output})
+    assert expected["segm_APs"] == pytest.approx(0.5) and expected["bbox_APs"] == pytest.approx(1.0)
+    assert metrics == pytest.approx(expected, abs=1e-12)
+
+
+def test_boxes_are_scored_at_full_precision(tmp_path):
+    """Two 10x10 squares, one found exactly, the other by a box 4.996 wide: IoU 0.4996, a miss at
+    every threshold (AP50 = 51/101: recall 1/2 at precision 1). Rounded to 2 decimals, the box
+    would be 5 wide, IoU 0.5, a match at 0.5. Without masks, only box AP is reported."""
+    size = (60, 60)
+    root = write_coco(tmp_path / "coco", size, [(1, square_mask(size, 10, 10, 20, 20)),
+                                                 (1, square_mask(size, 40, 10, 50, 20))])
+    output = dict(boxes=torch.tensor([[40.0, 10.0, 50.0, 20.0], [10.0, 10.0, 14.996, 20.0]]),
+                  labels=torch.tensor([1, 1]), scores=torch.tensor([0.9, 0.8]))
+    dataset = detect_seg.coco_dataset(root, "val", train=False, with_masks=False)
+    metrics = detect_seg.evaluate_detection(FixedDetections(output), dataset, torch.device("cpu"), workers=0)
+    expected = standard_coco_metrics(os.path.join(root, "annotations", "instances_val2017.json"), {1: output})
+    assert expected["bbox_AP50"] == pytest.approx(51 / 101)
+    assert metrics == pytest.approx(expected, abs=1e-12)
+
+
+EVALUATE_AND_PRINT = """
+import json, os, sys, detect_seg
+metrics = detect_seg.main(sys.argv[1:])["maskrcnn"]
+if os.environ["RANK"] == "0":
+    print(json.dumps(metrics))
+"""
+
+
+def test_detector_ap_is_the_same_on_one_and_two_processes_and_image_by_image(cache_dir, scenes, tmp_path):
+    """A briefly trained Mask R-CNN evaluated by `detect_seg.py --eval` on 1 process and on 2 (whose
+    ranks would pair other images of other sizes in a batch of 2) gives the twelve COCO numbers of
+    pycocotools run the standard way on the model's outputs image by image."""
+    sizes = {Image.open(os.path.join(scenes, "val2017", f)).size for f in os.listdir(os.path.join(scenes, "val2017"))}
+    assert len(sizes) == 4  # 4 validation images of different sizes: a batch of 2 pads one of them
+    train_args = ["--task", "maskrcnn", "--cache-dir", str(cache_dir), "--output-dir", str(tmp_path), "--iters", "30",
+                  "--batch-size", "4", "--lr", "1.6e-2", "--warmup-iters", "1", "--min-size", "96", "--max-size", "160",
+                  "--fpn-channels", "32", "--rois-per-image", "32", "--workers", "0", "--threads", "1"]
+    detect_seg.main(train_args)
+    checkpoint = str(tmp_path / "maskrcnn" / "last.pth")
+    eval_args = ["--task", "maskrcnn", "--eval", "--checkpoint", checkpoint, "--cache-dir", str(cache_dir),
+                 "--output-dir", str(tmp_path), "--workers", "0", "--threads", "1"]
+    one_process = detect_seg.main(eval_args)["maskrcnn"]
+    script = tmp_path / "evaluate.py"
+    script.write_text(EVALUATE_AND_PRINT)
+    result = subprocess.run([*torchrun(2), str(script), *eval_args], cwd=HERE, capture_output=True, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": HERE}, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    two_processes = json.loads(result.stdout.strip().splitlines()[-1])
+
+    model, _ = detect_seg.load_trained(checkpoint)
+    dataset = detect_seg.coco_dataset(scenes, "val", train=False, with_masks=True)
+    with torch.no_grad():
+        detections = {int(target["image_id"]): model([image])[0] for image, target in dataset}
+    image_by_image = standard_coco_metrics(os.path.join(scenes, "annotations", "instances_val2017.json"), detections)
+    assert image_by_image["bbox_AP"] > 0.05 and image_by_image["segm_AP"] > 0.05  # a detector that finds shapes
+    assert one_process == pytest.approx(image_by_image, abs=1e-6)
+    assert two_processes == pytest.approx(image_by_image, abs=1e-6)
+
+
+def test_label_255_is_ignored_like_label_0(tmp_path):
+    """MMSegmentation's reduce_zero_label: 0 and 255 are ignored, 1..K are classes 0..K-1. A model
+    predicting class 0 everywhere on a label of 6 pixels of 1, 2 of 2, 4 of 0 and 4 of 255 has
+    IoU 6/8 for class 0 and 0 for class 1, pixel accuracy 6/8."""
+    for folder in ("images", "labels"):
+        os.makedirs(tmp_path / folder)
+    label = np.array([[1, 1, 1, 0], [1, 1, 1, 0], [2, 2, 255, 0], [255, 255, 255, 0]], dtype=np.uint8)
+    Image.fromarray(label).save(tmp_path / "labels" / "a.png")
+    Image.new("RGB", (4, 4), (90, 90, 90)).save(tmp_path / "images" / "a.png")
+    dataset = detect_seg.segmentation_dataset(str(tmp_path / "images"), str(tmp_path / "labels"), False, 4, 4)
+
+    class ClassZero(torch.nn.Module):
+        def forward(self, images):
+            logits = torch.zeros(images.shape[0], 2, *images.shape[2:])
+            logits[:, 0] = 1.0
+            return logits
+
+    metrics = detect_seg.evaluate_segmentation(ClassZero(), dataset, torch.device("cpu"), num_classes=2, scale=4,
+                                               workers=0)
+    assert metrics["mIoU"] == pytest.approx((6 / 8 + 0) / 2, abs=1e-12)
+    assert metrics["aAcc"] == pytest.approx(6 / 8, abs=1e-12)
+    assert (dataset[0][1] == detect_seg.IGNORE_INDEX).tolist() == ((label == 0) | (label == 255)).tolist()
 
 
 def test_the_dense_trainer_decays_exactly_the_weight_matrices(cache_dir, tmp_path):
