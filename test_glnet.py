@@ -12,10 +12,12 @@ below (all copied from ../shared/reference, which tests check when present).
 import collections
 import contextlib
 import copy
+import dataclasses
 import itertools
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -504,7 +506,7 @@ def test_bad_input_is_explained(bad_input, error, message):
         glnet.glnet_stl()(bad_input)
 
 
-# --- speed-related properties (the speed itself is a benchmark: python glnet.py --bench) -------------
+# --- speed-related properties (the speed itself is a benchmark: python train.py --bench) -------------
 
 class LargestTensor(TorchDispatchMode):
     """Records the largest tensor any operation creates."""
@@ -634,13 +636,14 @@ def test_import_has_no_side_effects(module, tmp_path):
 # =================================================================================================
 
 TINY = ["--model", "glnet_mini", "--image-size", "32", "--batch-size", "4", "--workers", "0",
-        "--print-freq", "1", "--warmup-epochs", "0.5", "--threads", "1"]
+        "--print-freq", "1", "--warmup-epochs", "0.5"]
 
 
 @pytest.fixture(autouse=True)
-def restore_threads():
-    """In-process runs set torch's thread count (--threads 1: fast on a busy CPU); restore it."""
+def one_thread():
+    """In-process runs on one thread: fast on a busy CPU; restored afterwards."""
     threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
 
@@ -650,7 +653,7 @@ def data(tmp_path_factory):
     """3 classes, 8 train and 5 val images each: 15 val images, odd for 2 ranks."""
     root = str(tmp_path_factory.mktemp("data") / "shapes")
     return train.make_shapes_dataset(root, train_per_class=8, val_per_class=5, image_size=40,
-                                        classes=("circle", "square", "vertical_stripes"))
+                                     classes=("circle", "square", "vertical_stripes"))
 
 
 def run_script(args, launcher=(sys.executable,), timeout=120):
@@ -689,80 +692,39 @@ def file_bytes(path):
         return f.read()
 
 
-# --- shared helpers ------------------------------------------------------------------------------
-
-def test_param_groups_exempt_norms_biases_tau_gammas_and_slots():
-    for name in ("glnet_16g", "glnet_stl_paramslot"):
-        with torch.device("meta"):
-            model = glnet.create_model(name)
-        decay, no_decay = train.param_groups(model, 0.05)
-        assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
-        names = {id(p): n for n, p in model.named_parameters()}
-        exempt = {names[id(p)] for p in no_decay["params"]}
-        decayed = {names[id(p)] for p in decay["params"]}
-        assert exempt.isdisjoint(decayed) and len(exempt) + len(decayed) == len(names)
-        norms = {f"{m}.{p}".lstrip(".") for m, module in model.named_modules()
-                 if isinstance(module, (torch.nn.LayerNorm, torch.nn.BatchNorm2d))
-                 for p, _ in module.named_parameters(recurse=False)}
-        assert exempt == norms | {n for n in names.values() if n.endswith(("bias", ".tau", ".gamma", ".init_slots"))}
-        assert any(n.endswith(".gamma") and model.get_parameter(n).ndim == 4 for n in exempt) == (name == "glnet_16g")
-        assert any(n.endswith(".init_slots") for n in exempt) == (name == "glnet_stl_paramslot")
+def settings(*argv):
+    """The settings a run of `python train.py ARGV` trains with."""
+    return train.make_settings(train.parse_args(list(argv))[1])
 
 
-def test_small_helpers():
-    assert train.format_eta(3723) == "1:02:03" and train.format_eta(59) == "0:00:59"
-    assert train.format_eta(100 * 3600) == "100:00:00"
-    train.check_finite(torch.tensor(1.5), "step 1")
-    with pytest.raises(FloatingPointError, match="non-finite loss .* at epoch 2 step 7; the last good checkpoint is kept"):
-        train.check_finite(torch.tensor(float("nan")), "epoch 2 step 7")
-    assert train.setup_distributed() == (0, 1, torch.device("cuda:0" if torch.cuda.is_available() else "cpu"))
-    assert train.is_main_process()
-    train.seed_everything(3)
-    a = torch.rand(3)
-    train.seed_everything(3)
-    assert torch.equal(a, torch.rand(3))
-    train.seed_everything(3, rank=1)
-    assert not torch.equal(a, torch.rand(3))
+# --- flags, checkpoint files ----------------------------------------------------------------------
 
-
-@pytest.mark.parametrize("parse_args, argv, message", [
-    (train.parse_args, ["--image-size", "16"], "--image-size must be at least 32, got 16"),
-    (train.parse_args, ["--epochs", "0"], "--epochs must be at least 1, got 0"),
-    (analyze.parse_args, ["redundancy", "--checkpoint", "x.pth", "--image-size", "16"],
-     "--image-size must be at least 32, got 16"),
-    (analyze.parse_args, ["redundancy", "--checkpoint", "x.pth", "--batch-size", "0"],
-     "--batch-size must be at least 1, got 0"),
-    (train.parse_args, ["--accum-steps", "0"], "--accum-steps must be at least 1, got 0"),
-    (train.parse_args, ["--checkpoint-every", "0"], "--checkpoint-every must be at least 1, got 0"),
-    (detect_seg.parse_args, ["--accum-steps", "0"], "--accum-steps must be at least 1, got 0"),
-    (detect_seg.parse_args, ["--checkpoint-every", "-1"], "--checkpoint-every must be at least 1, got -1"),
-    (detect_seg.parse_args, ["--iters", "0"], "--iters must be at least 1, got 0"),
-    (detect_seg.parse_args, ["--data", "/data/coco"], "--task is required with --data"),
-    (train.parse_args, ["--repeated-aug", "0"], "--repeated-aug must be at least 1, got 0"),
-    (train.parse_args, ["--model", "glnet_4g_tklb"], "glnet_4g_tklb has a token head, trained with token labels: "
-                                                     "pass --token-labels DIR"),
-    (train.parse_args, ["--recipe", "imagenet-tklb"], "--recipe imagenet-tklb trains with token labels: pass "
-                                                      "--token-labels DIR (the label maps, e.g. the NFNet-F6 ones, "
-                                                      "or make them with --make-token-labels DIR --teacher CHECKPOINT)"),
-    (train.parse_args, ["--token-labels", "labels", "--cutmix", "1.0"], "pass --mixup 0 --cutmix 0 (got 0.0, 1.0)"),
-    (train.parse_args, ["--teacher", "teacher.pth"], "--make-token-labels DIR and --teacher CHECKPOINT go together"),
+@pytest.mark.parametrize("argv, message", [
+    (["--image-size", "16"], "argument --image-size: must be at least 32, got 16"),
+    (["--epochs", "0"], "argument --epochs: must be at least 1, got 0"),
+    (["--accum-steps", "0"], "argument --accum-steps: must be at least 1, got 0"),
+    (["--checkpoint-every", "0"], "argument --checkpoint-every: must be at least 1, got 0"),
+    (["--repeated-aug", "0"], "argument --repeated-aug: must be at least 1, got 0"),
+    (["--interpolation", "nearest"], "argument --interpolation: invalid choice: 'nearest'"),
+    (["--teacher", "teacher.pth"], "--make-token-labels DIR and --teacher CHECKPOINT go together"),
+    (["--eval"], "--eval needs --checkpoint FILE"),
 ])
-def test_bad_arguments_are_usage_errors(parse_args, argv, message, capsys):
+def test_bad_flags_are_usage_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        parse_args(argv)
+        train.main(argv)
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_checkpoint_and_metrics_files(tmp_path):
-    assert train.find_last_checkpoint(tmp_path) is None
-    train.save_checkpoint({"step": 1, "w": torch.ones(3)}, tmp_path / "last.pth")
-    train.save_checkpoint({"step": 2, "w": torch.zeros(3)}, tmp_path / "last.pth")
-    assert train.find_last_checkpoint(tmp_path) == os.path.join(tmp_path, "last.pth")
-    assert torch.load(tmp_path / "last.pth")["step"] == 2 and sorted(os.listdir(tmp_path)) == ["last.pth"]
-    train.append_metrics(tmp_path / "run", {"epoch": 1, "val_top1": 50.0})
-    train.append_metrics(tmp_path / "run", {"epoch": 2, "val_top1": 60.0})
-    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "glnet_4g_tklb"], "trains with token labels: pass --token-labels DIR"),
+    (["--recipe", "imagenet-tklb"], "trains with token labels: pass --token-labels DIR (e.g. the NFNet-F6 ones, or "
+                                    "make them with --make-token-labels DIR --teacher CHECKPOINT)"),
+    (["--token-labels", "labels", "--cutmix", "1.0"], "pass --mixup 0 --cutmix 0 (got 0.0, 1.0)"),
+])
+def test_runs_that_cannot_do_what_they_say_are_refused(argv, message, tmp_path):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        train.main([*argv, "--output-dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
 
 
 SAVE_FOREVER = """
@@ -839,9 +801,9 @@ print(json.dumps({"steps": steps, "survivors": survivors}))
 
 
 def test_checkpoint_publication_is_atomic_at_every_step(tmp_path):
-    """A save that fails at any of its filesystem steps (the write, the rename, the directory sync)
-    leaves a loadable last.pth, the old one or the new one: the new file is written elsewhere and
-    published by one rename, and last.pth itself is never opened for writing, truncated or removed."""
+    """A save that fails at any of its filesystem steps leaves a loadable last.pth, the old one or the
+    new one: the new file is written elsewhere and published by one rename, and last.pth itself is
+    never opened for writing, truncated or removed."""
     path = str(tmp_path / "last.pth")
     result = subprocess.run([sys.executable, "-c", SAVE_WITH_INJECTED_FAILURES, path], cwd=HERE, capture_output=True,
                             text=True, timeout=120)
@@ -850,22 +812,15 @@ def test_checkpoint_publication_is_atomic_at_every_step(tmp_path):
     touching_last = [step for step in report["steps"] if path in step[1:3]]
     assert [step[0] for step in touching_last] == ["os.rename"], touching_last
     assert touching_last[0][3] == 2  # the renamed file was complete before it was published
-    assert len(report["survivors"]) == len(report["steps"]) >= 3
+    assert len(report["survivors"]) == len(report["steps"]) >= 2
     assert set(report["survivors"]) <= {1, 2} and report["survivors"][0] == 1
 
 
-def trainer_for(args, model=None, data=None):
-    """train.py's own Trainer for parsed args, as train() builds it."""
-    train_set, val_set = train.build_datasets(data or args.data, args.image_size, args.randaugment)
-    task = train.classification_task(args, train_set, val_set, 0, 1, torch.device("cpu"))
-    model = model or glnet.create_model(args.model, num_classes=task.num_classes, drop_path_rate=args.drop_path)
-    return train.Trainer(args, model, task, 0, 1, torch.device("cpu"))
-
+# --- the Trainer ----------------------------------------------------------------------------------
 
 def test_ema_is_the_exponential_average_of_weights_and_buffers(tmp_path, data):
     decay = 0.9
-    args = train.parse_args(["--data", data, "--output-dir", str(tmp_path), *TINY, "--ema-decay", str(decay)])
-    trainer = trainer_for(args)
+    trainer = train.build_trainer(settings("--data", data, "--output-dir", str(tmp_path), *TINY, "--ema-decay", str(decay)))
     expected = {k: v.clone() for k, v in trainer.model.state_dict().items() if v.is_floating_point()}
     batches = iter(trainer.train_loader)
     trainer.model.train()
@@ -902,17 +857,32 @@ def assert_optimizer_decays(trainer, weight_decay):
 
 
 def test_the_trainer_decays_exactly_the_weight_matrices(tmp_path, data):
-    args = train.parse_args(["--data", data, "--output-dir", str(tmp_path), *TINY])
+    s = settings("--data", data, "--output-dir", str(tmp_path), *TINY)
     model = glnet.glnet_mini(num_classes=3, layer_scale=1e-4, learned_slots=True, token_head=True)
-    names = assert_optimizer_decays(trainer_for(args, model), args.weight_decay)
+    train_set, val_set = train.classification_data(s, data)
+    trainer = train.Trainer(s, model, train.classification_task(s, train_set, val_set, model, 0, 1, torch.device("cpu")))
+    names = assert_optimizer_decays(trainer, s.weight_decay)
     for kind in (".tau", ".gamma", ".init_slots", "norm1.weight", "downsample_layers.0.1.weight", "head.bias"):
         assert any(name.endswith(kind) for name in names), kind  # every kind is there and was checked
 
 
-# --- datasets and bad input ----------------------------------------------------------------------
+@pytest.mark.parametrize("batch_size, accum_steps, reference", [(4, 1, 2048), (2, 3, 2048), (3, 2, 16)])
+def test_the_peak_lr_scales_linearly_with_the_global_batch(batch_size, accum_steps, reference, tmp_path, data):
+    """lr x global batch / reference batch, the global batch being batch size x processes x accum steps
+    (two processes: test_torchrun_ddp_training_resume_and_exactly_once_evaluation)."""
+    s = settings("--data", data, "--output-dir", str(tmp_path), *TINY, "--lr", "0.5", "--batch-size",
+                 str(batch_size), "--accum-steps", str(accum_steps))
+    trainer = train.build_trainer(s)
+    trainer = train.Trainer(s, trainer.model, dataclasses.replace(trainer.task, reference_batch=reference))
+    assert trainer.global_batch == batch_size * accum_steps
+    assert trainer.lr == pytest.approx(0.5 * batch_size * accum_steps / reference)
+    assert [g["lr"] for g in trainer.optimizer.param_groups] == [pytest.approx(trainer.lr * s.warmup_factor)] * 2
+
+
+# --- data and bad input ---------------------------------------------------------------------------
 
 def test_builtin_dataset_is_an_imagefolder_tree(data):
-    train_set, val_set = train.build_datasets(data, 32)
+    train_set, val_set = train.classification_data(settings("--data", data, "--image-size", "32"), data)
     assert train_set.classes == val_set.classes == ["circle", "square", "vertical_stripes"]
     assert len(train_set) == 24 and len(val_set) == 15
     image, label = val_set[0]
@@ -921,23 +891,26 @@ def test_builtin_dataset_is_an_imagefolder_tree(data):
 
 
 def test_bad_data_layouts_are_named(tmp_path, data):
-    missing = tmp_path / "nope"
-    with pytest.raises(FileNotFoundError, match=f"--data {missing} does not exist; expected the ImageNet layout"):
-        train.check_layout(str(missing))
-    (tmp_path / "flat" / "train" / "cat").mkdir(parents=True)
+    def run(folder):
+        train.main(["--data", str(folder), "--output-dir", str(tmp_path / "out"), *TINY])
+
+    with pytest.raises(FileNotFoundError, match="nope/train does not exist; expected the ImageNet layout"):
+        run(tmp_path / "nope")
+    (tmp_path / "empty" / "train" / "cat").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="empty/train: Found no valid file for the classes cat"):
+        run(tmp_path / "empty")
+    shutil.copytree(os.path.join(data, "train"), tmp_path / "flat" / "train")
     (tmp_path / "flat" / "val").mkdir(parents=True)
     (tmp_path / "flat" / "val" / "ILSVRC2012_val_00000001.JPEG").write_bytes(b"")
-    with pytest.raises(FileNotFoundError, match="val has no class sub-folders .*sort them into class folders"):
-        train.check_layout(str(tmp_path / "flat"))
-    (tmp_path / "noval" / "train" / "cat").mkdir(parents=True)
-    with pytest.raises(FileNotFoundError, match="noval/val is missing"):
-        train.check_layout(str(tmp_path / "noval"))
-    (tmp_path / "mismatch" / "train" / "cat").mkdir(parents=True)
-    (tmp_path / "mismatch" / "val" / "dog").mkdir(parents=True)
-    with pytest.raises(ValueError, match=r"train and val classes differ .*only in train: \['cat'\], only in val: \['dog'\]"):
-        train.check_layout(str(tmp_path / "mismatch"))
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        train.main(["--data", str(missing), "--output-dir", str(tmp_path / "out")])
+    with pytest.raises(FileNotFoundError, match="flat/val has no class sub-folders"):
+        run(tmp_path / "flat")
+    shutil.copytree(os.path.join(data, "train"), tmp_path / "noval" / "train")
+    with pytest.raises(FileNotFoundError, match="noval/val does not exist"):
+        run(tmp_path / "noval")
+    shutil.copytree(data, tmp_path / "mismatch")
+    os.rename(tmp_path / "mismatch" / "val" / "square", tmp_path / "mismatch" / "val" / "ring")
+    with pytest.raises(ValueError, match=r"differ: only in train: \['square'\], only in val: \['ring'\]"):
+        run(tmp_path / "mismatch")
     assert not (tmp_path / "out").exists()
 
 
@@ -981,7 +954,29 @@ def test_resuming_another_model_or_class_count_fails_and_touches_nothing(tmp_pat
     assert {name: file_bytes(out / name) for name in os.listdir(out)} == before
 
 
-# --- training runs -------------------------------------------------------------------------------
+# --- evaluation and metrics -----------------------------------------------------------------------
+
+class FixedLogits(nn.Module):
+    """A 'model' whose logits for image i are row i of a table (the image's first pixel holds i)."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.table = table
+
+    def forward(self, images):
+        return self.table[images[:, 0, 0, 0].long()]
+
+
+def test_top1_and_top5_of_hand_made_logits():
+    # four images of six classes; the target's rank among the logits: 1st, 2nd, 5th, 6th
+    table = torch.tensor([[9.0, 1, 2, 3, 4, 5], [1, 9, 8, 2, 3, 4], [5, 4, 3, 2, 1, 9], [5, 4, 3, 2, 1, 0]])
+    targets = torch.tensor([0, 2, 3, 5])
+    images = torch.arange(4.0)[:, None, None, None].expand(4, 3, 2, 2)
+    loader = torch.utils.data.DataLoader(list(zip(images, targets)), batch_size=3)
+    metrics = train.evaluate(FixedLogits(table), loader, torch.device("cpu"))
+    loss = nn.functional.cross_entropy(table, targets).item()
+    assert metrics == {"top1": 25.0, "top5": 75.0, "loss": pytest.approx(loss), "images": 4}
+
 
 def test_eval_of_the_best_checkpoint_matches_its_record(tmp_path, data):
     out = tmp_path / "out"
@@ -996,21 +991,25 @@ def test_eval_of_the_best_checkpoint_matches_its_record(tmp_path, data):
 
 def test_eval_of_a_checkpoint_from_elsewhere(tmp_path, data):
     """A released-style checkpoint ({'model_ema': AveragedModel state}) needs --model and --data;
-    the top-1 equals a plain loop over the validation images."""
+    the top-1 equals a plain loop over the validation images, resized as the released models were."""
     model = glnet.create_model("glnet_mini", num_classes=3).eval()
     path = str(tmp_path / "foreign.pth")
     torch.save({"model_ema": torch.optim.swa_utils.AveragedModel(model).state_dict()}, path)
-    with pytest.raises(ValueError, match="pass --model .* and --data"):
+    with pytest.raises(ValueError, match="does not say which model it holds: pass --model"):
         train.main(["--eval", "--checkpoint", path])
+    with pytest.raises(ValueError, match="does not say which data it is for: pass --data"):
+        train.main(["--eval", "--checkpoint", path, "--model", "glnet_mini"])
     with pytest.raises(ValueError, match="checkpoint does not match GLNet"):
         train.main(["--eval", "--checkpoint", path, "--model", "glnet_4g", "--data", data, "--workers", "0"])
     metrics = train.main(["--eval", "--checkpoint", path, "--model", "glnet_mini", "--data", data,
                           "--image-size", "32", "--workers", "0"])
-    val_set = train.build_val_dataset(data, 32, "bicubic")  # evaluated as the released models were
+    val_set = train.image_folder(data, "val", train.eval_transform(32, "bicubic"))
     with torch.no_grad():
         correct = sum(model(image[None]).argmax().item() == label for image, label in val_set)
     assert metrics["images"] == 15 and metrics["top1"] == pytest.approx(100 * correct / 15)
 
+
+# --- training runs: resume, DDP, the README's command ---------------------------------------------
 
 def test_resume_after_sigkill_gives_the_same_weights(tmp_path, data):
     """Kill a run with SIGKILL after its first mid-epoch checkpoint, restart the same command:
@@ -1041,13 +1040,15 @@ def test_resume_after_sigkill_gives_the_same_weights(tmp_path, data):
 
 
 def test_torchrun_ddp_training_resume_and_exactly_once_evaluation(tmp_path, data):
-    """Two processes (gloo): rank 0 alone reports; a run killed with SIGKILL after its first
-    mid-epoch checkpoint and restarted ends with the weights of an uninterrupted run; evaluation
-    counts each validation image once, with the figures of a 1-process evaluation."""
+    """Two processes (gloo): rank 0 alone reports; the peak lr is scaled to the global batch of both;
+    a run killed with SIGKILL after its first mid-epoch checkpoint and restarted ends with the weights
+    of an uninterrupted run; evaluation counts each validation image once, with the figures of a
+    1-process evaluation."""
     args = ["--data", data, "--epochs", "2", "--checkpoint-every", "1", *TINY, "--batch-size", "2", "--accum-steps", "2"]
     out = str(tmp_path / "ddp")
     log = run_script([*args, "--output-dir", out], launcher=torchrun(2))
-    assert "global batch 8 = 2 per process x 2 processes x 2 accumulation steps" in log
+    assert "global batch 8 = 2 per process x 2 processes x 2 accumulation steps; peak lr " \
+           f"{2e-3 * 8 / 2048:.2e} (2.00e-03 per 2048)" in log
     assert "epoch 1/2  step 3/3  loss" in log and "val top1" in log
     assert log.count("epoch 1/2 done") == 1  # rank 0 only
     assert f"python train.py --eval --checkpoint {out}/best.pth" in log
@@ -1072,7 +1073,7 @@ def test_torchrun_ddp_training_resume_and_exactly_once_evaluation(tmp_path, data
                            launcher=torchrun(2))
     assert "on 15 images" in two_ranks  # 8 + 7: nothing padded, nothing dropped
     one_rank = train.main(["--eval", "--checkpoint", os.path.join(out, "last.pth")])
-    assert f"top-1 {one_rank['top1']:.2f}  top-5 {one_rank['top5']:.2f}  loss {one_rank['loss']:.4f}" in two_ranks
+    assert train.format_metrics(one_rank) in two_ranks
 
 
 def test_readme_main_command_on_an_empty_cache(tmp_path):
@@ -1105,32 +1106,42 @@ def test_readme_main_command_on_an_empty_cache(tmp_path):
     assert "resuming from runs/glnet_mini-builtin/last.pth: epoch 2, step 0" in resumed
 
 
-# --- recipes, repeated augmentation, token labeling ----------------------------------------------
+def test_builtin_dataset_is_generated_once_and_reused(tmp_path):
+    calls = []
 
-def test_recipes_are_chosen_by_flag_or_data_and_every_flag_overrides(tmp_path):
-    builtin, imagenet = train.parse_args([]), train.parse_args(["--data", "d"])
-    assert (builtin.recipe, imagenet.recipe) == ("builtin", "imagenet")
-    assert train.parse_args(["--data", "d", "--token-labels", "l"]).recipe == "imagenet-tklb"
-    assert train.parse_args(["--recipe", "imagenet"]).model == "glnet_4g"  # explicit, on the built-in data
-    for key, value in train.IMAGENET_RECIPE.items():
+    def generate(folder):
+        calls.append(folder)
+        os.makedirs(os.path.join(folder, "train"))
+
+    root = train.builtin_dataset(str(tmp_path), "toy-v1", generate)
+    assert root == str(tmp_path / "toy-v1") and os.path.isdir(os.path.join(root, "train"))
+    assert train.builtin_dataset(str(tmp_path), "toy-v1", generate) == root and len(calls) == 1
+    assert sorted(os.listdir(tmp_path)) == ["toy-v1"]
+
+    def another_job_finishes_first(folder):
+        os.makedirs(os.path.join(folder, "mine"))
+        os.makedirs(tmp_path / "race-v1" / "theirs")
+
+    root = train.builtin_dataset(str(tmp_path), "race-v1", another_job_finishes_first)
+    assert os.listdir(root) == ["theirs"] and sorted(os.listdir(tmp_path)) == ["race-v1", "toy-v1"]
+
+
+# --- recipes --------------------------------------------------------------------------------------
+
+def test_recipes_are_chosen_by_flag_or_data_and_every_flag_overrides():
+    assert (settings().recipe, settings("--data", "d").recipe) == ("builtin", "imagenet")
+    assert settings("--data", "d", "--token-labels", "l").recipe == "imagenet-tklb"
+    assert settings("--recipe", "imagenet").model == "glnet_4g"  # explicit, on the built-in data
+    imagenet = settings("--data", "d")
+    for key, value in train.RECIPES["imagenet"].items():
         assert getattr(imagenet, key) == value, key
-    assert imagenet.given == [] and builtin.output_dir == os.path.join("runs", "glnet_mini-builtin")
-    # where Table 8 is silent: the released configuration; the warm-up starts at 1e-6 at the paper's batch
-    assert (imagenet.repeated_aug, imagenet.random_erasing, imagenet.interpolation) == (3, 0.25, "bicubic")
-    assert (imagenet.ema_decay, imagenet.min_lr) == (0.9999, 1e-5)
-    assert imagenet.lr * imagenet.warmup_factor == pytest.approx(1e-6) and imagenet.drop_path == 0.15
-    tklb = train.parse_args(["--recipe", "imagenet-tklb", "--token-labels", "l", "--epochs", "3", "--lr", "1e-3"])
+    assert settings().output_dir == os.path.join("runs", "glnet_mini-builtin")
+    tklb = settings("--recipe", "imagenet-tklb", "--token-labels", "l", "--epochs", "3", "--lr", "1e-3")
     assert (tklb.model, tklb.epochs, tklb.lr, tklb.drop_path, tklb.mixup, tklb.cutmix) == \
         ("glnet_4g_tklb", 3, 1e-3, 0.1, 0.0, 0.0)
-    assert tklb.given == ["epochs", "lr"] and tklb.token_head and tklb.token_labels == os.path.abspath("l")
-    assert train.parse_args(["--token-labels", "l"]).output_dir == os.path.join("runs", "glnet_mini-builtin-tklb")
-    # the Trainer's sampler repeats, with the same number of steps per epoch
-    data = train.make_shapes_dataset(str(tmp_path / "shapes"), 8, 1, 32, classes=("circle", "square"))
-    trainers = [trainer_for(train.parse_args(["--data", data, "--output-dir", str(tmp_path / "out"), *TINY,
-                                              "--repeated-aug", repeats]))
-                for repeats in ("1", "3")]
-    assert [t.sampler.repeated_aug for t in trainers] == [1, 3]
-    assert trainers[0].steps_per_epoch == trainers[1].steps_per_epoch == 4
+    assert tklb.token_labels == os.path.abspath("l")
+    assert settings("--token-labels", "l").output_dir == os.path.join("runs", "glnet_mini-builtin-tklb")
+    assert (settings("--model", "glnet_9g", "--data", "d").drop_path, settings("--drop-path", "0.2").drop_path) == (0.3, 0.2)
 
 
 # README.md, "Recipes": the table's values, checked below on the objects a run trains with.
@@ -1175,16 +1186,20 @@ def recipe_data(tmp_path_factory):
     return data, str(root / "labels")
 
 
+def recipe_trainer(recipe, recipe_data, tmp_path):
+    data, labels = recipe_data
+    tokens = ["--token-labels", labels] if RECIPE_TABLE[recipe]["token_labels"] else []
+    return train.build_trainer(settings("--recipe", recipe, "--data", data, "--output-dir", str(tmp_path),
+                                        "--workers", "0", *tokens))
+
+
 @pytest.mark.parametrize("recipe", list(RECIPE_TABLE))
 def test_the_recipes_as_training_applies_them(recipe, recipe_data, tmp_path, monkeypatch):
     """Each value of the README's recipe table, on what a run trains with (train.build_trainer):
     the model, the datasets' transforms, the sampler, the optimizer, the schedule, the loss, the
     EMA and one real training step."""
     expected = RECIPE_TABLE[recipe]
-    data, labels = recipe_data
-    argv = ["--recipe", recipe, "--data", data, "--output-dir", str(tmp_path), "--workers", "0"]
-    args = train.parse_args(argv + (["--token-labels", labels] if expected["token_labels"] else []))
-    trainer = train.build_trainer(args, data, 0, 1, torch.device("cpu"))
+    trainer = recipe_trainer(recipe, recipe_data, tmp_path)
     model, task, train_set = trainer.model, trainer.task, trainer.task.train_set
 
     reference = glnet.create_model(expected["model"], num_classes=3, token_head=expected["token_labels"])
@@ -1199,10 +1214,10 @@ def test_the_recipes_as_training_applies_them(recipe, recipe_data, tmp_path, mon
     assert tuple(crop.size) == (expected["image_size"],) * 2 and interpolation(crop) == expected["interpolation"]
     randaugment = [t for t in augment if isinstance(t, v2.RandAugment)]
     assert [(t.num_ops, t.mean, t.std) for t in randaugment] == ([expected["randaugment"]] if expected["randaugment"] else [])
-    assert all(t.num_magnitude_bins == 101 and interpolation(t) == expected["interpolation"] for t in randaugment)
+    assert all(interpolation(t) == expected["interpolation"] for t in randaugment)
     erasing = [(t.p, t.value) for t in augment if isinstance(t, v2.RandomErasing)]
     assert erasing == ([(expected["random_erasing"], None)] if expected["random_erasing"] else [])  # None: random
-    val_set = task.evaluate.keywords["loader"].dataset
+    val_set = task.evaluate.keywords["loader"].dataset.dataset
     resize, center = (t for t in transforms_of(val_set.transform) if isinstance(t, (v2.Resize, v2.CenterCrop)))
     assert resize.size == [expected["eval_resize"]] and interpolation(resize) == expected["interpolation"]
     assert center.size == (expected["image_size"],) * 2 and val_set[0][0].shape == (3,) + center.size
@@ -1239,6 +1254,29 @@ def test_the_recipes_as_training_applies_them(recipe, recipe_data, tmp_path, mon
     torch.testing.assert_close(moved, torch.full_like(moved, 1 - expected["ema_decay"]), rtol=1e-3, atol=0)
 
 
+def test_randaugment_draws_timms_magnitudes(recipe_data, tmp_path, monkeypatch):
+    """The imagenet recipe's RandAugment, as its training transform runs it: 2 operations per image at
+    magnitudes ~ N(9, 0.5) on timm's scale of 10, so a rotation turns by 30 degrees x m / 10 (27 on
+    average, spread 1.5), three times as far as torchvision's magnitude 9 of its 31 bins (8.7)."""
+    transform = recipe_trainer("imagenet", recipe_data, tmp_path).task.train_set.transform
+    randaugment = next(t for t in transforms_of(transform) if isinstance(t, v2.RandAugment))  # the one training uses
+    drawn, apply = [], randaugment._apply_image_or_video_transform
+
+    def spy(image, name, magnitude, *args, **kwargs):
+        drawn.append((name, magnitude))
+        return apply(image, name, magnitude, *args, **kwargs)
+
+    monkeypatch.setattr(randaugment, "_apply_image_or_video_transform", spy)
+    image = Image.new("RGB", (8, 8))
+    torch.manual_seed(0)
+    for _ in range(1500):
+        randaugment(image)
+    assert len(drawn) == 2 * 1500
+    angles = torch.tensor([abs(m) for name, m in drawn if name == "Rotate"])
+    assert len(angles) > 100 and angles.mean() == pytest.approx(27, abs=0.3) and angles.std() == pytest.approx(1.5, abs=0.3)
+    assert angles.max() <= 30
+
+
 def test_repeated_augmentation_sampler_spreads_three_copies_over_two_ranks():
     dataset = list(range(30))
     samplers = [train.ResumableDistributedSampler(dataset, 2, rank, shuffle=True, seed=0, drop_last=True,
@@ -1258,6 +1296,8 @@ def test_repeated_augmentation_sampler_spreads_three_copies_over_two_ranks():
     samplers[0].start = 4  # a mid-epoch resume continues the same order
     assert list(samplers[0]) == ranks[0][4:] and len(samplers[0]) == 11
 
+
+# --- token labeling -------------------------------------------------------------------------------
 
 RAMP = 8.0  # logit per unit of image width / height in the label maps below
 
@@ -1284,9 +1324,10 @@ def ramp_data(root, classes=6, size=(96, 128), cells=(48, 32)):
 def test_label_map_follows_the_crop_and_the_flip(tmp_path):
     """The x and y that the token labels (and the crop label) say land where the image's pixels have them."""
     root = ramp_data(str(tmp_path))
-    dataset = train.TokenLabeledImages(root, os.path.join(root, "labels"), 64, train.augment_and_normalize(False),
+    crop = v2.RandomResizedCrop(64, antialias=True)
+    dataset = train.TokenLabeledImages(root, os.path.join(root, "labels"), crop, train.augment_and_normalize(),
                                        label_smoothing=0.0)
-    smoothed = train.TokenLabeledImages(root, os.path.join(root, "labels"), 64, train.augment_and_normalize(False))
+    smoothed = train.TokenLabeledImages(root, os.path.join(root, "labels"), crop, train.augment_and_normalize())
     flips = []
     for seed in range(12):
         torch.manual_seed(seed)
@@ -1325,16 +1366,16 @@ def test_mix_token_puts_every_token_back_and_mixes_the_class_by_area():
     mixed = 0
     for seed in range(20):
         torch.manual_seed(seed)
-        box = train.random_token_box(3, 2).flatten()[None, :, None]
+        box = train.MixToken.random_box(3, 2).flatten()[None, :, None]
         torch.manual_seed(seed)
-        class_logits, token_logits, lam = train.mix_token_forward(model, images, mix_token)
+        class_logits, token_logits, lam = mix_token(model, images)
         torch.testing.assert_close(token_logits, own_tokens)              # every token back with its image
         # the class logits saw the other image in the box: a share 1 - lam of the tokens
         torch.testing.assert_close(class_logits, torch.where(box, own_tokens.flip(0), own_tokens).mean(1))
         assert lam == 1 - box.float().mean()
         mixed += bool(0 < lam < 1)
-    assert mixed >= 10 and mix_token.mask is None
-    mix_token.mask = torch.ones(3, 2, dtype=torch.bool)
+    assert mixed >= 10 and mix_token.box is None
+    mix_token.box = torch.ones(3, 2, dtype=torch.bool)
     assert not torch.equal(model(images)[1], own_tokens)                 # the hook swaps in training mode ...
     assert torch.equal(model.eval()(images)[1], own_tokens)              # ... and not in eval mode
 
@@ -1345,9 +1386,9 @@ def test_token_labeling_loss_by_hand():
     class_logits, token_logits = torch.randn(B, K), torch.randn(B, T, K)
     crop_labels, token_labels = torch.randn(B, K).softmax(-1), torch.randn(B, T, K).softmax(-1)
     batch = (torch.zeros(B, 3, 64, 64), torch.zeros(B, dtype=torch.long), crop_labels, token_labels)
-    seed = next(s for s in range(100) if 0 < (torch.manual_seed(s), train.random_token_box(2, 2))[1].sum() < 4)
+    seed = next(s for s in range(100) if 0 < (torch.manual_seed(s), train.MixToken.random_box(2, 2))[1].sum() < 4)
     torch.manual_seed(seed)
-    box = train.random_token_box(2, 2).flatten().tolist()
+    box = train.MixToken.random_box(2, 2).flatten().tolist()
     torch.manual_seed(seed)
     loss = train.token_labeling_loss(lambda images: (class_logits, token_logits), batch, torch.device("cpu"),
                                      train.MixToken(TokenGrid()))
@@ -1381,18 +1422,16 @@ def test_token_labeling_demo_teacher_labels_student_eval(tmp_path, five_classes)
     train.main(["--make-token-labels", labels, "--teacher", os.path.join(teacher_dir, "best.pth"), "--workers", "0"])
 
     teacher = glnet.create_model("glnet_mini", num_classes=5, checkpoint=os.path.join(teacher_dir, "best.pth")).eval()
-    images = train.image_folder(five_classes, "train", v2.Compose([  # the whole image, at the teacher's size
-        v2.Resize((64, 64)), v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(train.MEAN, train.STD)]))
+    images = train.image_folder(five_classes, "train", v2.Compose([v2.Resize((64, 64)), *train.TO_TENSOR]))
     paths = [os.path.join(labels, os.path.basename(os.path.dirname(p)), os.path.basename(p)[:-4] + ".pt")
              for p, _ in images.samples]
     assert sorted(os.path.relpath(p, labels) for p in paths) == \
         sorted(os.path.join(d, f) for d in os.listdir(labels) for f in os.listdir(os.path.join(labels, d)))
     with torch.no_grad():
         x = torch.stack([images[i][0] for i in (0, 29)])
-        token_logits = train.teacher_token_logits(teacher, x)            # (2, 5, 2, 2): the class head on each token
-        torch.testing.assert_close(token_logits.mean((2, 3)), teacher(x))
-    for i, logits in zip((0, 29), token_logits):
+        tokens = teacher.head(teacher.norm(teacher.forward_features(x)[-1]).permute(0, 2, 3, 1))  # the class head ...
+        torch.testing.assert_close(tokens.mean((1, 2)), teacher(x))                              # ... on each token
+    for i, logits in zip((0, 29), tokens.permute(0, 3, 1, 2)):
         label_map = torch.load(paths[i])
         assert label_map.shape == (2, 5, 2, 2) and label_map.dtype == torch.float16
         assert torch.equal(label_map[1, 0].long(), logits.argmax(0))     # the teacher's top class at each token
@@ -1400,10 +1439,10 @@ def test_token_labeling_demo_teacher_labels_student_eval(tmp_path, five_classes)
 
     log = run_script(["--token-labels", labels, "--data", five_classes, "--output-dir", student_dir, *small],
                      launcher=torchrun(2))
-    assert f"recipe builtin, token labels {labels}: model glnet_mini*" in log and "with a token head" in log
+    assert f"recipe builtin: model glnet_mini" in log and "with a token head" in log
     assert "epoch 1/1  step 3/3  loss" in log and log.count("epoch 1/1 done") == 1
     checkpoint = torch.load(os.path.join(student_dir, "best.pth"))
-    assert (checkpoint["args"]["recipe"], checkpoint["args"]["token_head"]) == ("builtin", True)
+    assert (checkpoint["args"]["recipe"], checkpoint["args"]["token_labels"]) == ("builtin", labels)
     assert checkpoint["model"]["token_head.weight"].shape == (5, 256)
     metrics = train.main(["--eval", "--checkpoint", os.path.join(student_dir, "best.pth")])
     record = checkpoint["metrics"]
@@ -1424,21 +1463,22 @@ def test_bad_label_maps_are_named_before_training(tmp_path, five_classes):
     args = ["--data", five_classes, "--output-dir", str(tmp_path / "out"), *TINY, "--recipe", "builtin"]
     image = os.path.join(five_classes, "train", "ring", "00002.png")
     label_map = os.path.join(labels, "ring", "00002.pt")
+    dataset = train.TokenLabeledImages(five_classes, labels, v2.RandomResizedCrop(32), train.augment_and_normalize())
+    index = dataset.images.samples.index((image, dataset.images.class_to_idx["ring"]))
 
     torch.save(torch.zeros(5, 3, 3), label_map)
-    dataset = train.TokenLabeledImages(five_classes, labels, 32, train.augment_and_normalize(False))
     with pytest.raises(ValueError, match=f"the label map {label_map} of {image} holds shape \\(5, 3, 3\\); expected a "
                                          r"tensor \(2, 5, H, W\): the teacher's top-5 logits and their class indices"):
-        dataset[dataset.images.samples.index((image, dataset.images.class_to_idx["ring"]))]
+        dataset[index]
     torch.save(torch.full((2, 5, 3, 3), 7.0), label_map)
     with pytest.raises(ValueError, match=r"holds class indices 7-7; expected .* class indices \(0-4\)"):
-        dataset[dataset.images.samples.index((image, dataset.images.class_to_idx["ring"]))]
+        dataset[index]
     os.remove(label_map)
     with pytest.raises(FileNotFoundError, match=f"1 of 30 training images have no label map, e.g. {image}: expected "
                                                 f"{label_map}, a tensor \\(2, 5, H, W\\)"):
         train.main([*args, "--token-labels", labels])
     shutil.rmtree(os.path.join(labels, "ring"))
-    with pytest.raises(ValueError, match=r"class folders of --token-labels .* differ .* only in the data: \['ring'\]"):
+    with pytest.raises(FileNotFoundError, match="6 of 30 training images have no label map"):
         train.main([*args, "--token-labels", labels])
     with pytest.raises(FileNotFoundError, match="--token-labels .*nowhere does not exist"):
         train.main([*args, "--token-labels", str(tmp_path / "nowhere")])
@@ -1447,31 +1487,24 @@ def test_bad_label_maps_are_named_before_training(tmp_path, five_classes):
         train.main(["--make-token-labels", labels, "--teacher", "teacher.pth"])
 
 
+# --- the benchmark (a structure check: speeds are figures, never assertions) ----------------------
+
 def test_interleaved_medians_time_each_call():
     calls = {"short": lambda: time.sleep(0.01), "long": lambda: time.sleep(0.05)}
     seconds = train.interleaved_medians(calls, rounds=3, device=torch.device("cpu"))
-    assert 0.01 <= seconds["short"] < seconds["long"] and seconds["long"] >= 0.05
-    assert seconds["long"] > 2 * seconds["short"]
+    assert set(seconds) == {"short", "long"} and 0.01 <= seconds["short"] and seconds["long"] >= 0.05
 
 
-def test_bench_times_every_model_and_measures_memory(capsys):
-    """`python train.py --bench`: a row per model in both tables (the training step is the Trainer's
-    own), latency per size, and a peak forward memory that grows with the image."""
-    result = train.main(["--bench", "--models", "glnet_mini", "glnet_4g_tklb", "--rounds", "1", "--batch-size", "1",
-                         "--image-size", "64", "--latency-sizes", "64", "96", "--memory-sizes", "64", "256",
-                         "--threads", "1"])
-    printed = capsys.readouterr().out
-    tables = printed.split("\n\n")
-    inference, training = (next(t for t in tables if t.startswith(title)) for title in ("inference", "training step"))
-    for table in (inference, training):
-        rows = {line.split()[0]: [float(v) for v in line.split()[1:]] for line in table.splitlines()[2:]}
-        assert set(rows) == {"glnet_mini", "glnet_4g_tklb", "swin_t", "convnext_tiny"}  # tklb: token labeling's step
-        for name, (speed, x_swin, x_convnext) in rows.items():
-            assert speed > 0
-            assert x_swin == pytest.approx(speed / rows["swin_t"][0], rel=0.05, abs=0.01)
-            assert x_convnext == pytest.approx(speed / rows["convnext_tiny"][0], rel=0.05, abs=0.01)
-    assert set(result["seconds"]) == {64, 96} and all(t > 0 for t in result["seconds"].values())
-    assert result["memory_mib"][256] > result["memory_mib"][64]
+def test_bench_prints_a_row_per_model_and_a_latency_per_size(capsys):
+    result = train.main(["--bench", "--models", "glnet_mini", "--rounds", "1", "--batch-size", "1",
+                         "--latency-sizes", "64", "96"])
+    tables = capsys.readouterr().out.split("\n\n")
+    for title in ("inference", "training step"):
+        table = next(t for t in tables if t.startswith(title))
+        rows = {line.split()[0]: line.split()[1:] for line in table.splitlines()[2:]}
+        assert set(rows) == {"glnet_mini", "swin_t", "convnext_tiny"} and all(len(v) == 3 for v in rows.values())
+        assert rows["swin_t"][1] == "1.00" and rows["convnext_tiny"][2] == "1.00"
+    assert set(result["latency"]) == {64, 96} and all(t > 0 for t in result["latency"].values())
 
 
 # =================================================================================================

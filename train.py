@@ -12,6 +12,7 @@ differs (data, loss, evaluation). A checkpoint is written atomically every epoch
 import argparse
 import contextlib
 import dataclasses
+import datetime
 import functools
 import itertools
 import json
@@ -19,11 +20,9 @@ import math
 import os
 import random
 import shutil
-import statistics
 import time
 import typing
 import warnings
-from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -67,6 +66,7 @@ TOKEN_STRIDE = 32            # the last stage's stride: a 224 image has 7 x 7 to
 TOKEN_LOSS_WEIGHT = 0.5      # LV-ViT: class loss + 0.5 x the mean token loss
 TOP_K = 5                    # label maps hold the teacher's top-5 logits and classes at every position
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+TO_TENSOR = (v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD))
 DEFAULT_CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "glnet")
 CORES = len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) or 1  # per process
 BENCH_BASELINES = ("swin_t", "convnext_tiny")  # torchvision's models of GLNet-STL's size
@@ -180,19 +180,12 @@ def log(message):
 
 def save_checkpoint(state: dict, path) -> None:
     """Write `path + '.tmp'`, fsync, rename over `path`: a killed job leaves the old file or the new."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    with open(path + ".tmp", "wb") as f:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(f"{path}.tmp", "wb") as f:
         torch.save(state, f)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
-    directory = os.open(folder, os.O_RDONLY)  # make the rename itself durable
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+    os.replace(f"{path}.tmp", path)
 
 
 def rng_states():
@@ -204,11 +197,6 @@ def rng_states():
     if dist.is_initialized():
         dist.all_gather_object(states, state)
     return states
-
-
-def format_eta(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 def format_metrics(metrics):
@@ -250,13 +238,13 @@ class Task:
     """What differs between the tasks that share the training loop."""
     name: str                   # "classification", "maskrcnn", ...: a checkpoint resumes only its own task
     train_set: Dataset
-    loss: Callable              # loss(model, batch) -> the scalar loss of one micro-batch
-    evaluate: Callable          # evaluate(model) -> {metric: value}, the same on every rank
+    loss: typing.Callable              # loss(model, batch) -> the scalar loss of one micro-batch
+    evaluate: typing.Callable          # evaluate(model) -> {metric: value}, the same on every rank
     metric: str                 # what best.pth is chosen by (higher is better)
     reference_batch: int        # the global batch --lr is given for
     num_classes: int
     classes: list | dict        # their names, kept in checkpoints
-    collate_fn: Callable | None = None
+    collate_fn: typing.Callable | None = None
 
 
 class ResumableDistributedSampler(DistributedSampler):
@@ -314,9 +302,10 @@ class Trainer:
         self.ddp = self.model if world_size == 1 else DistributedDataParallel(
             self.model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
         self.forward = torch.compile(self.ddp) if s.compile else self.ddp
-        self.ema = None  # ema = decay x ema + (1 - decay) x weights after each step, from the initial weights
-        if s.ema_decay > 0:
-            self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(s.ema_decay), use_buffers=True)
+        # ema = decay x ema + (1 - decay) x weights after each step, from the initial weights (timm's ModelEma)
+        self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(s.ema_decay), use_buffers=True) \
+            if s.ema_decay > 0 else None
+        if self.ema:
             self.ema.n_averaged += 1
         self.sampler = ResumableDistributedSampler(task.train_set, world_size, rank, shuffle=True, seed=s.seed,
                                                    drop_last=True, repeated_aug=s.repeated_aug)
@@ -433,7 +422,7 @@ class Trainer:
                 memory = f"  mem {torch.cuda.max_memory_allocated() / 2 ** 30:.1f}G" if self.device.type == "cuda" else ""
                 log(f"epoch {self.epoch + 1}/{self.epochs}  step {self.step}/{steps}  loss "
                     f"{sum(losses[-window:]) / window:.4f}  lr {self.optimizer.param_groups[0]['lr']:.2e}  img/s "
-                    f"{self.global_batch / seconds:.1f}  eta {format_eta(left * seconds)}{memory}")
+                    f"{self.global_batch / seconds:.1f}  eta {datetime.timedelta(seconds=round(left * seconds))}{memory}")
                 window_start = time.perf_counter()
             if s.checkpoint_every and self.step % s.checkpoint_every == 0 and self.step < steps:
                 self.save()
@@ -469,7 +458,7 @@ class Trainer:
                 summary += f"  best {self.task.metric} {self.best:.4g}"
             record |= {"best": self.best, "seconds": time.perf_counter() - start}
             log(f"epoch {self.epoch + 1}/{self.epochs} done  train loss {record['train_loss']:.4f}{summary}  "
-                f"time {format_eta(record['seconds'])}")
+                f"time {datetime.timedelta(seconds=round(record['seconds']))}")
             self.epoch, self.step = self.epoch + 1, 0
             self.save(record, improved)
             if is_main_process():
@@ -554,20 +543,18 @@ def load_image(path):
         raise OSError(f"cannot read image {path}: {e}") from e
 
 
-def class_folders(folder):
-    return sorted(e.name for e in os.scandir(folder) if e.is_dir())
-
-
 def image_folder(data_dir, split, transform):
     """ImageFolder of data_dir/split, after checking the layout: every problem named before training."""
     folder = os.path.join(data_dir, split)
     expected = f"expected the ImageNet layout: {os.path.join(folder, '<class>', '<image>')}, a sub-folder per class"
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"{folder} does not exist; {expected}")
-    if not class_folders(folder):
-        loose = " (the images lie directly in it: sort them into class folders first)" if os.listdir(folder) else ""
-        raise FileNotFoundError(f"{folder} has no class sub-folders{loose}; {expected}")
-    return datasets.ImageFolder(folder, transform=transform, loader=load_image)
+    if not any(e.is_dir() for e in os.scandir(folder)):
+        raise FileNotFoundError(f"{folder} has no class sub-folders (sort the images into them); {expected}")
+    try:
+        return datasets.ImageFolder(folder, transform=transform, loader=load_image)
+    except FileNotFoundError as e:  # a class folder without images
+        raise FileNotFoundError(f"{folder}: {e}") from None
 
 
 class RandAugment(v2.RandAugment):
@@ -586,16 +573,14 @@ class RandAugment(v2.RandAugment):
 
 def augment_and_normalize(randaugment=False, interpolation="bilinear", random_erasing=0.0):
     """What follows the random-resized crop and the flip in training."""
-    return v2.Compose([*([RandAugment(**RANDAUGMENT, interpolation=interpolation)] if randaugment else []),
-                       v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD),
+    return v2.Compose([*([RandAugment(**RANDAUGMENT, interpolation=interpolation)] if randaugment else []), *TO_TENSOR,
                        *([v2.RandomErasing(random_erasing, value="random")] if random_erasing else [])])
 
 
 def eval_transform(image_size, interpolation="bilinear"):
     """Resize to image_size / 0.875 (256 for 224), center crop image_size."""
     return v2.Compose([v2.Resize(round(image_size / 0.875), interpolation=interpolation, antialias=True),
-                       v2.CenterCrop(image_size), v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True),
-                       v2.Normalize(MEAN, STD)])
+                       v2.CenterCrop(image_size), *TO_TENSOR])
 
 
 def eval_loader(dataset, batch_size, workers, rank=0, world_size=1):
@@ -796,19 +781,21 @@ def teacher_token_logits(teacher, images):
 
 
 @torch.no_grad()
-def make_token_labels(s: ClassificationSettings, output, teacher, rank, world_size, device):
-    """LV-ViT's label maps (2, 5, h, w) of every training image, resized whole to s.image_size, from a
-    teacher; written to OUTPUT.tmp, renamed to OUTPUT when complete."""
+def make_token_labels(output, teacher_path, given, rank, world_size, device):
+    """LV-ViT's label maps (2, 5, h, w) of every training image, resized whole to the teacher's size;
+    written to OUTPUT.tmp, renamed to OUTPUT when complete."""
     output, tmp = os.path.abspath(output), os.path.abspath(output) + ".tmp"
     if os.path.isdir(output) and os.listdir(output):
         raise FileExistsError(f"{output} is not empty: label maps go into a new folder (choose another or remove it)")
-    images = image_folder(s.data, "train", v2.Compose([
-        v2.Resize((s.image_size,) * 2, interpolation=s.interpolation, antialias=True), v2.PILToTensor(),
-        v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)]))
+    teacher, s = from_checkpoint(teacher_path, given, device)
+    images = image_folder(s.data, "train", v2.Compose([v2.Resize((s.image_size,) * 2, interpolation=s.interpolation,
+                                                                 antialias=True), *TO_TENSOR]))
     if not TOP_K <= len(images.classes) <= 2048:  # class indices are exact in half precision up to 2048
         raise ValueError(f"label maps hold the top-{TOP_K} of 5 to 2048 classes; {s.data} has {len(images.classes)}")
     if is_main_process():
         shutil.rmtree(tmp, ignore_errors=True)
+    if dist.is_initialized():
+        dist.barrier()
     loader = eval_loader(images, s.batch_size, s.workers, rank, world_size)
     paths = (images.samples[i][0] for i in loader.dataset.indices)
     for batch, _ in loader:
@@ -843,7 +830,7 @@ def interleaved_medians(calls, rounds, device):
             call()
             synchronize()
             times[name] += [time.perf_counter() - start] if round else []
-    return {name: statistics.median(t) for name, t in times.items()}
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
 def bench(s: Settings, models, rounds, sizes, rank, world_size, device):
@@ -891,18 +878,13 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS)
     add_settings_flags(parser, ClassificationSettings, lambda name: "per model" if name == "drop_path" else ", ".join(
         f"{recipe} {values[name]}" for recipe, values in RECIPES.items() if name in values) or "see above")
-    parser.add_argument("--threads", type=at_least(0), default=CORES, help="CPU threads per process, 0 = torch's "
-                        "default (default: this machine's cores over its processes)")
-    parser.add_argument("--eval", action="store_true", help="evaluate --checkpoint on the validation set, then exit")
-    parser.add_argument("--checkpoint", help="with --eval: a checkpoint of train.py, or a released one (with --model "
-                                             "and --data)")
-    parser.add_argument("--make-token-labels", metavar="DIR", help="write label maps of every training image of "
-                        "--data (default: the teacher's) to DIR, then exit")
-    parser.add_argument("--teacher", metavar="CHECKPOINT", help="with --make-token-labels: a GLNet checkpoint")
-    parser.add_argument("--bench", action="store_true", help="measure speed against torchvision's "
-                        + " and ".join(BENCH_BASELINES) + " (batch 8 on CPU, 128 on GPU), then exit")
-    parser.add_argument("--models", nargs="+", default=["glnet_stl", "glnet_stl_paramslot", "glnet_4g", "glnet_9g",
-                        "glnet_16g"], choices=[m for m in glnet.MODELS if not m.endswith("_tklb")])
+    parser.add_argument("--eval", action="store_true", help="evaluate --checkpoint (train.py's, or a released one "
+                        "with --model and --data), then exit")
+    parser.add_argument("--checkpoint")
+    parser.add_argument("--make-token-labels", metavar="DIR", help="write label maps of every training image to DIR")
+    parser.add_argument("--teacher", metavar="CHECKPOINT", help="with --make-token-labels: the GLNet that makes them")
+    parser.add_argument("--bench", action="store_true", help="measure speed against torchvision's models, then exit")
+    parser.add_argument("--models", nargs="+", default=list(glnet.RELEASED[:5]), choices=[m for m in glnet.MODELS if "tklb" not in m])
     parser.add_argument("--rounds", type=at_least(1), default=5, help="--bench: interleaved timing rounds")
     parser.add_argument("--latency-sizes", type=at_least(32), nargs="+", default=[224, 448, 896, 1344])
     args = parser.parse_args(argv)
@@ -921,17 +903,13 @@ def make_settings(given, trained=None):
         ("imagenet-tklb" if given.get("token_labels") else "imagenet") if given.get("data") else "builtin")
     values = field_values(ClassificationSettings, {**RECIPES[recipe], **trained, "recipe": recipe, **given})
     values.setdefault("drop_path", DROP_PATH[values["model"]])
-    for key in ("data", "token_labels"):
-        if values.get(key):
-            values[key] = os.path.abspath(values[key])
+    values |= {key: os.path.abspath(values[key]) for key in ("data", "token_labels") if values.get(key)}
     data_name = os.path.basename(values["data"].rstrip("/")) if values.get("data") else "builtin"
-    values.setdefault("output_dir", os.path.join("runs", f"{values['model']}-{data_name}"
-                                                 + ("-tklb" if values.get("token_labels") else "")))
+    values.setdefault("output_dir", f"runs/{values['model']}-{data_name}{'-tklb' * bool(values.get('token_labels'))}")
     s = ClassificationSettings(**values)
-    how = "--token-labels DIR (the label maps, e.g. the NFNet-F6 ones, or make them with --make-token-labels DIR " \
-          "--teacher CHECKPOINT)"
     if (s.recipe == "imagenet-tklb" or s.model.endswith("_tklb")) and not s.token_labels and not trained:
-        raise ValueError(f"--recipe {s.recipe} with --model {s.model} trains with token labels: pass {how}")
+        raise ValueError(f"--recipe {s.recipe} with --model {s.model} trains with token labels: pass --token-labels "
+                         f"DIR (e.g. the NFNet-F6 ones, or make them with --make-token-labels DIR --teacher CHECKPOINT)")
     if s.token_labels and (s.mixup or s.cutmix):
         raise ValueError(f"token labeling mixes with MixToken instead of mixup and cutmix: pass --mixup 0 --cutmix 0 "
                          f"(got {s.mixup}, {s.cutmix})")
@@ -944,23 +922,25 @@ def build_classifier(settings, num_classes):
                               **({"token_head": True} if settings.get("token_labels") else {}))
 
 
+def build_trainer(s: ClassificationSettings, rank=0, world_size=1, device=torch.device("cpu")):
+    """What a run trains with: its data, model, Task and Trainer."""
+    data_dir = s.data or builtin_dataset(s.cache_dir, SHAPES_VERSION, make_shapes_dataset)
+    train_set, val_set = classification_data(s, data_dir)
+    model = build_classifier(dataclasses.asdict(s), len(train_set.classes))
+    log(f"{s.model}{' with a token head' * bool(s.token_labels)} ({glnet.count_params(model) / 1e6:.2f} M params), "
+        f"{len(train_set.classes)} classes, {len(train_set)} train / {len(val_set)} val images from {data_dir}")
+    task = classification_task(s, train_set, val_set, model, rank, world_size, device)
+    return Trainer(s, model, task, rank, world_size, device)
+
+
 def train(s: ClassificationSettings, rank, world_size, device):
     torch.manual_seed(s.seed + rank)   # each rank its own streams (drop path, augmentation)
     random.seed(s.seed + rank)
     log(f"recipe {s.recipe}: " + ", ".join(f"{k} {v}" for k, v in dataclasses.asdict(s).items()))
-    data_dir = s.data or builtin_dataset(s.cache_dir, SHAPES_VERSION, make_shapes_dataset)
-    train_set, val_set = classification_data(s, data_dir)
-    model = build_classifier(dataclasses.asdict(s), len(train_set.classes))
-    task = classification_task(s, train_set, val_set, model, rank, world_size, device)
-    log(f"{s.model}{' with a token head' if s.token_labels else ''} ({glnet.count_params(model) / 1e6:.2f} M params), "
-        f"{task.num_classes} classes, {len(train_set)} train / {len(val_set)} val images from {data_dir}, "
-        f"{s.image_size}x{s.image_size}")
-    trainer = Trainer(s, model, task, rank, world_size, device)
+    trainer = build_trainer(s, rank, world_size, device)
     trainer.resume()
     trainer.fit()
-    best = os.path.join(s.output_dir, "best.pth")
-    log(f"done: best val top-1 {trainer.best:.2f}; checkpoints {os.path.join(s.output_dir, 'last.pth')} and {best}\n"
-        f"evaluate: python train.py --eval --checkpoint {best}")
+    log(f"done: best val top-1 {trainer.best:.2f}\nevaluate: python train.py --eval --checkpoint {s.output_dir}/best.pth")
     return {"best_top1": trainer.best}
 
 
@@ -979,8 +959,6 @@ def main(argv=None):
     """Train, --eval, --make-token-labels or --bench; returns the best top-1, the metrics, the label
     folder or the timings."""
     args, given = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     rank, world_size, device = setup_distributed()
     try:
         if "eval" in args:
@@ -992,8 +970,7 @@ def main(argv=None):
                 f"{val_set.root}: {format_metrics(metrics)}")
             return metrics
         if "make_token_labels" in args:
-            teacher, s = from_checkpoint(args.teacher, given, device)
-            return make_token_labels(s, args.make_token_labels, teacher, rank, world_size, device)
+            return make_token_labels(args.make_token_labels, args.teacher, given, rank, world_size, device)
         if "bench" in args:
             s = make_settings({"batch_size": 128 if device.type == "cuda" else 8, "workers": 0, **given})
             return bench(s, args.models, args.rounds, args.latency_sizes, rank, world_size, device)
