@@ -21,8 +21,8 @@ import os
 import random
 import shutil
 import time
-import typing
 import warnings
+from typing import Callable, get_args
 
 import torch
 import torch.distributed as dist
@@ -48,16 +48,12 @@ IMAGENET = dict(model="glnet_4g", epochs=300, batch_size=128, image_size=224,
                 min_lr=1e-5, weight_decay=0.05, clip_grad=5.0, randaugment=True, mixup=0.8, cutmix=1.0,
                 label_smoothing=0.1, repeated_aug=3, random_erasing=0.25, interpolation="bicubic",
                 ema_decay=0.9999, print_freq=50)
-RECIPES = {
-    "imagenet": IMAGENET,
-    # Table 9, GLNet-4G*/9G*: token labeling, with MixToken instead of mixup and cutmix.
-    "imagenet-tklb": IMAGENET | dict(model="glnet_4g_tklb", epochs=310, drop_path=0.1, mixup=0.0, cutmix=0.0),
-    # glnet_mini at 64x64 for 5 epochs of 3000 images: too short for the heavy augmentations to pay off.
-    "builtin": dict(model="glnet_mini", epochs=5, batch_size=32, image_size=64, lr=6.4e-2, warmup_epochs=1,
-                    warmup_factor=1e-3, min_lr=1e-5, weight_decay=0.05, clip_grad=5.0, randaugment=False,
-                    mixup=0.0, cutmix=0.0, label_smoothing=0.1, repeated_aug=1, random_erasing=0.0,
-                    interpolation="bilinear", ema_decay=0.99, print_freq=20),
-}
+RECIPES = {"imagenet": IMAGENET,
+           # Table 9, GLNet-4G*/9G*: token labeling, with MixToken instead of mixup and cutmix
+           "imagenet-tklb": IMAGENET | dict(model="glnet_4g_tklb", epochs=310, drop_path=0.1, mixup=0.0, cutmix=0.0),
+           # glnet_mini at 64x64, 5 epochs of 3000 images: too short for heavy augmentation (the rest: the defaults)
+           "builtin": dict(model="glnet_mini", epochs=5, batch_size=32, image_size=64, lr=6.4e-2, warmup_epochs=1,
+                           min_lr=1e-5, clip_grad=5.0, ema_decay=0.99)}
 DROP_PATH = {"glnet_stl": 0.1, "glnet_stl_paramslot": 0.1, "glnet_4g": 0.15, "glnet_9g": 0.3, "glnet_16g": 0.4,
              "glnet_4g_tklb": 0.1, "glnet_9g_tklb": 0.1, "glnet_mini": 0.0}
 REFERENCE_BATCH = 2048       # the global batch the paper's learning rate is given for
@@ -78,12 +74,10 @@ def at_least(low):
         if int(text) < low:
             raise argparse.ArgumentTypeError(f"must be at least {low}, got {text}")
         return int(text)
-    parse.__name__ = "int"
     return parse
 
 
-def option(default, help, **argparse_options):
-    """A settings field that is also a command-line flag."""
+def option(default, help, **argparse_options):  # a settings field that is also a command-line flag
     return dataclasses.field(default=default, metadata=dict(help=help, **argparse_options))
 
 
@@ -120,8 +114,8 @@ class Settings:
 
 @dataclasses.dataclass
 class ClassificationSettings(Settings):
-    recipe: str = option("builtin", "the defaults of the other flags; default: imagenet with --data (imagenet-tklb "
-                                    "with --token-labels), builtin without", choices=list(RECIPES))
+    recipe: str = option("builtin", "the other flags' defaults (imagenet with --data, builtin without)",
+                         choices=list(RECIPES))
     data: str | None = option(None, "ImageNet-layout folder: train/<class>/*, val/<class>/*; default: built-in")
     cache_dir: str = option(DEFAULT_CACHE, "where the built-in dataset is written once")
     image_size: int = option(224, "training crop; evaluation: resize / 0.875, center crop", type=at_least(32))
@@ -138,7 +132,7 @@ def add_settings_flags(parser, settings_class, defaults):
     """A flag per field, absent from the parsed namespace when unset; `defaults(name)` for --help."""
     for field in dataclasses.fields(settings_class):
         options = {k: v for k, v in field.metadata.items() if k != "help"}
-        kind = next(t for t in typing.get_args(field.type) or (field.type,) if t is not type(None))
+        kind = next(t for t in get_args(field.type) or (field.type,) if t is not type(None))
         if kind is bool:
             options["action"] = argparse.BooleanOptionalAction
         elif kind is tuple:
@@ -149,8 +143,7 @@ def add_settings_flags(parser, settings_class, defaults):
                             help=f"{field.metadata['help']} (default: {defaults(field.name)})", **options)
 
 
-def field_values(settings_class, values):
-    """The entries of `values` that are fields of `settings_class`."""
+def field_values(settings_class, values):  # the entries of `values` that are fields of `settings_class`
     return {f.name: values[f.name] for f in dataclasses.fields(settings_class) if f.name in values}
 
 
@@ -172,8 +165,7 @@ def is_main_process() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def log(message):
-    """Print on rank 0 only, flushed so that progress shows up in job logs at once."""
+def log(message):  # on rank 0, flushed so that progress shows in job logs at once
     if is_main_process():
         print(message, flush=True)
 
@@ -190,22 +182,19 @@ def save_checkpoint(state: dict, path) -> None:
 
 def rng_states():
     """Every rank's RNG states (rank order), so that each rank resumes its own streams."""
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
     states = [state] * (dist.get_world_size() if dist.is_initialized() else 1)
     if dist.is_initialized():
         dist.all_gather_object(states, state)
     return states
 
 
-def format_metrics(metrics):
-    """'top1 96.6  top5 100': the numbers of an evaluation, for progress lines."""
+def format_metrics(metrics):  # 'top1 96.6  top5 100': an evaluation's numbers for progress lines
     return "  ".join(f"{name} {value:.4g}" for name, value in metrics.items() if isinstance(value, float))
 
 
-def autocast(device, amp):
-    """Mixed precision as --amp says: auto = bf16 on GPU, none on CPU."""
+def autocast(device, amp):  # mixed precision as --amp says: auto = bf16 on GPU, none on CPU
     amp = ("bf16" if device.type == "cuda" else "none") if amp == "auto" else amp
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
@@ -238,13 +227,13 @@ class Task:
     """What differs between the tasks that share the training loop."""
     name: str                   # "classification", "maskrcnn", ...: a checkpoint resumes only its own task
     train_set: Dataset
-    loss: typing.Callable              # loss(model, batch) -> the scalar loss of one micro-batch
-    evaluate: typing.Callable          # evaluate(model) -> {metric: value}, the same on every rank
+    loss: Callable              # loss(model, batch) -> the scalar loss of one micro-batch
+    evaluate: Callable          # evaluate(model) -> {metric: value}, the same on every rank
     metric: str                 # what best.pth is chosen by (higher is better)
     reference_batch: int        # the global batch --lr is given for
     num_classes: int
     classes: list | dict        # their names, kept in checkpoints
-    collate_fn: typing.Callable | None = None
+    collate_fn: Callable | None = None
 
 
 class ResumableDistributedSampler(DistributedSampler):
@@ -327,14 +316,7 @@ class Trainer:
             warmup_factor=s.warmup_factor, min_factor=s.min_lr / self.lr,
             milestones=[epoch * self.steps_per_epoch for epoch in s.lr_steps]))
         self.scaler = torch.amp.GradScaler(device.type, enabled=s.amp == "fp16")  # fp16 needs loss scaling
-        self.epoch, self.step, self.best, self.rng_states = 0, 0, None, None
-
-    def state_dict(self):
-        return {"model": self.model.state_dict(), "model_ema": self.ema.state_dict() if self.ema else None,
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict(), "epoch": self.epoch, "step": self.step, "best": self.best,
-                "rng": rng_states(), "args": dataclasses.asdict(self.settings), "task": self.task.name,
-                "num_classes": self.task.num_classes, "classes": self.task.classes}
+        self.epoch, self.step, self.best = 0, 0, None
 
     def resume(self):
         """Continue from output_dir/last.pth; one of another task, model or class count is refused."""
@@ -344,24 +326,31 @@ class Trainer:
         checkpoint = glnet.read_checkpoint(path)
         old = (checkpoint["task"], checkpoint["args"]["model"], checkpoint["num_classes"])
         new = (self.task.name, self.settings.model, self.task.num_classes)
-        differ = sorted(set(checkpoint["model"]) ^ set(self.model.state_dict()))
+        differ = ", ".join(sorted(set(checkpoint["model"]) ^ set(self.model.state_dict()))[:4])
         if old != new or differ:
+            differ = f" (the models differ in {differ})" if differ else ""
             raise ValueError(f"{path} is a {old[0]} checkpoint of {old[1]} with {old[2]} classes, but this run trains "
-                             f"{new[0]} with {new[1]} and {new[2]} classes" + (f" (its model parts differ in "
-                             f"{', '.join(differ[:4])})" if differ else "") + "; use another --output-dir to start anew")
-        self.model.load_state_dict(checkpoint["model"])
+                             f"{new[0]} with {new[1]} and {new[2]} classes{differ}; use another --output-dir")
+        for name in ("model", "optimizer", "scheduler", "scaler"):
+            getattr(self, name).load_state_dict(checkpoint[name])
         if self.ema and checkpoint["model_ema"] is not None:
             self.ema.load_state_dict(checkpoint["model_ema"])
-        for name in ("optimizer", "scheduler", "scaler"):
-            getattr(self, name).load_state_dict(checkpoint[name])
         self.epoch, self.step, self.best = checkpoint["epoch"], checkpoint["step"], checkpoint["best"]
-        if len(checkpoint["rng"]) == self.world_size:  # another world size cannot continue the same streams
-            self.rng_states = checkpoint["rng"][self.rank]
+        if len(checkpoint["rng"]) == self.world_size:  # each rank continues its own streams (another world size cannot)
+            state = checkpoint["rng"][self.rank]
+            torch.set_rng_state(state["torch"])
+            random.setstate(state["python"])
+            if state["cuda"] is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state(state["cuda"])
         log(f"resuming from {path}: epoch {self.epoch + 1}, step {self.step}")
 
     def save(self, record=None, improved=False):
         """last.pth, and with `improved` best.pth; every rank joins the RNG gather, rank 0 writes."""
-        state = self.state_dict()
+        state = {"model": self.model.state_dict(), "model_ema": self.ema.state_dict() if self.ema else None,
+                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "scaler": self.scaler.state_dict(), "epoch": self.epoch, "step": self.step, "best": self.best,
+                 "rng": rng_states(), "args": dataclasses.asdict(self.settings), "task": self.task.name,
+                 "num_classes": self.task.num_classes, "classes": self.task.classes}
         if not is_main_process():
             return
         save_checkpoint(state, os.path.join(self.settings.output_dir, "last.pth"))
@@ -399,12 +388,6 @@ class Trainer:
         """Train from (epoch, step) to the end of the epoch (or of --iters); returns the mean loss."""
         s = self.settings
         self.model.train()
-        if self.rng_states is not None:   # a resumed rank continues its own streams
-            torch.set_rng_state(self.rng_states["torch"])
-            random.setstate(self.rng_states["python"])
-            if "cuda" in self.rng_states and torch.cuda.is_available():
-                torch.cuda.set_rng_state(self.rng_states["cuda"])
-            self.rng_states = None
         self.sampler.set_epoch(self.epoch)
         self.sampler.start = self.step * s.batch_size * s.accum_steps
         # the workers' seeds come from (seed, epoch), not from the global RNG stream
@@ -523,7 +506,6 @@ def draw_shape_image(name, size, g):
 
 
 def make_shapes_dataset(root, train_per_class=300, val_per_class=50, image_size=64, seed=0, classes=SHAPES_CLASSES):
-    """Write the shapes as root/train/<class>/*.png and root/val/<class>/*.png (ImageFolder)."""
     g = torch.Generator().manual_seed(seed)
     for split, count in (("train", train_per_class), ("val", val_per_class)):
         for name in classes:
@@ -534,8 +516,7 @@ def make_shapes_dataset(root, train_per_class=300, val_per_class=50, image_size=
     return root
 
 
-def load_image(path):
-    """ImageFolder's loader, with an error that names the file."""
+def load_image(path):  # ImageFolder's loader, with an error that names the file
     try:
         with open(path, "rb") as f:
             return Image.open(f).convert("RGB")
@@ -544,17 +525,12 @@ def load_image(path):
 
 
 def image_folder(data_dir, split, transform):
-    """ImageFolder of data_dir/split, after checking the layout: every problem named before training."""
-    folder = os.path.join(data_dir, split)
-    expected = f"expected the ImageNet layout: {os.path.join(folder, '<class>', '<image>')}, a sub-folder per class"
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"{folder} does not exist; {expected}")
-    if not any(e.is_dir() for e in os.scandir(folder)):
-        raise FileNotFoundError(f"{folder} has no class sub-folders (sort the images into them); {expected}")
+    """ImageFolder of data_dir/split; a missing or empty folder is named, with the layout expected."""
     try:
-        return datasets.ImageFolder(folder, transform=transform, loader=load_image)
-    except FileNotFoundError as e:  # a class folder without images
-        raise FileNotFoundError(f"{folder}: {e}") from None
+        return datasets.ImageFolder(os.path.join(data_dir, split), transform=transform, loader=load_image)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{e}; expected the ImageNet layout {os.path.join(data_dir, split, '<class>', '<image>')}"
+                                f", a sub-folder per class") from None
 
 
 class RandAugment(v2.RandAugment):
@@ -571,14 +547,12 @@ class RandAugment(v2.RandAugment):
         return super().forward(*inputs)
 
 
-def augment_and_normalize(randaugment=False, interpolation="bilinear", random_erasing=0.0):
-    """What follows the random-resized crop and the flip in training."""
+def augment_and_normalize(randaugment=False, interpolation="bilinear", random_erasing=0.0):  # after crop and flip
     return v2.Compose([*([RandAugment(**RANDAUGMENT, interpolation=interpolation)] if randaugment else []), *TO_TENSOR,
                        *([v2.RandomErasing(random_erasing, value="random")] if random_erasing else [])])
 
 
-def eval_transform(image_size, interpolation="bilinear"):
-    """Resize to image_size / 0.875 (256 for 224), center crop image_size."""
+def eval_transform(image_size, interpolation="bilinear"):  # resize to size / 0.875 (256 for 224), center crop
     return v2.Compose([v2.Resize(round(image_size / 0.875), interpolation=interpolation, antialias=True),
                        v2.CenterCrop(image_size), *TO_TENSOR])
 
@@ -615,53 +589,20 @@ def classification_loss(model, batch, device, criterion, mixup=None):
     return criterion(model(images), targets)
 
 
-def classification_data(s: ClassificationSettings, data_dir):
-    """(train, val) datasets with the recipe's transforms; with token labels, with their label maps."""
-    crop = v2.RandomResizedCrop(s.image_size, interpolation=s.interpolation, antialias=True)
-    augment = augment_and_normalize(s.randaugment, s.interpolation, s.random_erasing)
-    if s.token_labels:
-        train_set = TokenLabeledImages(data_dir, s.token_labels, crop, augment, s.label_smoothing)
-    else:
-        train_set = image_folder(data_dir, "train", v2.Compose([crop, v2.RandomHorizontalFlip(), augment]))
-    val_set = image_folder(data_dir, "val", eval_transform(s.image_size, s.interpolation))
-    if train_set.classes != val_set.classes:
-        raise ValueError(f"the classes of {data_dir}/train and {data_dir}/val differ: only in train: "
-                         f"{sorted(set(train_set.classes) - set(val_set.classes))[:5]}, only in val: "
-                         f"{sorted(set(val_set.classes) - set(train_set.classes))[:5]}")
-    return train_set, val_set
-
-
-def classification_task(s: ClassificationSettings, train_set, val_set, model, rank, world_size, device):
-    """The Task of classifying ImageFolder classes; with token labels, token labeling's loss."""
-    num_classes = len(train_set.classes)
-    if s.token_labels:
-        loss = functools.partial(token_labeling_loss, device=device, mix_token=MixToken(model))
-    else:
-        mixing = [mix(alpha=alpha, num_classes=num_classes) for mix, alpha in ((v2.MixUp, s.mixup), (v2.CutMix, s.cutmix))
-                  if alpha > 0]
-        loss = functools.partial(classification_loss, device=device,
-                                 criterion=nn.CrossEntropyLoss(label_smoothing=s.label_smoothing),
-                                 mixup=v2.RandomChoice(mixing) if mixing else None)  # one of them per batch
-    evaluate_val = functools.partial(evaluate, loader=eval_loader(val_set, s.batch_size, s.workers, rank, world_size),
-                                     device=device)
-    return Task("classification", train_set, loss, evaluate_val, "top1", REFERENCE_BATCH, num_classes, train_set.classes)
-
-
 # --- Token labeling (LV-ViT, "All Tokens Matter"; Table 9) ---------------------------------------
 # A teacher's score maps supervise every token: label maps -> the crop's targets (in the loader) ->
 # MixToken (in the forward) -> the loss.
 
-def label_map_path(labels_dir, split_dir, image_path):
-    """LV-ViT's layout: <labels>/<class folder>/<image file name without extension>.pt."""
+def label_map_path(labels_dir, split_dir, image_path):  # LV-ViT's <labels>/<class>/<image name>.pt
     return os.path.join(labels_dir, os.path.splitext(os.path.relpath(image_path, split_dir))[0] + ".pt")
 
 
 def token_label_targets(label_map, box, image_size, grid, num_classes, smoothing=0.0):
     """(crop label (K,), token labels (K, h, w)) as LV-ViT builds them: the top-5 logits scattered into
-    a dense map, cut out with the crop's box (top, left, height, width) by roi_align, softmaxed."""
+    a dense map, cut out with the crop's box (RandomResizedCrop's params) by roi_align, softmaxed."""
     logits, classes = label_map.float()                                          # (5, H, W) each
     dense = torch.zeros(num_classes, *logits.shape[1:]).scatter_(0, classes.long(), logits)
-    top, left, height, width = box
+    top, left, height, width = box["top"], box["left"], box["height"], box["width"]
     sy, sx = dense.shape[1] / image_size[0], dense.shape[2] / image_size[1]      # map cells per pixel
     roi = torch.tensor([[0, left * sx, top * sy, (left + width) * sx, (top + height) * sy]])  # (index, x1, y1, x2, y2)
     tokens = roi_align(dense[None], roi, output_size=grid, aligned=True)[0]      # (K, h, w)
@@ -691,9 +632,6 @@ class TokenLabeledImages(Dataset):
 
     def check_labels_dir(self):
         """Before training: a label map for every image (listed a class at a time)."""
-        if not os.path.isdir(self.labels_dir):
-            raise FileNotFoundError(f"--token-labels {self.labels_dir} does not exist; expected one label map per "
-                                    f"training image: {self.path(os.path.join(self.images.root, '<class>', '<image>'))}")
         missing = []
         for label, samples in itertools.groupby(self.images.samples, key=lambda sample: sample[1]):  # class by class
             present = {os.path.join(folder, name) for folder, _, names in
@@ -713,9 +651,8 @@ class TokenLabeledImages(Dataset):
             raise ValueError(f"the label map {self.path(path)} of {path} holds class indices {label_map[1].min():.0f}-"
                              f"{label_map[1].max():.0f}; expected {self.expected}")
         box = self.crop.make_params([image])                                    # the random-resized crop
-        crop_label, token_labels = token_label_targets(label_map, (box["top"], box["left"], box["height"], box["width"]),
-                                                       (image.height, image.width), self.grid, len(self.classes),
-                                                       self.smoothing)
+        crop_label, token_labels = token_label_targets(label_map, box, (image.height, image.width), self.grid,
+                                                       len(self.classes), self.smoothing)
         image = self.crop.transform(image, box)
         if torch.rand(()) < 0.5:                                                # the horizontal flip
             image, token_labels = v2.functional.horizontal_flip(image), token_labels.flip(-1)
@@ -772,12 +709,8 @@ def token_labeling_loss(model, batch, device, mix_token):
 
 def teacher_token_logits(teacher, images):
     """(B, K, h, w): every last-stage token's logits, by the token head or else the class head."""
-    last = teacher.forward_features(images)[-1]                                # (B, C, h, w)
-    if teacher.token_head is not None:
-        tokens = teacher.forward_head(last, return_tokens=True)[1]             # (B, h*w, K)
-    else:
-        tokens = teacher.head(rearrange(teacher.norm(last), "b c h w -> b (h w) c"))
-    return rearrange(tokens, "b (h w) k -> b k h w", h=last.shape[2])
+    tokens = teacher.norm(teacher.forward_features(images)[-1]).permute(0, 2, 3, 1)    # (B, h, w, C)
+    return (teacher.head if teacher.token_head is None else teacher.token_head)(tokens).permute(0, 3, 1, 2)
 
 
 @torch.no_grad()
@@ -922,14 +855,35 @@ def build_classifier(settings, num_classes):
                               **({"token_head": True} if settings.get("token_labels") else {}))
 
 
-def build_trainer(s: ClassificationSettings, rank=0, world_size=1, device=torch.device("cpu")):
-    """What a run trains with: its data, model, Task and Trainer."""
+def build_trainer(s: ClassificationSettings, rank=0, world_size=1, device=torch.device("cpu"), model=None):
+    """What a run trains with: the recipe's datasets and transforms (with token labels, their label
+    maps), the model (unless given), the loss, the evaluation, the Trainer."""
     data_dir = s.data or builtin_dataset(s.cache_dir, SHAPES_VERSION, make_shapes_dataset)
-    train_set, val_set = classification_data(s, data_dir)
-    model = build_classifier(dataclasses.asdict(s), len(train_set.classes))
+    crop = v2.RandomResizedCrop(s.image_size, interpolation=s.interpolation, antialias=True)
+    augment = augment_and_normalize(s.randaugment, s.interpolation, s.random_erasing)
+    if s.token_labels:
+        train_set = TokenLabeledImages(data_dir, s.token_labels, crop, augment, s.label_smoothing)
+    else:
+        train_set = image_folder(data_dir, "train", v2.Compose([crop, v2.RandomHorizontalFlip(), augment]))
+    val_set = image_folder(data_dir, "val", eval_transform(s.image_size, s.interpolation))
+    if train_set.classes != val_set.classes:
+        raise ValueError(f"the classes of {data_dir}/train and {data_dir}/val differ: only in train: "
+                         f"{sorted(set(train_set.classes) - set(val_set.classes))[:5]}, only in val: "
+                         f"{sorted(set(val_set.classes) - set(train_set.classes))[:5]}")
+    classes = train_set.classes
+    model = model or build_classifier(dataclasses.asdict(s), len(classes))
+    if s.token_labels:
+        loss = functools.partial(token_labeling_loss, device=device, mix_token=MixToken(model))
+    else:
+        mixing = [mix(alpha=alpha, num_classes=len(classes)) for mix, alpha in ((v2.MixUp, s.mixup), (v2.CutMix, s.cutmix))
+                  if alpha > 0]
+        loss = functools.partial(classification_loss, device=device, mixup=v2.RandomChoice(mixing) if mixing else None,
+                                 criterion=nn.CrossEntropyLoss(label_smoothing=s.label_smoothing))  # one mix per batch
+    val_loader = eval_loader(val_set, s.batch_size, s.workers, rank, world_size)
     log(f"{s.model}{' with a token head' * bool(s.token_labels)} ({glnet.count_params(model) / 1e6:.2f} M params), "
-        f"{len(train_set.classes)} classes, {len(train_set)} train / {len(val_set)} val images from {data_dir}")
-    task = classification_task(s, train_set, val_set, model, rank, world_size, device)
+        f"{len(classes)} classes, {len(train_set)} train / {len(val_set)} val images from {data_dir}")
+    task = Task("classification", train_set, loss, functools.partial(evaluate, loader=val_loader, device=device),
+                "top1", REFERENCE_BATCH, len(classes), classes)
     return Trainer(s, model, task, rank, world_size, device)
 
 
