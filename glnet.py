@@ -51,7 +51,7 @@ class MHSA(nn.Module):
 
     def forward(self, x):                                                  # (B, N, C)
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)          # (B, N, 3C)
-        q, k, v = rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
+        q, k, v = rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=self.num_heads).unbind(0)
         x = F.scaled_dot_product_attention(q, k, v)                        # (B, heads, N, 32)
         return self.out_proj(rearrange(x, "b h n d -> b n (h d)"))
 

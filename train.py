@@ -68,8 +68,7 @@ CORES = len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", 1
 BENCH_BASELINES = ("swin_t", "convnext_tiny")  # torchvision's models of GLNet-STL's size
 
 
-def at_least(low):
-    """An argparse type: an int of at least `low`, else a usage error that says so."""
+def at_least(low):  # an argparse type: an int of at least `low`, else a usage error that says so
     def parse(text):
         if int(text) < low:
             raise argparse.ArgumentTypeError(f"must be at least {low}, got {text}")
@@ -83,8 +82,7 @@ def option(default, help, **argparse_options):  # a settings field that is also 
 
 @dataclasses.dataclass
 class Settings:
-    """What the Trainer reads, shared by train.py and detect_seg.py: their recipes set the values,
-    their subclasses add what their models and data need. Each field is a flag (--batch-size)."""
+    """What the Trainer reads, each field a flag (--batch-size); subclasses add a script's own fields."""
     model: str = option("glnet_mini", "the GLNet variant (the backbone in detect_seg.py)", choices=list(glnet.MODELS))
     output_dir: str = option(None, "where checkpoints and metrics.jsonl go")
     epochs: int = option(1, "training epochs", type=at_least(1))
@@ -129,7 +127,7 @@ class ClassificationSettings(Settings):
 
 
 def add_settings_flags(parser, settings_class, defaults):
-    """A flag per field, absent from the parsed namespace when unset; `defaults(name)` for --help."""
+    """A flag per field, absent from the parsed namespace when unset; `defaults(field)` for --help."""
     for field in dataclasses.fields(settings_class):
         options = {k: v for k, v in field.metadata.items() if k != "help"}
         kind = next(t for t in get_args(field.type) or (field.type,) if t is not type(None))
@@ -140,7 +138,7 @@ def add_settings_flags(parser, settings_class, defaults):
         else:
             options.setdefault("type", kind)
         parser.add_argument("--" + field.name.replace("_", "-"), default=argparse.SUPPRESS,
-                            help=f"{field.metadata['help']} (default: {defaults(field.name)})", **options)
+                            help=f"{field.metadata['help']} (default: {defaults(field)})", **options)
 
 
 def field_values(settings_class, values):  # the entries of `values` that are fields of `settings_class`
@@ -180,16 +178,6 @@ def save_checkpoint(state: dict, path) -> None:
     os.replace(f"{path}.tmp", path)
 
 
-def rng_states():
-    """Every rank's RNG states (rank order), so that each rank resumes its own streams."""
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
-    states = [state] * (dist.get_world_size() if dist.is_initialized() else 1)
-    if dist.is_initialized():
-        dist.all_gather_object(states, state)
-    return states
-
-
 def format_metrics(metrics):  # 'top1 96.6  top5 100': an evaluation's numbers for progress lines
     return "  ".join(f"{name} {value:.4g}" for name, value in metrics.items() if isinstance(value, float))
 
@@ -201,8 +189,7 @@ def autocast(device, amp):  # mixed precision as --amp says: auto = bf16 on GPU,
 
 
 def builtin_dataset(cache_dir, name, generate):
-    """cache_dir/name, written once by `generate(folder)`: rank 0 writes a temporary folder and renames
-    it into place while the other ranks wait, so that it is complete or absent."""
+    """cache_dir/name, written once by `generate`: rank 0 renames it into place complete, the others wait."""
     root = os.path.join(cache_dir, name)
     if is_main_process() and not os.path.isdir(root):
         log(f"writing the built-in dataset {name} to {root} (once) ...")
@@ -237,9 +224,8 @@ class Task:
 
 
 class ResumableDistributedSampler(DistributedSampler):
-    """Starts `start` samples into its epoch, so that a resumed run sees the images it had not seen.
-    With repeated_aug = n > 1, DeiT's sampler: each image n times in a row, dealt out over the ranks,
-    each rank keeping as many as without (the first 1/n of the permutation)."""
+    """Starts `start` samples into its epoch, so that a resumed run sees the images it had not seen; with
+    repeated_aug = n, DeiT's: each image n times in a row over the ranks, the epoch as long as without."""
 
     def __init__(self, *args, repeated_aug=1, **kwargs):
         super().__init__(*args, **kwargs)
@@ -256,27 +242,6 @@ class ResumableDistributedSampler(DistributedSampler):
 
     def __len__(self):
         return self.num_samples - self.start
-
-
-def lr_factor(step, warmup_steps, total_steps, schedule, warmup_factor, min_factor, milestones):
-    """The learning rate at `step` relative to the peak: a linear warm-up from `warmup_factor`, then
-    'cosine' or 'poly' (power 1) decay to `min_factor`, or 'step': x0.1 at each milestone."""
-    if step < warmup_steps:
-        return warmup_factor + (1 - warmup_factor) * step / warmup_steps
-    if schedule == "step":
-        return 0.1 ** sum(step >= m for m in milestones)
-    progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
-    decay = 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1 - progress
-    return min_factor + (1 - min_factor) * decay
-
-
-def param_groups(model, weight_decay):
-    """Norms and biases (1-D), tau (0-D), layer-scale gammas and learned slots are not decayed."""
-    groups = [{"params": [], "weight_decay": weight_decay}, {"params": [], "weight_decay": 0.0}]
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            groups[p.ndim <= 1 or name.endswith((".gamma", ".tau", ".init_slots"))]["params"].append(p)
-    return groups
 
 
 class Trainer:
@@ -298,8 +263,8 @@ class Trainer:
             self.ema.n_averaged += 1
         self.sampler = ResumableDistributedSampler(task.train_set, world_size, rank, shuffle=True, seed=s.seed,
                                                    drop_last=True, repeated_aug=s.repeated_aug)
-        self.train_loader = DataLoader(task.train_set, s.batch_size, sampler=self.sampler, drop_last=True,
-                                       num_workers=s.workers, pin_memory=device.type == "cuda", collate_fn=task.collate_fn)
+        self.train_loader = DataLoader(task.train_set, s.batch_size, sampler=self.sampler, num_workers=s.workers,
+                                       drop_last=True, pin_memory=device.type == "cuda", collate_fn=task.collate_fn)
         self.global_batch = s.batch_size * world_size * s.accum_steps
         self.steps_per_epoch = len(self.sampler) // (s.batch_size * s.accum_steps)
         if self.steps_per_epoch == 0:
@@ -309,14 +274,25 @@ class Trainer:
         self.total_steps = s.iters or s.epochs * self.steps_per_epoch
         self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
         self.lr = s.lr * self.global_batch / task.reference_batch
-        self.optimizer = torch.optim.AdamW(param_groups(self.model, s.weight_decay), lr=self.lr, betas=(0.9, 0.999))
-        warmup = s.warmup_iters if s.warmup_iters is not None else round(s.warmup_epochs * self.steps_per_epoch)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, functools.partial(
-            lr_factor, warmup_steps=warmup, total_steps=self.total_steps, schedule=s.lr_schedule,
-            warmup_factor=s.warmup_factor, min_factor=s.min_lr / self.lr,
-            milestones=[epoch * self.steps_per_epoch for epoch in s.lr_steps]))
+        groups = [{"params": [], "weight_decay": s.weight_decay}, {"params": [], "weight_decay": 0.0}]
+        for name, p in self.model.named_parameters():  # no decay on norms, biases, tau, layer-scale gammas, slots
+            groups[p.ndim <= 1 or name.endswith((".gamma", ".tau", ".init_slots"))]["params"].append(p)
+        self.optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=(0.9, 0.999))
+        self.warmup = s.warmup_iters if s.warmup_iters is not None else round(s.warmup_epochs * self.steps_per_epoch)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_factor)
         self.scaler = torch.amp.GradScaler(device.type, enabled=s.amp == "fp16")  # fp16 needs loss scaling
         self.epoch, self.step, self.best = 0, 0, None
+
+    def lr_factor(self, step):
+        """The lr over the peak: warm-up from --warmup-factor, then cosine or poly to --min-lr, or steps."""
+        s = self.settings
+        if step < self.warmup:
+            return s.warmup_factor + (1 - s.warmup_factor) * step / self.warmup
+        if s.lr_schedule == "step":
+            return 0.1 ** sum(step >= epoch * self.steps_per_epoch for epoch in s.lr_steps)
+        progress = (step - self.warmup) / max(self.total_steps - self.warmup, 1)
+        decay = 0.5 * (1 + math.cos(math.pi * progress)) if s.lr_schedule == "cosine" else 1 - progress
+        return s.min_lr / self.lr + (1 - s.min_lr / self.lr) * decay
 
     def resume(self):
         """Continue from output_dir/last.pth; one of another task, model or class count is refused."""
@@ -346,10 +322,15 @@ class Trainer:
 
     def save(self, record=None, improved=False):
         """last.pth, and with `improved` best.pth; every rank joins the RNG gather, rank 0 writes."""
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
+               "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+        rngs = [rng] * self.world_size  # every rank's, in rank order: each rank resumes its own streams
+        if dist.is_initialized():
+            dist.all_gather_object(rngs, rng)
         state = {"model": self.model.state_dict(), "model_ema": self.ema.state_dict() if self.ema else None,
                  "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                  "scaler": self.scaler.state_dict(), "epoch": self.epoch, "step": self.step, "best": self.best,
-                 "rng": rng_states(), "args": dataclasses.asdict(self.settings), "task": self.task.name,
+                 "rng": rngs, "args": dataclasses.asdict(self.settings), "task": self.task.name,
                  "num_classes": self.task.num_classes, "classes": self.task.classes}
         if not is_main_process():
             return
@@ -402,18 +383,17 @@ class Trainer:
                 window = (self.step - 1) % s.print_freq + 1
                 seconds = (time.perf_counter() - window_start) / window
                 left = self.total_steps - self.epoch * self.steps_per_epoch - self.step
-                memory = f"  mem {torch.cuda.max_memory_allocated() / 2 ** 30:.1f}G" if self.device.type == "cuda" else ""
+                mem = f"  mem {torch.cuda.max_memory_allocated() / 2 ** 30:.1f}G" if self.device.type == "cuda" else ""
                 log(f"epoch {self.epoch + 1}/{self.epochs}  step {self.step}/{steps}  loss "
                     f"{sum(losses[-window:]) / window:.4f}  lr {self.optimizer.param_groups[0]['lr']:.2e}  img/s "
-                    f"{self.global_batch / seconds:.1f}  eta {datetime.timedelta(seconds=round(left * seconds))}{memory}")
+                    f"{self.global_batch / seconds:.1f}  eta {datetime.timedelta(seconds=round(left * seconds))}{mem}")
                 window_start = time.perf_counter()
             if s.checkpoint_every and self.step % s.checkpoint_every == 0 and self.step < steps:
                 self.save()
         return sum(losses) / max(len(losses), 1)
 
     def evaluate(self, model):
-        """The task's evaluation, with rank 0's BatchNorm statistics on every rank (each rank's last
-        batch left its own, and every rank must score what rank 0 saves)."""
+        """The task's evaluation with rank 0's BatchNorm statistics on every rank: all score what rank 0 saves."""
         if dist.is_initialized():
             for buffer in model.buffers():
                 dist.broadcast(buffer, src=0)
@@ -428,18 +408,20 @@ class Trainer:
             f"{self.steps_per_epoch} steps per epoch, {self.total_steps} in all, on {self.device}")
         while self.epoch < self.epochs:
             start = time.perf_counter()
-            record = {"epoch": self.epoch + 1, "train_loss": self.train_epoch(), "lr": self.optimizer.param_groups[0]["lr"]}
+            record = {"epoch": self.epoch + 1, "train_loss": self.train_epoch()}
             improved, summary = False, ""
             if (self.epoch + 1) % s.eval_interval == 0 or self.epoch + 1 == self.epochs:
-                results = {"val": self.evaluate(self.model)} | ({"ema": self.evaluate(self.ema.module)} if self.ema else {})
+                models = {"val": self.model} | ({"ema": self.ema.module} if self.ema else {})
+                results = {prefix: self.evaluate(model) for prefix, model in models.items()}
                 for prefix, metrics in results.items():
                     record |= {f"{prefix}_{k}": v for k, v in metrics.items()}
                 score = max(metrics[self.task.metric] for metrics in results.values())
                 improved = self.best is None or score > self.best
                 self.best = score if improved else self.best
-                summary = "".join(f"  {prefix} {format_metrics(metrics)}" for prefix, metrics in results.items())
-                summary += f"  best {self.task.metric} {self.best:.4g}"
-            record |= {"best": self.best, "seconds": time.perf_counter() - start}
+                summary = "".join(f"  {prefix} {format_metrics(metrics)}" for prefix, metrics in results.items()) + \
+                    f"  best {self.task.metric} {self.best:.4g}"
+            record |= {"lr": self.optimizer.param_groups[0]["lr"], "best": self.best}
+            record["seconds"] = time.perf_counter() - start
             log(f"epoch {self.epoch + 1}/{self.epochs} done  train loss {record['train_loss']:.4f}{summary}  "
                 f"time {datetime.timedelta(seconds=round(record['seconds']))}")
             self.epoch, self.step = self.epoch + 1, 0
@@ -451,21 +433,18 @@ class Trainer:
 
 
 def load_trained(path, build, **given):
-    """(model in eval mode, checkpoint): the one way to rebuild a model from a checkpoint file, of this
-    project (its 'args' say what it holds) or released (`given` names the model). `build(settings,
-    num_classes)` makes it; the weights (the EMA's when present) load strictly."""
+    """(model in eval mode, checkpoint) of a checkpoint file of this project (its 'args' say what it holds, merged
+    with `given`) or released (`given` names the model): `build(settings, num_classes)`, then a strict load."""
     checkpoint = glnet.read_checkpoint(path)
     settings = checkpoint.get("args", {}) | given
     if "model" not in settings:
         raise ValueError(f"{path} was not written by this project, so it does not say which model it holds: pass "
                          f"--model ({', '.join(glnet.MODELS)})")
     state_dict = glnet.unwrap_state_dict(checkpoint)
-    num_classes = checkpoint.get("num_classes", state_dict["head.weight"].shape[0] if "head.weight" in state_dict else 0)
+    head = state_dict.get("head.weight")
+    num_classes = checkpoint.get("num_classes", 0 if head is None else head.shape[0])
     model = build(settings, num_classes)
-    if isinstance(model, glnet.GLNet):
-        glnet.load_checkpoint(model, state_dict)
-    else:
-        model.load_state_dict(state_dict)
+    glnet.load_checkpoint(model, state_dict) if isinstance(model, glnet.GLNet) else model.load_state_dict(state_dict)
     return model.eval(), checkpoint
 
 
@@ -478,11 +457,8 @@ SHAPES_VERSION = "shapes-v1"
 
 def draw_shape_image(name, size, g):
     """(3, size, size) uint8: a shape or texture in two clearly different colours, at a random place."""
-    def uniform(low, high):
-        return low + (high - low) * torch.rand((), generator=g).item()
-
-    y, x = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32),
-                          indexing="ij")
+    uniform = lambda low, high: low + (high - low) * torch.rand((), generator=g).item()  # noqa: E731
+    y, x = torch.meshgrid(*[torch.arange(size, dtype=torch.float32)] * 2, indexing="ij")
     cx, cy, r = uniform(0.35, 0.65) * size, uniform(0.35, 0.65) * size, uniform(0.18, 0.3) * size
     dx, dy = x - cx, y - cy
     period, phase = uniform(0.12, 0.25) * size, uniform(0, 2 * math.pi)
@@ -529,13 +505,12 @@ def image_folder(data_dir, split, transform):
     try:
         return datasets.ImageFolder(os.path.join(data_dir, split), transform=transform, loader=load_image)
     except FileNotFoundError as e:
-        raise FileNotFoundError(f"{e}; expected the ImageNet layout {os.path.join(data_dir, split, '<class>', '<image>')}"
-                                f", a sub-folder per class") from None
+        raise FileNotFoundError(f"{e}; expected the ImageNet layout, {os.path.join(data_dir, split)}/<class>/<image>") \
+            from None
 
 
 class RandAugment(v2.RandAugment):
-    """timm's rand-m9-mstd0.5: magnitudes out of 10 in steps of 0.1 (torchvision's 31 bins would make 9
-    a third as strong), drawn per image from N(9, 0.5) clipped to [0, 10]; fill with the mean colour."""
+    """timm's rand-m9-mstd0.5: magnitudes ~ N(9, 0.5) out of 10 (torchvision's 31 bins make 9 a third as strong)."""
 
     def __init__(self, num_ops, magnitude, magnitude_std, interpolation="bilinear"):
         super().__init__(num_ops, num_magnitude_bins=101, interpolation=interpolation,
@@ -598,8 +573,7 @@ def label_map_path(labels_dir, split_dir, image_path):  # LV-ViT's <labels>/<cla
 
 
 def token_label_targets(label_map, box, image_size, grid, num_classes, smoothing=0.0):
-    """(crop label (K,), token labels (K, h, w)) as LV-ViT builds them: the top-5 logits scattered into
-    a dense map, cut out with the crop's box (RandomResizedCrop's params) by roi_align, softmaxed."""
+    """(crop label (K,), token labels (K, h, w)) as LV-ViT: the dense map cut out by roi_align, softmaxed."""
     logits, classes = label_map.float()                                          # (5, H, W) each
     dense = torch.zeros(num_classes, *logits.shape[1:]).scatter_(0, classes.long(), logits)
     top, left, height, width = box["top"], box["left"], box["height"], box["width"]
@@ -612,9 +586,8 @@ def token_label_targets(label_map, box, image_size, grid, num_classes, smoothing
 
 
 class TokenLabeledImages(Dataset):
-    """Items (image, class, crop label (K,), token labels (h*w, K)); the label map (2, 5, H, W: top-5
-    logits and classes over the whole image) follows the crop and the flip. RandAugment's geometric
-    operations move the pixels but not the labels: torchvision's does not say which it drew."""
+    """(image, class, crop label (K,), token labels (h*w, K)): the label map follows the crop and the flip;
+    RandAugment's geometric operations move pixels, not labels (torchvision's does not say which it drew)."""
 
     def __init__(self, data_dir, labels_dir, crop, augment, label_smoothing=0.1):
         self.images = image_folder(data_dir, "train", None)
@@ -622,17 +595,7 @@ class TokenLabeledImages(Dataset):
         self.smoothing, self.grid = label_smoothing, tuple(math.ceil(s / TOKEN_STRIDE) for s in crop.size)
         self.expected = (f"a tensor (2, {TOP_K}, H, W): the teacher's top-{TOP_K} logits and their class indices "
                          f"(0-{len(self.classes) - 1}) at every position of an H x W grid over the image")
-        self.check_labels_dir()
-
-    def __len__(self):
-        return len(self.images)
-
-    def path(self, image_path):
-        return label_map_path(self.labels_dir, self.images.root, image_path)
-
-    def check_labels_dir(self):
-        """Before training: a label map for every image (listed a class at a time)."""
-        missing = []
+        missing = []  # before training: a label map for every image (listed a class at a time)
         for label, samples in itertools.groupby(self.images.samples, key=lambda sample: sample[1]):  # class by class
             present = {os.path.join(folder, name) for folder, _, names in
                        os.walk(os.path.join(self.labels_dir, self.classes[label])) for name in names}
@@ -641,11 +604,17 @@ class TokenLabeledImages(Dataset):
             raise FileNotFoundError(f"{len(missing)} of {len(self.images)} training images have no label map, e.g. "
                                     f"{missing[0]}: expected {self.path(missing[0])}, {self.expected}")
 
+    def __len__(self):
+        return len(self.images)
+
+    def path(self, image_path):
+        return label_map_path(self.labels_dir, self.images.root, image_path)
+
     def __getitem__(self, index):
         path, target = self.images.samples[index]
         image, label_map = load_image(path), torch.load(self.path(path), weights_only=True)
         if not isinstance(label_map, torch.Tensor) or label_map.ndim != 4 or label_map.shape[:2] != (2, TOP_K):
-            found = f"shape {tuple(label_map.shape)}" if isinstance(label_map, torch.Tensor) else type(label_map).__name__
+            found = f"shape {tuple(label_map.shape)}" if torch.is_tensor(label_map) else type(label_map).__name__
             raise ValueError(f"the label map {self.path(path)} of {path} holds {found}; expected {self.expected}")
         if not 0 <= label_map[1].min() <= label_map[1].max() < len(self.classes):
             raise ValueError(f"the label map {self.path(path)} of {path} holds class indices {label_map[1].min():.0f}-"
@@ -660,9 +629,8 @@ class TokenLabeledImages(Dataset):
 
 
 class MixToken:
-    """LV-ViT's MixToken inside the model's forward (DDP syncs as for any forward): a stem hook swaps
-    the features in a box with those of the flipped batch. The box lies on the token grid, so the
-    token logits in it can be swapped back exactly."""
+    """LV-ViT's MixToken inside the model's forward (DDP syncs as for any forward): a stem hook swaps the
+    features in a box on the token grid with the flipped batch's, so the token logits can be swapped back."""
 
     def __init__(self, model):
         self.box, self.scale = None, model.stage_strides[-1] // model.stage_strides[0]  # 8 stem pixels per token
@@ -696,8 +664,7 @@ class MixToken:
 
 
 def token_labeling_loss(model, batch, device, mix_token):
-    """LV-ViT's: cross-entropy with the teacher's crop labels mixed by lam (not the ground truth, as
-    released) + 0.5 x the mean cross-entropy of the token logits with their token labels."""
+    """LV-ViT's: cross-entropy with the crop labels mixed by lam (no ground truth) + 0.5 x the token labels'."""
     images, _, crop_labels, token_labels = (t.to(device, non_blocking=True) for t in batch)
     if device.type == "cuda":
         images = images.contiguous(memory_format=torch.channels_last)
@@ -715,8 +682,7 @@ def teacher_token_logits(teacher, images):
 
 @torch.no_grad()
 def make_token_labels(output, teacher_path, given, rank, world_size, device):
-    """LV-ViT's label maps (2, 5, h, w) of every training image, resized whole to the teacher's size;
-    written to OUTPUT.tmp, renamed to OUTPUT when complete."""
+    """LV-ViT's label maps (2, 5, h, w) of every training image by a teacher, renamed into OUTPUT when complete."""
     output, tmp = os.path.abspath(output), os.path.abspath(output) + ".tmp"
     if os.path.isdir(output) and os.listdir(output):
         raise FileExistsError(f"{output} is not empty: label maps go into a new folder (choose another or remove it)")
@@ -744,8 +710,7 @@ def make_token_labels(output, teacher_path, given, rank, world_size, device):
         if os.path.isdir(output):
             os.rmdir(output)
         os.replace(tmp, output)
-    grid = math.ceil(s.image_size / TOKEN_STRIDE)
-    log(f"wrote {len(images)} label maps (2, {TOP_K}, {grid}, {grid}) to {output}\n"
+    log(f"wrote {len(images)} label maps (2, {TOP_K}, h, w) to {output}\n"
         f"train with them: python train.py --token-labels {output} --data {s.data}")
     return output
 
@@ -767,8 +732,7 @@ def interleaved_medians(calls, rounds, device):
 
 
 def bench(s: Settings, models, rounds, sizes, rank, world_size, device):
-    """Images/s of inference and of the Trainer's own training step, GLNet against torchvision's
-    models, interleaved; then glnet_stl's latency at several sizes."""
+    """Images/s of inference and of the Trainer's own step against torchvision's models; glnet_stl's latency."""
     import torchvision
     loss = functools.partial(classification_loss, device=device, criterion=nn.CrossEntropyLoss())
     task = Task("classification", datasets.FakeData(s.batch_size * world_size * s.accum_steps), loss, None, "top1",
@@ -777,7 +741,8 @@ def bench(s: Settings, models, rounds, sizes, rank, world_size, device):
     trainers = {name: Trainer(s, build(num_classes=1000), task, rank, world_size, device)
                 for name, build in (builders | {b: getattr(torchvision.models, b) for b in BENCH_BASELINES}).items()}
     x = torch.randn(s.batch_size, 3, 224, 224, device=device)
-    batch = (x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x, torch.zeros(len(x)).long())
+    x = x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
+    batch = (x, torch.zeros(len(x), dtype=torch.long))
     inference = lambda model, x: torch.inference_mode()(autocast(device, s.amp)(functools.partial(model, x)))  # noqa
     log(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {world_size} x {device.type}, amp {s.amp}, "
         f"{'compiled' if s.compile else 'eager'}; medians of {rounds} interleaved rounds")
@@ -806,18 +771,24 @@ def bench(s: Settings, models, rounds, sizes, rank, world_size, device):
 
 # --- Command line: train, --eval, --make-token-labels, --bench -----------------------------------
 
+def recipe_defaults(field):
+    """A flag's default for --help: the recipes' values where they differ."""
+    values = {recipe: values.get(field.name, field.default) for recipe, values in RECIPES.items()}
+    special = {"drop_path": "per model", "output_dir": "runs/<model>-<data name>"}
+    return special.get(field.name) or (", ".join(f"{recipe} {value}" for recipe, value in values.items())
+                                       if len(set(map(repr, values.values()))) > 1 else field.default)
+
+
 def parse_args(argv=None):
     """(every flag, the settings flags given on the command line)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS)
-    add_settings_flags(parser, ClassificationSettings, lambda name: "per model" if name == "drop_path" else ", ".join(
-        f"{recipe} {values[name]}" for recipe, values in RECIPES.items() if name in values) or "see above")
-    parser.add_argument("--eval", action="store_true", help="evaluate --checkpoint (train.py's, or a released one "
-                        "with --model and --data), then exit")
+    add_settings_flags(parser, ClassificationSettings, recipe_defaults)
+    parser.add_argument("--eval", action="store_true", help="evaluate --checkpoint (released: with --model, --data)")
     parser.add_argument("--checkpoint")
     parser.add_argument("--make-token-labels", metavar="DIR", help="write label maps of every training image to DIR")
     parser.add_argument("--teacher", metavar="CHECKPOINT", help="with --make-token-labels: the GLNet that makes them")
     parser.add_argument("--bench", action="store_true", help="measure speed against torchvision's models, then exit")
-    parser.add_argument("--models", nargs="+", default=list(glnet.RELEASED[:5]), choices=[m for m in glnet.MODELS if "tklb" not in m])
+    parser.add_argument("--models", nargs="+", default=glnet.RELEASED[:5], choices=glnet.RELEASED[:5] + ("glnet_mini",))
     parser.add_argument("--rounds", type=at_least(1), default=5, help="--bench: interleaved timing rounds")
     parser.add_argument("--latency-sizes", type=at_least(32), nargs="+", default=[224, 448, 896, 1344])
     args = parser.parse_args(argv)
@@ -829,8 +800,7 @@ def parse_args(argv=None):
 
 
 def make_settings(given, trained=None):
-    """The one place where a recipe becomes a run's settings: the recipe's values, then those the
-    checkpoint was trained with (--eval, --teacher), then the command line's."""
+    """The one place where a recipe becomes settings: its values, then a checkpoint's, then the command line's."""
     trained = trained or {}
     recipe = given.get("recipe") or trained.get("recipe") or (
         ("imagenet-tklb" if given.get("token_labels") else "imagenet") if given.get("data") else "builtin")
@@ -842,22 +812,21 @@ def make_settings(given, trained=None):
     s = ClassificationSettings(**values)
     if (s.recipe == "imagenet-tklb" or s.model.endswith("_tklb")) and not s.token_labels and not trained:
         raise ValueError(f"--recipe {s.recipe} with --model {s.model} trains with token labels: pass --token-labels "
-                         f"DIR (e.g. the NFNet-F6 ones, or make them with --make-token-labels DIR --teacher CHECKPOINT)")
+                         f"DIR (the NFNet-F6 maps, or make them with --make-token-labels DIR --teacher CHECKPOINT)")
     if s.token_labels and (s.mixup or s.cutmix):
         raise ValueError(f"token labeling mixes with MixToken instead of mixup and cutmix: pass --mixup 0 --cutmix 0 "
                          f"(got {s.mixup}, {s.cutmix})")
     return s
 
 
-def build_classifier(settings, num_classes):
+def build_classifier(args, num_classes):
     """The GLNet a classification run trains (or a checkpoint holds): a token head with token labels."""
-    return glnet.create_model(settings["model"], num_classes=num_classes, drop_path_rate=settings.get("drop_path") or 0.0,
-                              **({"token_head": True} if settings.get("token_labels") else {}))
+    return glnet.create_model(args["model"], num_classes=num_classes, drop_path_rate=args.get("drop_path") or 0.0,
+                              **({"token_head": True} if args.get("token_labels") else {}))
 
 
 def build_trainer(s: ClassificationSettings, rank=0, world_size=1, device=torch.device("cpu"), model=None):
-    """What a run trains with: the recipe's datasets and transforms (with token labels, their label
-    maps), the model (unless given), the loss, the evaluation, the Trainer."""
+    """What a run trains with: the recipe's data, transforms, model (unless given), loss and evaluation."""
     data_dir = s.data or builtin_dataset(s.cache_dir, SHAPES_VERSION, make_shapes_dataset)
     crop = v2.RandomResizedCrop(s.image_size, interpolation=s.interpolation, antialias=True)
     augment = augment_and_normalize(s.randaugment, s.interpolation, s.random_erasing)
@@ -867,40 +836,26 @@ def build_trainer(s: ClassificationSettings, rank=0, world_size=1, device=torch.
         train_set = image_folder(data_dir, "train", v2.Compose([crop, v2.RandomHorizontalFlip(), augment]))
     val_set = image_folder(data_dir, "val", eval_transform(s.image_size, s.interpolation))
     if train_set.classes != val_set.classes:
-        raise ValueError(f"the classes of {data_dir}/train and {data_dir}/val differ: only in train: "
-                         f"{sorted(set(train_set.classes) - set(val_set.classes))[:5]}, only in val: "
-                         f"{sorted(set(val_set.classes) - set(train_set.classes))[:5]}")
-    classes = train_set.classes
-    model = model or build_classifier(dataclasses.asdict(s), len(classes))
+        differ = sorted(set(train_set.classes) ^ set(val_set.classes))[:5]
+        raise ValueError(f"the class folders of {data_dir}/train and {data_dir}/val differ in {differ}")
+    classes, num_classes = train_set.classes, len(train_set.classes)
+    model = model or build_classifier(dataclasses.asdict(s), num_classes)
     if s.token_labels:
         loss = functools.partial(token_labeling_loss, device=device, mix_token=MixToken(model))
     else:
-        mixing = [mix(alpha=alpha, num_classes=len(classes)) for mix, alpha in ((v2.MixUp, s.mixup), (v2.CutMix, s.cutmix))
-                  if alpha > 0]
+        mixing = [m(alpha=a, num_classes=num_classes) for m, a in ((v2.MixUp, s.mixup), (v2.CutMix, s.cutmix)) if a > 0]
         loss = functools.partial(classification_loss, device=device, mixup=v2.RandomChoice(mixing) if mixing else None,
                                  criterion=nn.CrossEntropyLoss(label_smoothing=s.label_smoothing))  # one mix per batch
     val_loader = eval_loader(val_set, s.batch_size, s.workers, rank, world_size)
     log(f"{s.model}{' with a token head' * bool(s.token_labels)} ({glnet.count_params(model) / 1e6:.2f} M params), "
-        f"{len(classes)} classes, {len(train_set)} train / {len(val_set)} val images from {data_dir}")
+        f"{num_classes} classes, {len(train_set)} train / {len(val_set)} val images from {data_dir}")
     task = Task("classification", train_set, loss, functools.partial(evaluate, loader=val_loader, device=device),
-                "top1", REFERENCE_BATCH, len(classes), classes)
+                "top1", REFERENCE_BATCH, num_classes, classes)
     return Trainer(s, model, task, rank, world_size, device)
 
 
-def train(s: ClassificationSettings, rank, world_size, device):
-    torch.manual_seed(s.seed + rank)   # each rank its own streams (drop path, augmentation)
-    random.seed(s.seed + rank)
-    log(f"recipe {s.recipe}: " + ", ".join(f"{k} {v}" for k, v in dataclasses.asdict(s).items()))
-    trainer = build_trainer(s, rank, world_size, device)
-    trainer.resume()
-    trainer.fit()
-    log(f"done: best val top-1 {trainer.best:.2f}\nevaluate: python train.py --eval --checkpoint {s.output_dir}/best.pth")
-    return {"best_top1": trainer.best}
-
-
 def from_checkpoint(path, given, device):
-    """(model, settings) of a checkpoint to evaluate or to teach: the settings it was trained with,
-    overridden by the command line; a released checkpoint needs --model and --data."""
+    """(model, settings it was trained with and the command line's) of a checkpoint to evaluate or teach."""
     model, checkpoint = load_trained(path, build_classifier, **given)
     if "data" not in checkpoint.get("args", {}) and "data" not in given:
         raise ValueError(f"{path} was not written by train.py, so it does not say which data it is for: pass --data")
@@ -910,8 +865,7 @@ def from_checkpoint(path, given, device):
 
 
 def main(argv=None):
-    """Train, --eval, --make-token-labels or --bench; returns the best top-1, the metrics, the label
-    folder or the timings."""
+    """Train, --eval, --make-token-labels or --bench; returns the best top-1, metrics, label folder or timings."""
     args, given = parse_args(argv)
     rank, world_size, device = setup_distributed()
     try:
@@ -928,7 +882,15 @@ def main(argv=None):
         if "bench" in args:
             s = make_settings({"batch_size": 128 if device.type == "cuda" else 8, "workers": 0, **given})
             return bench(s, args.models, args.rounds, args.latency_sizes, rank, world_size, device)
-        return train(make_settings(given), rank, world_size, device)
+        s = make_settings(given)
+        torch.manual_seed(s.seed + rank)   # each rank its own streams (drop path, augmentation)
+        random.seed(s.seed + rank)
+        log(f"recipe {s.recipe}: " + ", ".join(f"{k} {v}" for k, v in dataclasses.asdict(s).items()))
+        trainer = build_trainer(s, rank, world_size, device)
+        trainer.resume()
+        trainer.fit()
+        log(f"done: best val top-1 {trainer.best:.2f}; python train.py --eval --checkpoint {s.output_dir}/best.pth")
+        return {"best_top1": trainer.best}
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
