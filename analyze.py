@@ -95,9 +95,8 @@ def dataset(settings, split):
 # --- Semantic slots (GLNet paper, Sec. 4.4, Figures 5 and 6) ----------------------------------------
 
 def k_medoids(points, k, iterations=50):
-    """Indices of k medoids of the rows of `points` under cosine distance: farthest-point
-    initialisation from the most central point, then alternate assignment and medoid update (each
-    cluster's member with the least summed distance to the others)."""
+    """Indices of k medoids of the rows of `points` under cosine distance: farthest-point initialisation
+    from the most central point, then alternate assignment and medoid update."""
     unit = F.normalize(points, dim=1)
     distance = 1 - unit @ unit.T
     medoids = [int(distance.sum(1).argmin())]
@@ -114,10 +113,8 @@ def k_medoids(points, k, iterations=50):
 
 
 def slot_figure(images, weights, names, k=REPRESENTATIVE_SLOTS):
-    """A row per image (N, 3, S, S) in [0, 1]: the input, then per block of `weights` {label: (N, 64,
-    h, w)} all 64 slot maps (8x8, the k representative framed) and those k on the image. Each map is
-    stretched to its own range: a briefly trained model's are near uniform. Returns the figure and
-    {(image, block): representative slots}."""
+    """(figure, {(image, block): slots}) of images (N, 3, S, S) and weights {block: (N, 64, h, w)}; each map
+    is stretched to its own range, as a briefly trained model's are near uniform."""
     from matplotlib import colormaps
     from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
@@ -183,11 +180,8 @@ def slots(args):
 # --- Calibration: in one pass, the statistics every similarity and every closed-form fit needs ------
 
 class StageStatistics:
-    """Running float64 sums over all calibration positions of the representations h_0..h_n of one
-    stage, stacked along the channels: their Gram matrix (all pairs h_a h_b^T), their sums, and the
-    summed per-position cosine of every pair. BR, linear CKA and every least-squares fit follow from
-    these, so the images never sit in memory. With `keep` > 0 it also keeps `keep` random positions
-    of every batch: the MLP translators train on them."""
+    """Running float64 sums over all positions of a stage's h_0..h_n, from which every similarity and fit
+    follows, so no image stays in memory; with `keep`, that many random positions a batch for the MLPs."""
 
     def __init__(self, num_representations, channels, device, keep=0):
         self.n, self.channels, self.count, self.keep = num_representations, channels, 0, keep
@@ -231,9 +225,8 @@ class StageStatistics:
         return (self.cosine_sums / self.count).cpu()
 
     def least_squares(self, i, j):
-        """RBA's closed form: least squares h_j ~ W h_i + b over all positions, from the normal
-        equations [X 1]^T [X 1] S = [X 1]^T Y with S = [W^T; b^T]. Returns S (C + 1, C) and the fit's
-        relative residual ||Y - [X 1] S||^2 / ||Y||^2 (in float64, on the CPU)."""
+        """RBA's closed form h_j ~ W h_i + b by the normal equations [X 1]^T [X 1] S = [X 1]^T Y: (S = [W^T;
+        b^T], the relative residual ||Y - [X 1] S||^2 / ||Y||^2), in float64 on the CPU."""
         c, sums = self.channels, self.sums.view(self.n, self.channels)
         xtx = torch.zeros(c + 1, c + 1, dtype=torch.float64, device=self.gram.device)
         xtx[:c, :c], xtx[:c, c], xtx[c, :c], xtx[c, c] = self.pairs()[i, :, i], sums[i], sums[i], self.count
@@ -263,9 +256,8 @@ class StageStatistics:
 
 @torch.no_grad()
 def calibrate(args, model, settings, stages, positions=0):
-    """({stage: StageStatistics}, image count) from one pass over the first --calibration-images of
-    a fixed shuffle of the training set, without augmentation, each keeping about `positions` random
-    positions. Forward hooks collect h_0 (the downsampling layer's output) and h_1..h_n."""
+    """({stage: StageStatistics}, image count) of the first --calibration-images of a fixed shuffle of the
+    training set; h_0 is the downsampling layer's output. About `positions` positions are kept per stage."""
     images = dataset(settings, "train")
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:args.calibration_images]
     loader = train.eval_loader(Subset(images, order.tolist()), args.batch_size, args.workers)
@@ -299,9 +291,8 @@ def format_matrix(matrix):
 
 
 def redundancy_figure(matrices, title=""):
-    """The BR paper's layout: a heatmap per metric (rows) and stage (columns), ticks h0..hN, each
-    cell's value in it, and a colour bar per metric whose scale the stages share, from 0 (or the
-    lowest entry, when negative) to the highest."""
+    """The BR paper's layout: a heatmap per metric (rows) and stage (columns), the values in the cells, a
+    colour bar per metric shared by the stages, from 0 (or the lowest entry, when negative) to the highest."""
     from matplotlib.figure import Figure
 
     sizes = [len(m) for m in matrices[METRICS[0]].values()]
@@ -380,9 +371,8 @@ class Translator(nn.Module):
 
 
 def train_translator(kind, x, y, steps=TRANSLATOR_STEPS, lr=TRANSLATOR_LR, batch_size=TRANSLATOR_BATCH):
-    """An MLP translator ('mlp' or 'resmlp') trained with Adam on the mean squared error of T(h_i)
-    against h_j, on random batches of calibration positions x = h_i, y = h_j (N, C); a 1x1
-    convolution sees each position alone, so positions are 1x1 grids. Returns it and its losses."""
+    """(translator, losses): 'mlp' or 'resmlp' trained with Adam on the squared error against y = h_j (N, C)
+    on batches of positions x = h_i; a 1x1 convolution sees each position alone, so they are 1x1 grids."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         translator = Translator(x.shape[1], residual=kind == "resmlp").to(x.device)
