@@ -486,13 +486,13 @@ def parse_args(argv=None):
         command.add_argument("--checkpoint", required=True, help="of train.py, of approximate, or a released one "
                                                                  "(then --model, and --data to read data)")
         command.add_argument("--model", choices=list(glnet.MODELS), default=unset, help="default: the checkpoint's")
-        command.add_argument("--data", default=unset, help="ImageNet-layout folder; default: the checkpoint's")
         command.add_argument("--image-size", type=train.at_least(32), default=unset,
                              help="default: the checkpoint's, 224 for a released one")
         command.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                              help="default: %(default)s")
         command.add_argument("--threads", type=train.at_least(0), default=0, help="CPU threads, 0 = torch's default")
         if name != "slots":
+            command.add_argument("--data", default=unset, help="ImageNet-layout folder; default: the checkpoint's")
             command.add_argument("--batch-size", type=train.at_least(1), default=BATCH_SIZE,
                                  help="default: %(default)s")
             command.add_argument("--workers", type=train.at_least(0), default=train.Settings.workers,
@@ -504,7 +504,7 @@ def parse_args(argv=None):
             command.add_argument("--output-dir", default=OUTPUT_DIR, help="default: %(default)s")
     p["slots"].add_argument("--image", required=True, nargs="+", help="one row of the figure per image")
     p["slots"].add_argument("--block", default=[SLOT_BLOCK], nargs="+", help="STAGE.BLOCK, numbered from 1; several "
-                            "give several pairs of panels per row (default: %(default)s)")
+                            f"give several pairs of panels per row (default: {SLOT_BLOCK})")
     runs = p["approximate"].add_mutually_exclusive_group(required=True)
     runs.add_argument("--blocks", type=run_argument, metavar="STAGE:I-J", help="replace blocks I+1..J of STAGE by "
                       "a map from h_I to h_J, saved to <output-dir>/approximated.pth")

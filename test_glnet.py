@@ -1638,6 +1638,7 @@ def test_search_evaluates_the_most_redundant_runs(checkpoint, tiny_data, tmp_pat
 
 @pytest.mark.parametrize("kind", ["mlp", "resmlp"])
 def test_mlp_translators_reduce_their_training_loss(kind):
+    torch.set_num_threads(1)                                              # as --threads 1; restored after the test
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4096, 16, generator=g)
     y = torch.tanh(x @ torch.randn(16, 16, generator=g) / 4) + 0.5 * x
