@@ -1512,43 +1512,66 @@ def test_bench_prints_a_row_per_model_and_a_latency_per_size(capsys):
 # =================================================================================================
 
 IMAGE_SIZE = 64
+FAST = ["--workers", "0", "--threads", "1"]
 
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
     """A few real PNG files per class of the built-in shapes, in the ImageNet layout."""
     return train.make_shapes_dataset(str(tmp_path_factory.mktemp("data") / "shapes"), train_per_class=4,
-                                        val_per_class=2, image_size=IMAGE_SIZE)
+                                     val_per_class=2, image_size=IMAGE_SIZE)
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tiny_data, tmp_path_factory):
-    """A checkpoint in train.py's format: weights under 'model', the run's args beside them."""
+    """A checkpoint in train.py's layout: the weights under 'model', the run's settings under 'args'."""
     torch.manual_seed(0)
     model = glnet.create_model("glnet_mini", num_classes=len(train.SHAPES_CLASSES))
+    settings = train.ClassificationSettings(model="glnet_mini", image_size=IMAGE_SIZE, data=tiny_data)
     path = str(tmp_path_factory.mktemp("run") / "best.pth")
-    train.save_checkpoint({"model": model.state_dict(), "num_classes": len(train.SHAPES_CLASSES),
-                           "args": {"model": "glnet_mini", "image_size": IMAGE_SIZE, "data": tiny_data}}, path)
+    train.save_checkpoint({"model": model.state_dict(), "args": dict(vars(settings)), "task": "classification",
+                           "num_classes": len(train.SHAPES_CLASSES), "classes": list(train.SHAPES_CLASSES)}, path)
     return path
 
 
-def random_batches(count, batch_size=8, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(batch_size, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g), None) for _ in range(count)]
+def positions(x):
+    """(B, C, H, W) -> (B*H*W, C) in float64: every position of a feature grid as a row."""
+    return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]).double()
 
 
-def test_fit_recovers_an_exactly_linear_block():
-    torch.manual_seed(0)
-    model = glnet.create_model("glnet_mini", num_classes=10).eval()
-    channels = model.stage_channels[2]
-    exact = nn.Conv2d(channels, channels, 1)
-    model.stages[2].blocks[1] = exact                    # h_2 = T(h_1) exactly
-    statistics = analyze.calibrate(model, random_batches(4), torch.device("cpu"), stages=(3,))[3]
-    fitted = analyze.fit_linear_map(statistics, 1, 2)
-    torch.testing.assert_close(fitted.weight, exact.weight, atol=1e-3, rtol=1e-3)
-    torch.testing.assert_close(fitted.bias, exact.bias, atol=1e-3, rtol=1e-3)
-    residual = statistics.fit_residual()
-    assert residual[1, 2] < 1e-8 < residual[0, 1] and residual[2, 1].isnan()   # i < j only
+@torch.no_grad()
+def stage_positions(model, folder):
+    """By hand, without analyze.py: {stage: [h_0, ..., h_n]} on every training image, as positions."""
+    images = train.image_folder(folder, "train", train.eval_transform(IMAGE_SIZE))
+    outputs = {s: [] for s in (1, 2, 3, 4)}
+    hooks = [m.register_forward_hook(lambda module, inputs, output, s=s: outputs[s].append(positions(output)))
+             for s in outputs for m in (model.downsample_layers[s - 1], *model.stages[s - 1].blocks)]
+    model.eval().forward_features(torch.stack([image for image, _ in images]))
+    for hook in hooks:
+        hook.remove()
+    return outputs
+
+
+def least_squares_by_hand(x, y):
+    """(prediction of y from x with a bias, relative residual), by torch.linalg.lstsq on the rows."""
+    design = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
+    prediction = design @ torch.linalg.lstsq(design, y).solution
+    return prediction, float(((y - prediction) ** 2).sum() / (y ** 2).sum())
+
+
+def test_fit_recovers_an_exactly_linear_map_and_the_residual_of_any_other():
+    g = torch.Generator().manual_seed(0)
+    h, other = torch.randn(4, 8, 3, 5, generator=g), torch.randn(4, 8, 3, 5, generator=g)
+    exact = nn.Conv2d(8, 8, 1)
+    stats = analyze.StageStatistics(3, 8, torch.device("cpu"))
+    with torch.no_grad():
+        stats.update([h, exact(h), other])
+    fitted = stats.fit(0, 1)
+    torch.testing.assert_close(fitted.weight, exact.weight, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(fitted.bias, exact.bias, atol=1e-4, rtol=1e-4)
+    residual = stats.fit_residual()
+    assert residual[0, 1] < 1e-8 and residual.diagonal().isnan().all() and residual[1, 0].isnan()   # i < j only
+    assert residual[0, 2] == pytest.approx(least_squares_by_hand(positions(h), positions(other))[1], rel=1e-6)
 
 
 def test_similarities_of_identical_and_scaled_representations():
@@ -1558,15 +1581,12 @@ def test_similarities_of_identical_and_scaled_representations():
     stats.update([h, h.clone(), 2 * h, other])
     br, cka, cosine = stats.block_redundancy(), stats.linear_cka(), stats.cosine()
     assert br[0, 1] == 0 and (br.diagonal() == 0).all()
-    positions = lambda x: x.permute(0, 2, 3, 1).reshape(-1, 16).double()
     torch.testing.assert_close(br[0, 2], -(positions(h) ** 2).sum(1).mean())
     torch.testing.assert_close(br[0, 3], -((positions(h) - positions(other)) ** 2).sum(1).mean())
     torch.testing.assert_close(cka[0, 2], torch.tensor(1.0, dtype=torch.float64))  # CKA ignores scale, BR does not
     torch.testing.assert_close(cosine[0, 2], torch.tensor(1.0, dtype=torch.float64))
-    relative = stats.relative_distance()                                  # |h - 2h|^2 / ((|h|^2 + |2h|^2) / 2)
-    torch.testing.assert_close(relative[0, 2], torch.tensor(0.4, dtype=torch.float64))
-    assert relative[0, 1] == 0
     x, y = positions(h), positions(other)
+    torch.testing.assert_close(cosine[0, 3], torch.nn.functional.cosine_similarity(x, y).mean())
     x, y = x - x.mean(0), y - y.mean(0)
     expected_cka = (y.T @ x).norm() ** 2 / ((x.T @ x).norm() * (y.T @ y).norm())
     torch.testing.assert_close(cka[0, 3], expected_cka)
@@ -1580,7 +1600,7 @@ def test_statistics_accumulate_batch_by_batch():
     parts = analyze.StageStatistics(3, 8, torch.device("cpu"))
     parts.update([r[:2] for r in reps])
     parts.update([r[2:] for r in reps])
-    for method in ("block_redundancy", "linear_cka", "cosine", "relative_distance", "fit_residual"):
+    for method in ("block_redundancy", "linear_cka", "cosine", "fit_residual"):
         torch.testing.assert_close(getattr(parts, method)(), getattr(whole, method)(), equal_nan=True)
 
 
@@ -1589,86 +1609,69 @@ def test_kept_positions_are_the_same_positions_of_every_representation():
     stats = analyze.StageStatistics(2, 8, torch.device("cpu"), keep=5)
     stats.update([h, 2 * h])
     stats.update([h, 2 * h])
-    kept = stats.positions(0)
-    assert kept.shape == (10, 8) and torch.equal(stats.positions(1), 2 * kept)
-    every_position = h.permute(0, 2, 3, 1).reshape(-1, 8)
-    assert all((every_position == row).all(1).any() for row in kept)
+    kept = torch.cat(stats.kept).view(-1, 2, 8)                           # (positions, representation, channel)
+    assert kept.shape == (10, 2, 8) and torch.equal(kept[:, 1], 2 * kept[:, 0])
+    assert all((positions(h).float() == row).all(1).any() for row in kept[:, 0])
 
 
-def test_approximated_model_loads_back_with_the_same_outputs(tmp_path):
-    torch.manual_seed(0)
-    model = glnet.create_model("glnet_mini", num_classes=10).eval()
-    statistics = analyze.calibrate(model, random_batches(2), torch.device("cpu"), stages=(3,))
-    copies = analyze.variants(model, statistics, (3, 1, 3))
-    assert list(copies) == ["linear", "skip"] and copies["linear"][1] > 0 == copies["skip"][1]   # fitting seconds
-    approximated, skipped = copies["linear"][0], copies["skip"][0]
-    assert isinstance(approximated.stages[2].blocks[1], nn.Conv2d)
-    assert isinstance(approximated.stages[2].blocks[2], nn.Identity)
-    assert glnet.count_params(skipped) < glnet.count_params(approximated) < glnet.count_params(model)
-    path = tmp_path / "approximated.pth"
-    info = {"model": "glnet_mini", "image_size": IMAGE_SIZE, "data": None, "cache_dir": str(tmp_path),
-            "approximated": []}
-    analyze.save_approximated(approximated, info, [(3, 1, 3)], path)
-    loaded, name = analyze.build_model(torch.load(path, weights_only=True))
-    x = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE)
-    with torch.no_grad():
-        assert torch.equal(loaded(x), approximated(x))
-        assert not torch.allclose(loaded(x), model(x))
-    assert name == "glnet_mini"
-
-
-def test_approximate_cli_saves_a_model_that_evaluates_the_same(checkpoint, tmp_path, capsys, monkeypatch):
+def test_approximate_saves_the_least_squares_map_and_it_evaluates_the_same(checkpoint, tiny_data, tmp_path,
+                                                                           capsys, monkeypatch):
     train_translator = analyze.train_translator                          # 20 of its 300 steps are enough here
-    monkeypatch.setattr(analyze, "train_translator", lambda *args, **kwargs: train_translator(*args, steps=20, **kwargs))
+    monkeypatch.setattr(analyze, "train_translator", lambda *args, **kwargs: train_translator(*args, steps=20,
+                                                                                               **kwargs))
     out = str(tmp_path / "out")
-    common = ["--checkpoint", checkpoint, "--workers", "0", "--batch-size", "16", "--output-dir", out, "--threads", "1"]
-    results = analyze.main(["approximate", *common, "--blocks", "3:1-3", "--latency-rounds", "1",
-                            "--translator", "resmlp"])
+    common = [*FAST, "--batch-size", "16", "--output-dir", out, "--latency-rounds", "1"]
+    results = analyze.main(["approximate", "--checkpoint", checkpoint, *common, "--blocks", "3:1-3",
+                            "--translator", "resmlp", "--rank-by", "br"])
     printed = capsys.readouterr().out
-    assert {mode for _, mode in results} == {"original", "linear", "resmlp", "skip"}
-    assert "3:1-3" in printed and "linear" in printed and "resmlp" in printed and "skip" in printed
-    assert results[(3, 1, 3), "resmlp"]["fit_s"] > 0 and results[(3, 1, 3), "linear"]["fit_s"] > 0
-    saved = str(tmp_path / "out" / "approximated.pth")
-    metrics = analyze.main(["evaluate", "--checkpoint", saved, "--workers", "0"])
-    assert metrics["top1"] == results[(3, 1, 3), "linear"]["top1"]
-    assert results[(3, 1, 3), "linear"]["gflops"] < results[None, "original"]["gflops"]
+    assert set(results) == {(None, "original"), *(((3, 1, 3), mode) for mode in ("linear", "resmlp", "skip"))}
+    assert all(mode in printed for mode in ("original", "linear", "resmlp", "skip"))
+    run = {mode: results[(3, 1, 3), mode] for mode in ("linear", "resmlp", "skip")}
+    assert run["linear"]["fit_s"] > 0 and run["resmlp"]["fit_s"] > 0 and run["skip"]["fit_s"] is None
+    assert run["skip"]["params"] < run["linear"]["params"] < results[None, "original"]["params"]
+    assert run["linear"]["gflops"] < results[None, "original"]["gflops"]
+
+    saved = os.path.join(out, "approximated.pth")
+    loaded, _ = train.load_trained(saved, analyze.build)
+    original, _ = train.load_trained(checkpoint, analyze.build)
+    blocks = loaded.stages[2].blocks
+    assert isinstance(blocks[1], nn.Conv2d) and isinstance(blocks[2], nn.Identity)
+    h = stage_positions(original, tiny_data)[3]                          # h_1 -> h_3 fitted on the training images
+    score = next(float(line.split()[1]) for line in printed.splitlines() if line.startswith("3:1-3"))
+    assert score == pytest.approx(float(((h[3] - h[1]) ** 2).sum(1).mean()), rel=1e-3)   # -BR, the paper's score
+    expected, _ = least_squares_by_hand(h[1], h[3])
+    with torch.no_grad():
+        fitted = positions(blocks[1](h[1].float().T[None, :, :, None]))       # the N positions as an N x 1 grid
+    torch.testing.assert_close(fitted, expected, atol=1e-3 * float(expected.abs().max()), rtol=1e-3)
+    metrics = analyze.main(["evaluate", "--checkpoint", saved, *FAST])
+    assert metrics["top1"] == run["linear"]["top1"] and metrics["images"] == 2 * len(train.SHAPES_CLASSES)
+    before = file_bytes(saved)
     with pytest.raises(ValueError, match="already replaced"):
-        analyze.main(["approximate", "--checkpoint", saved, "--blocks", "3:0-2", "--workers", "0"])
+        analyze.main(["approximate", "--checkpoint", saved, *common, "--blocks", "3:0-2"])
+    assert file_bytes(saved) == before
 
 
-def test_search_evaluates_the_most_redundant_runs(checkpoint, tmp_path, capsys):
-    common = ["--checkpoint", checkpoint, "--workers", "0", "--batch-size", "16", "--output-dir", str(tmp_path),
-              "--threads", "1"]
+def test_search_evaluates_the_most_redundant_runs(checkpoint, tiny_data, tmp_path):
+    common = ["--checkpoint", checkpoint, *FAST, "--batch-size", "16", "--output-dir", str(tmp_path)]
     matrices = analyze.main(["redundancy", *common])
+    h = stage_positions(train.load_trained(checkpoint, analyze.build)[0], tiny_data)
     assert Image.open(tmp_path / "redundancy.png").format == "PNG"
+    with open(tmp_path / "redundancy.json") as f:
+        assert json.load(f) == {metric: {str(s): m.tolist() for s, m in per_stage.items()}
+                                for metric, per_stage in matrices.items()}
     for per_stage in matrices.values():
         assert [m.shape[0] for m in per_stage.values()] == [2, 2, 4, 2]   # glnet_mini: depths (1, 1, 3, 1)
-    capsys.readouterr()
-    results = analyze.main(["approximate", *common, "--search", "3", "--latency-rounds", "1", "--rank-by", "br"])
-    chosen = {run for run, _ in results if run}
-    assert len(chosen) == 3
-    all_runs = [(s, i, j, float(m[i, j])) for s, m in matrices["BR"].items()
-                for i in range(len(m)) for j in range(i + 1, len(m))]
-    worst_chosen = min(br for s, i, j, br in all_runs if (s, i, j) in chosen)
-    assert all(br <= worst_chosen for s, i, j, br in all_runs if (s, i, j) not in chosen)
-    rho = capsys.readouterr().out.splitlines()[-1].split()               # 3 runs or more: how well each score ranked
-    assert rho[0] == "rho" and len(rho) == 1 + len(analyze.SCORES)
-    assert all(-1 <= float(value) <= 1 for value in rho[1:] if value != "nan")
+    runs = [(s, i, j) for s, m in matrices["BR"].items() for i in range(len(m)) for j in range(i + 1, len(m))]
+    torch.testing.assert_close(matrices["BR"][3][1, 3], -((h[3][3] - h[3][1]) ** 2).sum(1).mean())
 
-
-def test_spearman_of_a_hand_made_case():
-    assert analyze.spearman([1, 2, 3, 4], [1, 10, 100, 1000]) == pytest.approx(1)
-    assert analyze.spearman([1, 2, 3, 4], [4, 3, 2, 0]) == pytest.approx(-1)
-    # ranks [1, 2.5, 2.5, 4] and [1, 2, 3, 4]: covariance 4.5 over sqrt(4.5 * 5)
-    assert analyze.spearman([0.1, 0.5, 0.5, 2.0], [10, 20, 30, 40]) == pytest.approx(4.5 / math.sqrt(22.5))
-    runs = [(1, 0, 1), (3, 0, 2), (3, 1, 3)]
-    results = {(run, "linear"): {"top1": top1} for run, top1 in zip(runs, (70.0, 90.0, 80.0))}
-    scores = {"br": {1: torch.tensor([[0, 5.0], [0, 0]]), 3: torch.tensor([[0, 0, 1.0, 0], [0, 0, 0, 3.0]])}}
-    assert analyze.correlations(results, scores) == {"br": pytest.approx(-1)}   # scores 5, 1, 3
+    results = analyze.main(["approximate", *common, "--search", "3", "--latency-rounds", "1"])  # by the fit residual
+    by_residual = sorted(runs, key=lambda run: least_squares_by_hand(h[run[0]][run[1]], h[run[0]][run[2]])[1])
+    assert {run for run, _ in results if run} == set(by_residual[:3])
 
 
 @pytest.mark.parametrize("kind", ["mlp", "resmlp"])
 def test_mlp_translators_reduce_their_training_loss(kind):
+    torch.set_num_threads(1)                                              # as --threads 1; restored after the test
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4096, 16, generator=g)
     y = torch.tanh(x @ torch.randn(16, 16, generator=g) / 4) + 0.5 * x
@@ -1696,33 +1699,42 @@ def test_redundancy_figure_has_one_heatmap_per_stage_and_metric():
 def test_slots_figure_rows_and_panels(checkpoint, tiny_data, tmp_path):
     images = [f"{tiny_data}/val/circle/00000.png", f"{tiny_data}/val/cross/00001.png"]
     path = analyze.main(["slots", "--checkpoint", checkpoint, "--image", *images, "--block", "2.1", "3.1",
-                         "--output", str(tmp_path / "s.png")])
-    assert Image.open(path).format == "PNG"
+                         "--output-dir", str(tmp_path), "--threads", "1"])
+    assert path == str(tmp_path / "slots-00000.png") and Image.open(path).format == "PNG"
     g = torch.Generator().manual_seed(0)
     weights = {"2.1": torch.rand(2, 64, 8, 8, generator=g), "3.1": torch.rand(2, 64, 4, 4, generator=g)}
     figure, representative = analyze.slot_figure(torch.rand(2, 3, 32, 32, generator=g), weights, ["a", "b"])
     assert len(figure.axes) == 2 * (1 + 2 * 2)                            # one row per image: input, 2 panels per block
     titles = [ax.get_title() for ax in figure.axes]
-    chosen = representative[1, "3.1"]
-    assert titles[5:] == ["input: b", "block 2.1: all 64 slots", f"block 2.1: slots {', '.join(map(str, representative[1, '2.1']))}",
+    chosen, shallow = representative[1, "3.1"], representative[1, "2.1"]
+    assert titles[5:] == ["input: b", "block 2.1: all 64 slots", f"block 2.1: slots {', '.join(map(str, shallow))}",
                           "block 3.1: all 64 slots", f"block 3.1: slots {', '.join(map(str, chosen))}"]
+    assert len(figure.axes[8].patches) == 4                               # the representative slots are framed
     assert [t.get_text() for t in figure.axes[9].texts] == [str(slot) for slot in chosen]
-    with pytest.raises(ValueError, match="not a GLMix block"):
-        analyze.main(["slots", "--checkpoint", checkpoint, "--image", images[0], "--block", "4.1"])
+    with pytest.raises(ValueError, match=r"--block 4\.1: not a GLMix block .* 1\.1, 2\.1, 3\.1, 3\.3"):
+        analyze.main(["slots", "--checkpoint", checkpoint, "--image", images[0], "--block", "4.1", "3.1"])
+    with pytest.raises(OSError, match="cannot read image missing.png"):
+        analyze.main(["slots", "--checkpoint", checkpoint, "--image", "missing.png"])
 
 
 @pytest.mark.parametrize("argv, message", [
     (["approximate", "--search", "2", "--rank-by", "mse"], "argument --rank-by: invalid choice: 'mse'"),
     (["approximate", "--search", "2", "--translator", "cnn"], "argument --translator: invalid choice: 'cnn'"),
     (["approximate", "--search", "2", "--translator"], "argument --translator: expected at least one argument"),
-    (["approximate", "--search", "2", "--latency-rounds", "0"], "--latency-rounds must be at least 1, got 0"),
-    (["slots", "--image", __file__, "--block", "3"], "argument --block: expected STAGE.BLOCK"),
-    (["slots", "--image", __file__, "--block", "3.1", "0.1"], "argument --block: expected STAGE.BLOCK"),
-    (["slots", "--image", __file__, "missing.png"], "--image: no such file: missing.png"),
+    (["approximate", "--search", "2", "--latency-rounds", "0"], "argument --latency-rounds: must be at least 1, got 0"),
+    (["approximate", "--search", "0"], "argument --search: must be at least 1, got 0"),
+    (["approximate"], "one of the arguments --blocks --search is required"),
+    (["approximate", "--blocks", "3:1-3", "--search", "2"], "argument --search: not allowed with argument --blocks"),
+    (["approximate", "--blocks", "3-1"], "argument --blocks: expected STAGE:I-J"),
+    (["approximate", "--blocks", "3:2-1"], "argument --blocks: expected STAGE:I-J"),
+    (["approximate", "--blocks", "0:0-1"], "argument --blocks: expected STAGE:I-J"),
+    (["redundancy", "--workers", "-1"], "argument --workers: must be at least 0, got -1"),
+    (["evaluate", "--image-size", "16"], "argument --image-size: must be at least 32, got 16"),
+    (["slots", "--image", "a.png", "--model", "glnet_99g"], "argument --model: invalid choice: 'glnet_99g'"),
 ])
 def test_bad_analyze_flags_are_usage_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        analyze.parse_args([*argv, "--checkpoint", "x.pth"])
+        analyze.main([*argv, "--checkpoint", "x.pth"])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
@@ -1732,20 +1744,29 @@ def test_k_medoids_picks_one_point_per_cluster():
     points = torch.cat([c + 0.1 * torch.randn(10, 16, generator=g) for c in centres])
     medoids = analyze.k_medoids(points, 4)
     assert sorted(m // 10 for m in medoids) == [0, 1, 2, 3]
+    unit = torch.nn.functional.normalize(points, dim=1)
+    distance = 1 - unit @ unit.T
+    for m in medoids:                                                      # each its cluster's most central member
+        start = m // 10 * 10
+        assert start + int(distance[start:start + 10, start:start + 10].sum(1).argmin()) == m
 
 
-@pytest.mark.parametrize("text, message", [("3:2-1", "0 <= I < J"), ("5:0-1", "stage must be"),
-                                           ("3-1", "STAGE:I-J"), ("3:0-4", "0 <= I < J")])
-def test_bad_runs_are_explained(text, message):
-    with pytest.raises(ValueError, match=message):
-        analyze.parse_run(text, glnet.create_model("glnet_mini", num_classes=10))
+@pytest.mark.parametrize("blocks", ["5:0-1", "3:0-4", "1:1-2"])
+def test_runs_the_model_lacks_are_explained(blocks, checkpoint):
+    with pytest.raises(ValueError, match=f"--blocks {blocks}: this model has no such blocks.*1, 1, 3, 1 blocks"):
+        analyze.main(["approximate", "--checkpoint", checkpoint, "--blocks", blocks, *FAST])
 
 
-def test_checkpoint_without_a_model_name_asks_for_model(tmp_path):
-    path = tmp_path / "bare.pth"
-    torch.save(glnet.create_model("glnet_mini", num_classes=10).state_dict(), path)
-    with pytest.raises(ValueError, match="--model"):
-        analyze.main(["evaluate", "--checkpoint", str(path)])
+def test_released_checkpoint_needs_model_and_data(tiny_data, tmp_path):
+    path = str(tmp_path / "bare.pth")
+    torch.save(glnet.create_model("glnet_mini", num_classes=len(train.SHAPES_CLASSES)).state_dict(), path)
+    with pytest.raises(ValueError, match="pass --model"):
+        analyze.main(["evaluate", "--checkpoint", path, *FAST])
+    with pytest.raises(ValueError, match="pass --data"):
+        analyze.main(["evaluate", "--checkpoint", path, "--model", "glnet_mini", *FAST])
+    metrics = analyze.main(["evaluate", "--checkpoint", path, "--model", "glnet_mini", "--data", tiny_data,
+                            "--image-size", "32", *FAST])
+    assert metrics["images"] == 2 * len(train.SHAPES_CLASSES)
 
 
 # =================================================================================================
