@@ -490,7 +490,6 @@ def parse_args(argv=None):
                              help="default: the checkpoint's, 224 for a released one")
         command.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                              help="default: %(default)s")
-        command.add_argument("--threads", type=train.at_least(0), default=0, help="CPU threads, 0 = torch's default")
         if name != "slots":
             command.add_argument("--data", default=unset, help="ImageNet-layout folder; default: the checkpoint's")
             command.add_argument("--batch-size", type=train.at_least(1), default=BATCH_SIZE,
@@ -521,8 +520,6 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     commands = {"slots": slots, "redundancy": redundancy, "approximate": approximate, "evaluate": evaluate}
     return commands[args.command](args)
 

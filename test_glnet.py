@@ -1512,7 +1512,7 @@ def test_bench_prints_a_row_per_model_and_a_latency_per_size(capsys):
 # =================================================================================================
 
 IMAGE_SIZE = 64
-FAST = ["--workers", "0", "--threads", "1"]
+FAST = ["--workers", "0"]
 
 
 @pytest.fixture(scope="module")
@@ -1671,7 +1671,6 @@ def test_search_evaluates_the_most_redundant_runs(checkpoint, tiny_data, tmp_pat
 
 @pytest.mark.parametrize("kind", ["mlp", "resmlp"])
 def test_mlp_translators_reduce_their_training_loss(kind):
-    torch.set_num_threads(1)                                              # as --threads 1; restored after the test
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4096, 16, generator=g)
     y = torch.tanh(x @ torch.randn(16, 16, generator=g) / 4) + 0.5 * x
@@ -1699,7 +1698,7 @@ def test_redundancy_figure_has_one_heatmap_per_stage_and_metric():
 def test_slots_figure_rows_and_panels(checkpoint, tiny_data, tmp_path):
     images = [f"{tiny_data}/val/circle/00000.png", f"{tiny_data}/val/cross/00001.png"]
     path = analyze.main(["slots", "--checkpoint", checkpoint, "--image", *images, "--block", "2.1", "3.1",
-                         "--output-dir", str(tmp_path), "--threads", "1"])
+                         "--output-dir", str(tmp_path)])
     assert path == str(tmp_path / "slots-00000.png") and Image.open(path).format == "PNG"
     g = torch.Generator().manual_seed(0)
     weights = {"2.1": torch.rand(2, 64, 8, 8, generator=g), "3.1": torch.rand(2, 64, 4, 4, generator=g)}
