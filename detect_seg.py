@@ -684,7 +684,7 @@ def parse_args(argv=None):
     given = train.field_values(DenseSettings, vars(args))
     tasks = given.pop("task", None)
     if "data" in given and tasks is None and "checkpoint" not in args and "predict" not in args:
-        parser.error("--data needs --task: maskrcnn or retinanet on COCO, semfpn or upernet on ADE20K")
+        parser.error("--task is required with --data (maskrcnn or retinanet on COCO, semfpn or upernet on ADE20K)")
     return args, given, tasks
 
 

@@ -1861,7 +1861,7 @@ def test_bad_dense_data_and_flags_are_named_before_training(tmp_path, scenes, ca
     with pytest.raises(ValueError, match="names the task None, not one of maskrcnn, .*: it was not written by"):
         detect_seg.main(["--eval", "--checkpoint", str(classifier)])
     assert not (tmp_path / "out").exists()
-    for argv, message in ((["--data", str(coco)], "--data needs --task"), (["--task", "yolo"], "invalid choice"),
+    for argv, message in ((["--data", str(coco)], "--task is required with --data"), (["--task", "yolo"], "invalid choice"),
                           (["--crop-size", "16"], "must be at least 32")):
         with pytest.raises(SystemExit):
             detect_seg.parse_args(argv)
