@@ -1,45 +1,23 @@
 """GLNet as a dense-prediction backbone: Mask R-CNN and RetinaNet on COCO, Semantic FPN and UperNet on ADE20K.
 
-The paper (Sec. 4.2-4.3, Appendix B) trains these with MMDetection / MMSegmentation; the released
-code has no detection or segmentation code. Here the detectors are torchvision's own
-(torchvision.models.detection.MaskRCNN / RetinaNet) on a GLNet + FeaturePyramidNetwork backbone,
-Semantic FPN and UperNet are written out below, and COCO AP comes from pycocotools. Training is
-train.py's loop (train.Trainer): this file brings only the models, the data, the loss of a batch
-and the evaluation, so checkpoints, exact resume, progress lines and the flags are the same as
-there. `--report` counts the parameters and FLOPs of the paper's dense models.
+The paper trains these with MMDetection and MMSegmentation (Sec. 4.2-4.3, Appendix B). Here the detectors are
+torchvision's on a GLNet + FeaturePyramidNetwork backbone, Semantic FPN and UperNet are written out below, and COCO AP
+comes from pycocotools. Training is train.py's loop (train.Trainer): this file adds the models, the data, the loss of
+a batch and the evaluation, so checkpoints, exact resume and the flags are the same as there.
 
-    python detect_seg.py                                   # synthetic scenes, CPU, a few minutes
-    python detect_seg.py --predict scene.png               # draw what the trained Mask R-CNN finds
+    python detect_seg.py                          # synthetic scenes on a CPU: Mask R-CNN, then Semantic FPN
+    python detect_seg.py --predict scene.png      # draw what the trained Mask R-CNN finds
     torchrun --nproc_per_node 8 detect_seg.py --task maskrcnn --data /data/coco \\
-        --model glnet_4g --pretrained glnet_4g.pth --output-dir runs/maskrcnn_4g_1x
-    torchrun --nproc_per_node 8 detect_seg.py --task semfpn --data /data/ADEChallengeData2016 \\
-        --model glnet_4g --pretrained glnet_4g.pth --output-dir runs/semfpn_4g
-    python detect_seg.py --report                          # params and FLOPs of the paper's dense models
-
---batch-size is per process, as in train.py: the defaults (2 images per GPU for COCO and UperNet,
-4 for Semantic FPN) reach the paper's total batch of 16 / 16 / 32 on 8 GPUs; on fewer GPUs,
---accum-steps reaches it. The learning rate is given for the paper's total batch and scales
-linearly with the actual one.
-
-Without --data, a synthetic scene dataset (coloured squares, circles and triangles with instance
-masks, in COCO format, plus semantic label PNGs in ADE20K's convention) is generated once into a
-cache folder, so the same CocoDetection / folder-of-PNGs code paths run out of the box.
-
-BatchNorm: GLNet's only BatchNorms are in its stem and downsampling layers. Starting from an
-ImageNet checkpoint, the detectors freeze them (torchvision.ops.FrozenBatchNorm2d: the ImageNet
-statistics and affine kept), as torchvision's detection references do, because 2 images per GPU
-give useless batch statistics; from scratch (the synthetic runs) there are no statistics to keep,
-so they train. The segmentation models train on 512x512 crops, so their BatchNorms (GLNet's and
-UperNet's) keep training (SyncBatchNorm across GPUs).
+        --model glnet_4g --pretrained glnet_4g.pth --output-dir runs/det
+    python detect_seg.py --report                 # parameters and FLOPs against the paper's Tables 4 and 5
 """
 
 import argparse
+import dataclasses
 import functools
 import json
 import math
 import os
-import resource
-import warnings
 from collections import OrderedDict
 
 import numpy as np
@@ -63,407 +41,312 @@ from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 import glnet
 import train
 
-TASKS = ("maskrcnn", "retinanet", "semfpn", "upernet")
-SEGMENTATION_TASKS = ("semfpn", "upernet")
-FPN_CHANNELS = 256
-IGNORE_INDEX = 255  # semantic label of unlabelled pixels (ADE20K's 0 after the shift)
-MULTISCALE_SIZES = tuple(range(480, 801, 32))  # shorter sides of 3x multi-scale training
-PPM_SCALES = (1, 2, 3, 6)  # UperNet's pyramid pooling module: the last stage pooled to 1x1 ... 6x6
-AUXILIARY_WEIGHT = 0.4  # UperNet's auxiliary FCN head on stage 3: its loss weight (training only)
-MAIN_METRIC = {"maskrcnn": "bbox_AP", "retinanet": "bbox_AP", "semfpn": "mIoU", "upernet": "mIoU"}
-# The paper's total batch (Appendix B; UperNet: Swin's schedule): --lr is given for it and scales
-# linearly with the actual one.
-REFERENCE_BATCH = {"maskrcnn": 16, "retinanet": 16, "semfpn": 32, "upernet": 16}
+# --- The four tasks: recipes, metrics, the paper's numbers ----------------------------------------
 
-# The paper's recipes (Appendix B); every entry is a command-line flag that overrides it. Batch sizes
-# are per process: 8 GPUs reach the paper's totals (16 for COCO and UperNet, 32 for Semantic FPN).
-# UperNet follows Swin's ADE20K schedule, as Sec. 4.3 says: AdamW lr 6e-5 at batch 16, weight decay
-# 0.01, 1500 linear warm-up iterations from 1e-6 x the lr, then poly (power 1) decay to 0 at 160k
-# iterations, drop path 0.3, evaluation every 16k iterations (13 epochs of ADE20K's 20210 images).
-COMMON = dict(min_lr=0.0, warmup_epochs=None, warmup_factor=1e-3, clip_grad=0.0, ema_decay=0.0, drop_path=0.0,
-              workers=2, threads=0, print_freq=20, lr_steps=None, min_size=None, max_size=None, epochs=None,
-              iters=None, crop_size=None, scale=None, multiscale=False, rois_per_image=512)
-RECIPES = {
-    "maskrcnn": dict(model="glnet_4g", epochs=12, lr_schedule="step", lr_steps=(8, 11), batch_size=2, lr=1e-4,
-                     weight_decay=0.05, warmup_iters=500, min_size=800, max_size=1333, fpn_channels=256,
-                     rois_per_image=512, eval_interval=1),
-    "retinanet": dict(model="glnet_4g", epochs=12, lr_schedule="step", lr_steps=(8, 11), batch_size=2, lr=1e-4,
-                      weight_decay=1e-3, warmup_iters=500, min_size=800, max_size=1333, fpn_channels=256,
-                      eval_interval=1),
-    "semfpn": dict(model="glnet_4g", iters=80000, lr_schedule="cosine", batch_size=4, lr=2e-4, weight_decay=1e-4,
+
+@dataclasses.dataclass(frozen=True)
+class DenseTask:
+    segmentation: bool
+    metric: str             # what best.pth is chosen by
+    reference_batch: int    # the paper's global batch: --lr is given for it and scales linearly
+    paper: dict             # the paper's recipe (README.md gives the source of each value)
+    synthetic: dict         # out of the box: glnet_mini from scratch on the synthetic scenes, on a CPU
+    report_size: tuple      # (H, W) of the paper's FLOPs
+    report_classes: int     # COCO's 80 (and the background in Mask R-CNN's box classifier) or ADE20K's 150
+    paper_costs: dict       # {backbone: (parameters in M, GFLOPs)}: Table 4 (COCO) or Table 5 (ADE20K)
+
+
+# Batch sizes are per process: on 8 GPUs they reach the reference batches, on fewer --accum-steps does.
+TASKS = {
+    "maskrcnn": DenseTask(
+        segmentation=False, metric="bbox_AP", reference_batch=16,
+        paper=dict(model="glnet_4g", epochs=12, lr_schedule="step", lr_steps=(8, 11), batch_size=2, lr=1e-4,
+                   weight_decay=0.05, warmup_iters=500, min_size=800, max_size=1333, fpn_channels=256,
+                   rois_per_image=512),
+        synthetic=dict(model="glnet_mini", epochs=3, lr_schedule="step", lr_steps=(2,), batch_size=4, lr=1.2e-3,
+                       weight_decay=0.05, warmup_iters=50, min_size=128, max_size=208, fpn_channels=64,
+                       rois_per_image=64, eval_interval=100),
+        report_size=(800, 1280), report_classes=81, paper_costs={"glnet_4g": (46.6, 233), "glnet_9g": (79.5, 311)}),
+    "retinanet": DenseTask(
+        segmentation=False, metric="bbox_AP", reference_batch=16,
+        paper=dict(model="glnet_4g", epochs=12, lr_schedule="step", lr_steps=(8, 11), batch_size=2, lr=1e-4,
+                   weight_decay=1e-3, warmup_iters=500, min_size=800, max_size=1333, fpn_channels=256),
+        synthetic=dict(model="glnet_mini", epochs=3, lr_schedule="step", lr_steps=(2,), batch_size=4, lr=1.2e-3,
+                       weight_decay=1e-3, warmup_iters=50, min_size=128, max_size=208, fpn_channels=64,
+                       eval_interval=100),
+        report_size=(800, 1280), report_classes=80, paper_costs={"glnet_4g": (37, 214), "glnet_9g": (70, 292)}),
+    # PVT's 80k iterations, evaluated every 10 epochs of ADE20K (about 6k iterations)
+    "semfpn": DenseTask(
+        segmentation=True, metric="mIoU", reference_batch=32,
+        paper=dict(model="glnet_4g", iters=80000, lr_schedule="cosine", batch_size=4, lr=2e-4, weight_decay=1e-4,
                    warmup_iters=1000, crop_size=512, scale=512, fpn_channels=256, eval_interval=10),
-    "upernet": dict(model="glnet_4g", iters=160000, lr_schedule="poly", batch_size=2, lr=6e-5, weight_decay=0.01,
-                    warmup_iters=1500, warmup_factor=1e-6, drop_path=0.3, crop_size=512, scale=512, fpn_channels=512,
-                    eval_interval=13),
+        synthetic=dict(model="glnet_mini", iters=150, lr_schedule="cosine", batch_size=8, lr=4e-3, weight_decay=1e-4,
+                       warmup_iters=50, crop_size=128, scale=160, fpn_channels=64, eval_interval=100),
+        report_size=(512, 2048), report_classes=150, paper_costs={"glnet_4g": (30.7, 150), "glnet_9g": (63.6, 230)}),
+    # Swin's ADE20K schedule, which Sec. 4.3 says the paper follows; 13 epochs of ADE20K are its 16k-iteration
+    # evaluation interval
+    "upernet": DenseTask(
+        segmentation=True, metric="mIoU", reference_batch=16,
+        paper=dict(model="glnet_4g", iters=160000, lr_schedule="poly", batch_size=2, lr=6e-5, weight_decay=0.01,
+                   warmup_iters=1500, warmup_factor=1e-6, drop_path=0.3, crop_size=512, scale=512, fpn_channels=512,
+                   eval_interval=13),
+        synthetic=dict(model="glnet_mini", iters=150, lr_schedule="poly", batch_size=8, lr=2e-3, weight_decay=0.01,
+                       warmup_iters=50, crop_size=128, scale=160, fpn_channels=64, eval_interval=100),
+        report_size=(512, 2048), report_classes=150, paper_costs={"glnet_4g": (56.8, 907), "glnet_9g": (91.7, 988)}),
 }
-# The 3x schedule: 36 epochs, lr steps at 27 and 33, multi-scale training.
-SCHEDULE_3X = dict(epochs=36, lr_steps=(27, 33), multiscale=True)
-# Out of the box: glnet_mini from scratch on small synthetic scenes, sized for a CPU. Learning rates are
-# per reference batch as above (3e-4 and 1e-3 at the default batches of 4 and 8 on one process).
-# UperNet's width (--fpn-channels) is 512 in the paper, 64 here.
-SYNTHETIC_RECIPES = {
-    "maskrcnn": dict(model="glnet_mini", epochs=3, lr_schedule="step", lr_steps=(2,), batch_size=4, lr=1.2e-3,
-                     weight_decay=0.05, warmup_iters=50, min_size=128, max_size=208, fpn_channels=64,
-                     rois_per_image=64, eval_interval=100),
-    "retinanet": dict(model="glnet_mini", epochs=3, lr_schedule="step", lr_steps=(2,), batch_size=4, lr=1.2e-3,
-                      weight_decay=1e-3, warmup_iters=50, min_size=128, max_size=208, fpn_channels=64,
-                      eval_interval=100),
-    "semfpn": dict(model="glnet_mini", iters=150, lr_schedule="cosine", batch_size=8, lr=4e-3, weight_decay=1e-4,
-                   warmup_iters=50, crop_size=128, scale=160, fpn_channels=64, eval_interval=100),
-    "upernet": dict(model="glnet_mini", iters=150, lr_schedule="poly", batch_size=8, lr=2e-3, weight_decay=0.01,
-                    warmup_iters=50, crop_size=128, scale=160, fpn_channels=64, eval_interval=100),
-}
-
-# The synthetic scenes: one class per shape, each drawn in its own colour family.
+SCHEDULE_3X = dict(epochs=36, lr_steps=(27, 33), multiscale=True)   # MMDetection's 3x, for both detectors
+MULTISCALE_SIZES = tuple(range(480, 801, 32))    # the shorter sides of multi-scale training
+PPM_SCALES = (1, 2, 3, 6)   # UperNet's pyramid pooling: the last stage pooled to 1x1 ... 6x6
+AUXILIARY_WEIGHT = 0.4      # of the loss of UperNet's auxiliary head on stage 3 (training only)
+IGNORE_INDEX = 255          # the label of unlabelled pixels
+OUTPUT_DIR, DEFAULT_TASKS = os.path.join("runs", "detect_seg"), ["maskrcnn", "semfpn"]
+# The synthetic scenes: one class per shape, each in its own colour family.
 SCENE_CLASSES = ("square", "circle", "triangle")
 SCENE_COLORS = ((220, 60, 50), (60, 190, 70), (60, 90, 220))
-SCENE_SPLITS = {"train": 300, "val": 60}
-SCENES_VERSION = "scenes-v1"
+SCENE_SPLITS, SCENES_VERSION = {"train": 300, "val": 60}, "scenes-v1"
 
 
-# ---------------------------------------------------------------------------------------------
-# Models
-# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class DenseSettings(train.Settings):
+    task: str = train.option(None, "the models to train, one after the other", choices=list(TASKS), nargs="+")
+    data: str | None = train.option(None, "COCO 2017 root (maskrcnn, retinanet) or ADEChallengeData2016 root "
+                                          "(semfpn, upernet)")
+    cache_dir: str = train.option(train.DEFAULT_CACHE, "where the synthetic scenes are written once")
+    pretrained: str | None = train.option(None, "an ImageNet GLNet checkpoint for the backbone (released ones too)")
+    schedule: str = train.option("1x", "detection: 3x = 36 epochs, steps at 27 and 33, multi-scale",
+                                 choices=["1x", "3x"])
+    min_size: int = train.option(800, "detection: the shorter image side", type=train.at_least(32))
+    max_size: int = train.option(1333, "detection: the longer image side at most", type=train.at_least(32))
+    multiscale: bool = train.option(False, f"detection: shorter sides {MULTISCALE_SIZES[0]}-{MULTISCALE_SIZES[-1]}")
+    fpn_channels: int = train.option(256, "the FPN's and the mask head's width; UperNet's", type=train.at_least(8))
+    rois_per_image: int = train.option(512, "Mask R-CNN: RoIs sampled per image for the losses", type=train.at_least(1))
+    crop_size: int = train.option(512, "segmentation: the training crop", type=train.at_least(32))
+    scale: int = train.option(512, "segmentation: images resized into (4 x scale, scale)", type=train.at_least(32))
+
+
+# --- Models ---------------------------------------------------------------------------------------
 
 def freeze_batchnorm(module):
-    """Replace every BatchNorm2d by a FrozenBatchNorm2d holding its statistics and affine."""
+    """Every BatchNorm2d replaced by a FrozenBatchNorm2d with its statistics and affine."""
     for name, child in module.named_children():
         if isinstance(child, nn.BatchNorm2d):
-            frozen = FrozenBatchNorm2d(child.num_features, eps=child.eps)
-            frozen.weight.copy_(child.weight.detach())
-            frozen.bias.copy_(child.bias.detach())
-            frozen.running_mean.copy_(child.running_mean)
-            frozen.running_var.copy_(child.running_var)
+            frozen = FrozenBatchNorm2d(child.num_features, child.eps)
+            frozen.load_state_dict(child.state_dict())
             setattr(module, name, frozen)
         else:
             freeze_batchnorm(child)
     return module
 
 
-def create_backbone(name, pretrained=None, frozen_bn=False, drop_path_rate=0.0):
-    """A GLNet without its classifier, from an ImageNet checkpoint (any format glnet.load_checkpoint
-    takes, released ones included) or random. Only forward_features is used downstream."""
-    model = glnet.create_model(name, num_classes=0, drop_path_rate=drop_path_rate, checkpoint=pretrained)
-    model.norm = nn.Identity()  # the classifier's BatchNorm: unused by forward_features
-    if frozen_bn:
-        freeze_batchnorm(model)
-    return model
-
-
 class GLNetFPN(nn.Module):
-    """GLNet stage outputs -> torchvision's FeaturePyramidNetwork. `levels` picks the stages
-    (0-3 = strides 4-32); `extra_blocks` adds P6 (max-pool, Mask R-CNN) or P6-P7 (RetinaNet).
-    `out_channels` is what torchvision's detectors read."""
+    """GLNet's stage outputs (`levels`: 0-3 = strides 4-32) into torchvision's FeaturePyramidNetwork;
+    `extra_blocks` adds P6 (Mask R-CNN) or P6-P7 (RetinaNet). torchvision's detectors read `out_channels`."""
 
-    def __init__(self, body, levels=(0, 1, 2, 3), extra_blocks=None, out_channels=FPN_CHANNELS):
+    def __init__(self, body, levels, extra_blocks, out_channels):
         super().__init__()
-        self.body = body
-        self.levels = levels
+        self.body, self.levels, self.out_channels = body, levels, out_channels
         self.fpn = FeaturePyramidNetwork([body.stage_channels[i] for i in levels], out_channels, extra_blocks)
-        self.out_channels = out_channels
 
     def forward(self, x):
         features = self.body.forward_features(x)
         return self.fpn(OrderedDict((str(i), features[level]) for i, level in enumerate(self.levels)))
 
 
-def create_detector(task, backbone, num_classes, pretrained=None, min_size=800, max_size=1333, fpn_channels=FPN_CHANNELS,
-                    rois_per_image=512, drop_path_rate=0.0):
-    """Mask R-CNN on P2-P6 or RetinaNet on P3-P7, torchvision's heads, anchors and losses. RetinaNet's
-    P6 is a strided conv on the last stage C5, not on P5, and P7 one on P6, as in MMDetection's
-    RetinaNet that the paper used; its heads have no GroupNorm, as there. The mask head is as wide
-    as the FPN (256 in the paper, as MMDetection's).
-    Takes a list of (3, H, W) images in [0, 1]; it resizes them (shorter side `min_size`, a tuple
-    for multi-scale training, longer side at most `max_size`) and normalises them."""
-    body = create_backbone(backbone, pretrained, frozen_bn=pretrained is not None, drop_path_rate=drop_path_rate)
-    common = dict(min_size=min_size, max_size=max_size, image_mean=train.MEAN, image_std=train.STD)
-    if task == "maskrcnn":
-        return MaskRCNN(GLNetFPN(body, (0, 1, 2, 3), LastLevelMaxPool(), fpn_channels), None,
-                        box_predictor=FastRCNNPredictor(1024, num_classes),  # torchvision's box head width
-                        mask_head=MaskRCNNHeads(fpn_channels, [fpn_channels] * 4, dilation=1),
-                        mask_predictor=MaskRCNNPredictor(fpn_channels, fpn_channels, num_classes),
-                        box_batch_size_per_image=rois_per_image, **common)
-    if task == "retinanet":
-        p6_p7 = LastLevelP6P7(body.stage_channels[3], fpn_channels)
-        p6_p7.use_P5 = False  # torchvision takes P5 when C5 is as wide as the FPN: always C5 here
-        return RetinaNet(GLNetFPN(body, (1, 2, 3), p6_p7, fpn_channels), num_classes, **common)
-    raise ValueError(f"unknown detection task {task!r}; expected 'maskrcnn' or 'retinanet'")
-
-
-def normalize(images):
-    """(B, 3, H, W) images in [0, 1] -> normalised with the ImageNet statistics GLNet was trained on."""
-    return v2.functional.normalize(images, train.MEAN, train.STD)
-
-
 resize = functools.partial(F.interpolate, mode="bilinear", align_corners=False)
 
 
-def scale_head(in_channels, channels, stride_log2):
-    """Semantic FPN's per-level head: as many (Conv3x3-GN-ReLU, 2x upsample) steps as it takes to
-    reach stride 4 (one conv without upsampling at stride 4)."""
+def scale_head(in_channels, channels, level):
+    """Semantic FPN's head of a level: (3x3 conv, GroupNorm, ReLU, 2x upsampling) until stride 4, one conv at 4."""
     layers = []
-    for i in range(max(stride_log2, 1)):
-        layers += [nn.Conv2d(in_channels if i == 0 else channels, channels, 3, padding=1, bias=False),
+    for step in range(max(level, 1)):
+        layers += [nn.Conv2d(in_channels if step == 0 else channels, channels, 3, padding=1, bias=False),
                    nn.GroupNorm(math.gcd(32, channels), channels), nn.ReLU(inplace=True)]
-        if stride_log2 > 0:
+        if level > 0:
             layers.append(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False))
     return nn.Sequential(*layers)
 
 
 class SemanticFPN(nn.Module):
-    """Semantic FPN (Kirillov et al. 2019): FPN on the four stages, per-level heads summed at 1/4
-    resolution, dropout, a 1x1 classifier, bilinear upsampling to the input size.
-    Takes (B, 3, H, W) images in [0, 1], returns (B, num_classes, H, W) logits."""
+    """Semantic FPN (Kirillov et al. 2019): an FPN on the four stages, a head per level up to stride 4, their sum,
+    dropout, a 1x1 classifier. (B, 3, H, W) images in [0, 1] -> (B, classes, H, W) logits."""
 
-    def __init__(self, backbone, num_classes, pretrained=None, fpn_channels=FPN_CHANNELS, drop_path_rate=0.0):
+    def __init__(self, body, num_classes, fpn_channels):
         super().__init__()
-        head_channels = fpn_channels // 2  # 128 with the paper's 256, as in MMSegmentation
-        body = create_backbone(backbone, pretrained, drop_path_rate=drop_path_rate)
-        self.backbone = GLNetFPN(body, out_channels=fpn_channels)
-        self.scale_heads = nn.ModuleList(scale_head(fpn_channels, head_channels, i) for i in range(4))
-        self.classifier = nn.Sequential(nn.Dropout2d(0.1), nn.Conv2d(head_channels, num_classes, 1))
+        width = fpn_channels // 2   # 128 for the paper's 256, as MMSegmentation's
+        self.backbone = GLNetFPN(body, (0, 1, 2, 3), None, fpn_channels)
+        self.scale_heads = nn.ModuleList(scale_head(fpn_channels, width, level) for level in range(4))
+        self.classifier = nn.Sequential(nn.Dropout2d(0.1), nn.Conv2d(width, num_classes, 1))
 
     def forward(self, images):
-        features = list(self.backbone(normalize(images)).values())
-        size = features[0].shape[-2:]  # stride 4; odd input sizes make 2x upsampling miss by one
+        features = list(self.backbone(v2.functional.normalize(images, train.MEAN, train.STD)).values())
+        size = features[0].shape[-2:]   # odd sizes make 2x upsampling miss stride 4 by a pixel
         x = sum(resize(head(f), size=size) for head, f in zip(self.scale_heads, features))
         return resize(self.classifier(x), size=images.shape[-2:])
 
 
-def conv_bn_relu(in_channels, out_channels, kernel_size):
-    """MMCV's ConvModule with BatchNorm: a convolution without bias, BatchNorm, ReLU."""
-    return Conv2dNormActivation(in_channels, out_channels, kernel_size)
-
-
 class UperNet(nn.Module):
-    """UperNet (Xiao et al. 2018) as MMSegmentation's UPerHead in Swin's ADE20K configuration, which
-    the paper used: a pyramid pooling module on the last stage (PPM_SCALES), an FPN over the four
-    stages (1x1 lateral convs, top-down sums, 3x3 convs), the four levels upsampled to stride 4,
-    concatenated and fused by a 3x3 conv, dropout 0.1 and a 1x1 classifier; every conv but the
-    classifier is conv_bn_relu, `channels` wide (512 in the paper). The auxiliary FCN head on stage 3
-    (one 3x3 conv, channels / 2 wide, dropout, classifier) regularises training only.
+    """UperNet (Xiao et al. 2018) as MMSegmentation's UPerHead in Swin's ADE20K configuration: a pyramid pooling
+    module on the last stage, an FPN over the four stages (1x1 laterals, top-down sums, 3x3 convs), the levels
+    upsampled to stride 4, concatenated, fused by a 3x3 conv; dropout, a 1x1 classifier. Every other conv is
+    conv-BatchNorm-ReLU, `channels` wide. The auxiliary FCN head on stage 3 regularises training only.
+    (B, 3, H, W) images in [0, 1] -> (B, classes, H, W) logits; in training, (logits, auxiliary logits)."""
 
-    Takes (B, 3, H, W) images in [0, 1]; returns (B, num_classes, H, W) logits, and in training mode
-    the pair (logits, auxiliary logits) of that shape."""
-
-    def __init__(self, backbone, num_classes, pretrained=None, channels=512, drop_path_rate=0.0):
+    def __init__(self, body, num_classes, channels):
         super().__init__()
-        self.backbone = create_backbone(backbone, pretrained, drop_path_rate=drop_path_rate)
-        c1, c2, c3, c4 = self.backbone.stage_channels
-        self.psp_modules = nn.ModuleList(nn.Sequential(nn.AdaptiveAvgPool2d(scale), conv_bn_relu(c4, channels, 1))
-                                         for scale in PPM_SCALES)
-        self.bottleneck = conv_bn_relu(c4 + len(PPM_SCALES) * channels, channels, 3)
-        self.lateral_convs = nn.ModuleList(conv_bn_relu(c, channels, 1) for c in (c1, c2, c3))
-        self.fpn_convs = nn.ModuleList(conv_bn_relu(channels, channels, 3) for _ in range(3))
-        self.fpn_bottleneck = conv_bn_relu(4 * channels, channels, 3)
+        self.backbone = body
+        c1, c2, c3, c4 = body.stage_channels
+        self.psp_modules = nn.ModuleList(
+            nn.Sequential(nn.AdaptiveAvgPool2d(scale), Conv2dNormActivation(c4, channels, 1)) for scale in PPM_SCALES)
+        self.bottleneck = Conv2dNormActivation(c4 + len(PPM_SCALES) * channels, channels, 3)
+        self.lateral_convs = nn.ModuleList(Conv2dNormActivation(c, channels, 1) for c in (c1, c2, c3))
+        self.fpn_convs = nn.ModuleList(Conv2dNormActivation(channels, channels, 3) for _ in range(3))
+        self.fpn_bottleneck = Conv2dNormActivation(4 * channels, channels, 3)
         self.classifier = nn.Sequential(nn.Dropout2d(0.1), nn.Conv2d(channels, num_classes, 1))
-        self.auxiliary_head = nn.Sequential(conv_bn_relu(c3, channels // 2, 3), nn.Dropout2d(0.1),
+        self.auxiliary_head = nn.Sequential(Conv2dNormActivation(c3, channels // 2, 3), nn.Dropout2d(0.1),
                                             nn.Conv2d(channels // 2, num_classes, 1))
 
-    def pyramid_pooling(self, c4):
-        """PPM: C5 and its poolings to 1x1, 2x2, 3x3, 6x6 (each projected, upsampled back), fused."""
-        pooled = [resize(ppm(c4), size=c4.shape[-2:]) for ppm in self.psp_modules]
-        return self.bottleneck(torch.cat([c4, *pooled], dim=1))
-
     def forward(self, images):
-        c1, c2, c3, c4 = self.backbone.forward_features(normalize(images))     # strides 4, 8, 16, 32
-        laterals = [conv(c) for conv, c in zip(self.lateral_convs, (c1, c2, c3))] + [self.pyramid_pooling(c4)]
-        for i in range(3, 0, -1):  # top-down: each level plus the upsampled level above it
+        c1, c2, c3, c4 = self.backbone.forward_features(v2.functional.normalize(images, train.MEAN, train.STD))
+        pooled = [resize(ppm(c4), size=c4.shape[-2:]) for ppm in self.psp_modules]
+        laterals = [conv(c) for conv, c in zip(self.lateral_convs, (c1, c2, c3))]
+        laterals.append(self.bottleneck(torch.cat([c4, *pooled], dim=1)))
+        for i in range(3, 0, -1):   # top-down: each level plus the upsampled level above it
             laterals[i - 1] = laterals[i - 1] + resize(laterals[i], size=laterals[i - 1].shape[-2:])
-        levels = [conv(x) for conv, x in zip(self.fpn_convs, laterals[:3])] + [laterals[3]]
+        levels = [conv(x) for conv, x in zip(self.fpn_convs, laterals)] + laterals[3:]
         size = levels[0].shape[-2:]
         fused = self.fpn_bottleneck(torch.cat([levels[0], *(resize(x, size=size) for x in levels[1:])], dim=1))
-        logits = resize(self.classifier(fused), size=images.shape[-2:])           # (B, K, H, W)
+        logits = resize(self.classifier(fused), size=images.shape[-2:])
         if not self.training:
             return logits
         return logits, resize(self.auxiliary_head(c3), size=images.shape[-2:])
 
 
-def create_model(task, backbone, num_classes, pretrained=None, **kwargs):
-    """The model of one task: a GLNet backbone (from an ImageNet checkpoint when `pretrained`) with
-    the task's neck and heads."""
+def build_model(settings, num_classes, load_pretrained=False):
+    """The model of a run's settings or of a checkpoint's args (train.load_trained's `build`): a GLNet without its
+    classifier (with `load_pretrained`, the ImageNet weights of settings['pretrained']) under the task's neck and
+    heads. The detectors are MMDetection's: RetinaNet's P6 comes from C5, not P5, and its heads have no GroupNorm;
+    started from ImageNet weights they freeze GLNet's BatchNorms, since 2 images per GPU give useless statistics."""
+    task, width = settings.get("task"), settings.get("fpn_channels")
+    if task not in TASKS:
+        raise ValueError(f"the checkpoint names the task {task!r}, not one of {', '.join(TASKS)}: it was not "
+                         f"written by detect_seg.py")
+    body = glnet.create_model(settings["model"], checkpoint=settings["pretrained"] if load_pretrained else None,
+                              num_classes=0, drop_path_rate=settings["drop_path"] or 0.0)
+    body.norm = nn.Identity()   # the classifier's BatchNorm: unused, and DDP wants every parameter used
     if task == "semfpn":
-        kwargs = {k: v for k, v in kwargs.items() if k in ("fpn_channels", "drop_path_rate")}
-        return SemanticFPN(backbone, num_classes, pretrained, **kwargs)
+        return SemanticFPN(body, num_classes, width)
     if task == "upernet":
-        return UperNet(backbone, num_classes, pretrained, channels=kwargs.get("fpn_channels", 512),
-                       drop_path_rate=kwargs.get("drop_path_rate", 0.0))
-    return create_detector(task, backbone, num_classes, pretrained, **kwargs)
+        return UperNet(body, num_classes, width)
+    if settings["pretrained"]:
+        freeze_batchnorm(body)
+    resizing = dict(min_size=MULTISCALE_SIZES if settings["multiscale"] else settings["min_size"],
+                    max_size=settings["max_size"], image_mean=train.MEAN, image_std=train.STD)
+    if task == "retinanet":
+        p6_p7 = LastLevelP6P7(body.stage_channels[3], width)
+        p6_p7.use_P5 = False   # torchvision takes P5 when C5 is as wide as the FPN
+        return RetinaNet(GLNetFPN(body, (1, 2, 3), p6_p7, width), num_classes, **resizing)
+    return MaskRCNN(GLNetFPN(body, (0, 1, 2, 3), LastLevelMaxPool(), width), None,
+                    box_predictor=FastRCNNPredictor(1024, num_classes),   # 1024: torchvision's box head
+                    mask_head=MaskRCNNHeads(width, [width] * 4, dilation=1),
+                    mask_predictor=MaskRCNNPredictor(width, width, num_classes),
+                    box_batch_size_per_image=settings["rois_per_image"], **resizing)
 
 
-# ---------------------------------------------------------------------------------------------
-# COCO detection data
-# ---------------------------------------------------------------------------------------------
+# --- Data: COCO, ADE20K-style folders, the synthetic scenes ---------------------------------------
 
-def coco_paths(root, split):
-    """COCO 2017's layout: <root>/<split>2017/ and <root>/annotations/instances_<split>2017.json."""
-    image_dir = os.path.join(root, f"{split}2017")
-    ann_file = os.path.join(root, "annotations", f"instances_{split}2017.json")
-    layout = "expected the COCO 2017 layout: train2017/, val2017/ and annotations/instances_{train,val}2017.json"
-    if not os.path.isfile(ann_file):
-        raise FileNotFoundError(f"COCO annotation file not found: {ann_file} ({layout})")
-    if not os.path.isdir(image_dir):
-        raise FileNotFoundError(f"COCO image folder not found: {image_dir} ({layout})")
-    return image_dir, ann_file
-
-
-def load_coco(image_dir, ann_file, transforms):
-    """torchvision's CocoDetection, with an error naming the file when the JSON is truncated or is
-    not a COCO instances file."""
+def coco_dataset(root, split, training, with_masks):
+    """COCO 2017's <root>/<split>2017/ and annotations/instances_<split>2017.json by torchvision's CocoDetection
+    for transforms v2: targets with XYXY `boxes`, `labels` (the category ids) and `masks`. Training drops crowd
+    regions, boxes without area and images left without annotations, as torchvision's detection reference does."""
+    image_dir, ann_file = f"{root}/{split}2017", f"{root}/annotations/instances_{split}2017.json"
+    for path, exists in ((ann_file, os.path.isfile), (image_dir, os.path.isdir)):
+        if not exists(path):
+            raise FileNotFoundError(f"{path} not found: expected the COCO 2017 layout: train2017/, val2017/ and "
+                                    f"annotations/instances_{{train,val}}2017.json")
+    flip_and_sanitize = [v2.RandomHorizontalFlip(), v2.SanitizeBoundingBoxes()] if training else []
+    transforms = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True), *flip_and_sanitize])
     try:
         dataset = CocoDetection(image_dir, ann_file, transforms=transforms)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{ann_file} is not valid JSON ({e}); expected a COCO instances file") from None
-    missing = [k for k in ("images", "annotations", "categories") if k not in dataset.coco.dataset]
+    coco = dataset.coco
+    missing = [key for key in ("images", "annotations", "categories") if key not in coco.dataset]
     if missing:
-        raise ValueError(f"{ann_file} has no {', '.join(repr(k) for k in missing)} entry; expected a COCO instances "
-                         f"file with 'images', 'annotations' and 'categories'")
-    return dataset
-
-
-def drop_degenerate_boxes(coco, ann_file):
-    """Zero-width or zero-height boxes crash the detectors' losses: drop them, loudly."""
-    annotations = coco.dataset["annotations"]
-    bad = [a for a in annotations if a["bbox"][2] <= 0 or a["bbox"][3] <= 0]
-    if bad:
-        warnings.warn(f"{ann_file}: dropped {len(bad)} annotation(s) with a degenerate box (zero width "
-                      f"or height), e.g. annotation {bad[0]['id']} of image {bad[0]['image_id']}")
-        coco.dataset["annotations"] = [a for a in annotations if a["bbox"][2] > 0 and a["bbox"][3] > 0]
-        coco.createIndex()
-
-
-def coco_dataset(root, split, train, with_masks):
-    """torchvision's CocoDetection wrapped for transforms v2: targets with `boxes` (XYXY),
-    `labels` (COCO category ids) and `masks`. For training, crowd regions are dropped and images
-    left without annotations are skipped, as torchvision's detection reference does."""
-    image_dir, ann_file = coco_paths(root, split)
-    if train:
-        transforms = v2.Compose([v2.ToImage(), v2.RandomHorizontalFlip(), v2.ToDtype(torch.float32, scale=True),
-                                 v2.SanitizeBoundingBoxes()])
-    else:
-        transforms = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True)])
-    dataset = load_coco(image_dir, ann_file, transforms)
-    drop_degenerate_boxes(dataset.coco, ann_file)
-    if train:
-        crowd = [a for a in dataset.coco.dataset["annotations"] if a.get("iscrowd", 0)]
-        if crowd:
-            dataset.coco.dataset["annotations"] = [a for a in dataset.coco.dataset["annotations"] if not a.get("iscrowd", 0)]
-            dataset.coco.createIndex()
-        dataset.ids = [i for i in dataset.ids if dataset.coco.imgToAnns[i]]
-        if not dataset.ids:
-            raise ValueError(f"{ann_file}: no image has a usable annotation")
+        raise ValueError(f"{ann_file} has no {', '.join(map(repr, missing))} entry; expected a COCO instances file")
+    if not training:
+        return wrap_dataset_for_transforms_v2(dataset, target_keys=("image_id",))
+    coco.dataset["annotations"] = [a for a in coco.dataset["annotations"] if not a.get("iscrowd", 0)]
+    coco.createIndex()
+    dataset.ids = [i for i in dataset.ids if coco.imgToAnns[i]]
+    if not dataset.ids:
+        raise ValueError(f"{ann_file}: no image has an annotation to train on")
     keys = ("image_id", "boxes", "labels", "masks") if with_masks else ("image_id", "boxes", "labels")
-    return wrap_dataset_for_transforms_v2(dataset, target_keys=keys if train else ("image_id",))
+    return wrap_dataset_for_transforms_v2(dataset, target_keys=keys)
 
-
-def category_names(coco):
-    """{category id: name}; the detectors predict the ids themselves (num_classes = max id + 1)."""
-    return {c["id"]: c["name"] for c in coco.loadCats(coco.getCatIds())}
-
-
-def detection_collate(batch):
-    return tuple(zip(*batch))
-
-
-# ---------------------------------------------------------------------------------------------
-# Semantic segmentation data (ADE20K's layout and label convention)
-# ---------------------------------------------------------------------------------------------
 
 class SegmentationFolder(torch.utils.data.Dataset):
-    """Images and label PNGs matched by file name stem. Labels follow ADE20K: 0 = unlabelled
-    (ignored), 1..K = the classes; they come out as 0..K-1 with IGNORE_INDEX for unlabelled and for
-    255 (other datasets' ignore value), as MMSegmentation's reduce_zero_label does."""
+    """Images and label PNGs matched by file name, labels in ADE20K's convention: 0 unlabelled, 1..K the classes.
+    They are read as 0..K-1, with IGNORE_INDEX for 0 and for 255, as MMSegmentation's reduce_zero_label does."""
 
     def __init__(self, image_dir, label_dir, transforms):
-        for path, what in ((image_dir, "image folder"), (label_dir, "label folder")):
-            if not os.path.isdir(path):
-                raise FileNotFoundError(f"segmentation {what} not found: {path}")
-        stems = lambda folder, exts: {os.path.splitext(f)[0]: os.path.join(folder, f)
-                                      for f in os.listdir(folder) if f.lower().endswith(exts)}
-        images = stems(image_dir, (".jpg", ".jpeg", ".png"))
-        labels = stems(label_dir, (".png",))
+        stems = lambda folder, exts: {os.path.splitext(f)[0]: os.path.join(folder, f)  # noqa: E731
+                                      for f in sorted(os.listdir(folder)) if f.lower().endswith(exts)}
+        images, labels = stems(image_dir, (".jpg", ".jpeg", ".png")), stems(label_dir, (".png",))
+        missing = [stem for stem in images if stem not in labels]
         if not images:
-            raise ValueError(f"no .jpg/.png images in {image_dir}")
-        missing = sorted(set(images) - set(labels))
+            raise FileNotFoundError(f"no .jpg or .png images in {image_dir}")
         if missing:
-            raise FileNotFoundError(f"{len(missing)} image(s) in {image_dir} have no label PNG in "
-                                    f"{label_dir}, e.g. {missing[0]}.png")
-        self.samples = [(images[s], labels[s]) for s in sorted(images)]
-        for image_path, label_path in self.samples:  # image headers only: quick, and before training starts
-            (width, height), label_size = Image.open(image_path).size, Image.open(label_path).size
-            if label_size != (width, height):
-                raise ValueError(f"label {label_path} is {label_size[0]}x{label_size[1]} but its image {image_path} "
-                                 f"is {width}x{height}; expected a label PNG of its image's size")
-        self.transforms = transforms
+            raise FileNotFoundError(f"{len(missing)} image(s) in {image_dir} have no label PNG in {label_dir}, e.g. "
+                                    f"{missing[0]}.png")
+        self.samples, self.transforms = [(images[stem], labels[stem]) for stem in images], transforms
+        for image, label in self.samples:   # the files' headers only: before training starts
+            sizes = ["x".join(map(str, Image.open(path).size)) for path in (label, image)]
+            if sizes[0] != sizes[1]:
+                raise ValueError(f"label {label} is {sizes[0]} but its image {image} is {sizes[1]}; expected a label "
+                                 f"PNG of its image's size")
 
     def __len__(self):
         return len(self.samples)
 
     def __getitem__(self, index):
         image_path, label_path = self.samples[index]
-        image = v2.functional.pil_to_tensor(train.load_image(image_path))
+        image = tv_tensors.Image(v2.functional.pil_to_tensor(train.load_image(image_path)))
         label = torch.from_numpy(np.array(Image.open(label_path), dtype=np.int64))
-        label = tv_tensors.Mask(torch.where((label == 0) | (label == 255), IGNORE_INDEX, label - 1))
-        image = tv_tensors.Image(image)
-        return self.transforms(image, label)
+        label = torch.where((label == 0) | (label == 255), IGNORE_INDEX, label - 1)
+        return self.transforms(image, tv_tensors.Mask(label))
 
 
-def ade20k_folders(root, split):
-    """ADEChallengeData2016/{images,annotations}/{training,validation}."""
-    folder = {"train": "training", "val": "validation"}[split]
-    for sub in ("images", "annotations"):
-        if not os.path.isdir(os.path.join(root, sub, folder)):
-            raise FileNotFoundError(f"{os.path.join(root, sub, folder)} not found; expected the ADEChallengeData2016 "
-                                    f"layout: images/{{training,validation}}/*.jpg and "
-                                    f"annotations/{{training,validation}}/*.png")
-    return os.path.join(root, "images", folder), os.path.join(root, "annotations", folder)
-
-
-def segmentation_dataset(image_dir, label_dir, train, crop_size, scale):
-    """Training: MMSegmentation's resize of the image into (4*scale, scale) x [0.5, 2], a random
-    crop (padded with the ignore label), a random flip. Evaluation: the full image (the model
-    input is resized in `evaluate_segmentation`)."""
-    to_float = v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True)
-    if train:
-        transforms = v2.Compose([
-            v2.ScaleJitter((scale, 4 * scale), scale_range=(0.5, 2.0)),
-            v2.RandomCrop(crop_size, pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX}),
-            v2.RandomHorizontalFlip(),
-            to_float,
-        ])
-    else:
-        transforms = to_float
-    return SegmentationFolder(image_dir, label_dir, transforms)
-
-
-# ---------------------------------------------------------------------------------------------
-# The synthetic scenes (out of the box)
-# ---------------------------------------------------------------------------------------------
-
-def draw_shape(draw, shape, box, fill):
-    x0, y0, x1, y1 = box
-    if shape == "square":
-        draw.rectangle(box, fill=fill)
-    elif shape == "circle":
-        draw.ellipse(box, fill=fill)
-    else:
-        draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=fill)
+def segmentation_dataset(s, root, split):
+    """ADEChallengeData2016/{images,annotations}/{training,validation} (or the scenes' folders) with the transforms
+    of MMSegmentation's: in training, the image resized into (4 x scale, scale) x U(0.5, 2), which sets the shorter
+    side of an image less than 4 times as wide as high, a random crop padded with the ignore label, a random flip;
+    in evaluation, the whole image (`segment` resizes it)."""
+    ade20k = dict(train="training", val="validation")[split]
+    folders = (f"{root}/images/{ade20k}", f"{root}/annotations/{ade20k}") if s.data else (
+        f"{root}/{split}2017", f"{root}/semantic/{split}2017")
+    for folder in folders:
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"{folder} not found; expected the ADEChallengeData2016 layout: "
+                                    "images/{training,validation}/*.jpg and annotations/{training,validation}/*.png")
+    transforms = v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True)
+    if split == "train":
+        crop = v2.RandomCrop(s.crop_size, pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX})
+        transforms = v2.Compose([v2.RandomResize(s.scale // 2, 2 * s.scale + 1), crop, v2.RandomHorizontalFlip(),
+                                 transforms])
+    return SegmentationFolder(*folders, transforms)
 
 
 def synthetic_scene(rng, image_id, first_ann_id):
-    """One image of 1-4 non-overlapping shapes on a noisy background: the RGB image, the
-    semantic label map (ADE20K convention: 1 = background, 2.. = shape classes) and the COCO
-    annotations with exact RLE masks."""
-    width, height = int(rng.integers(160, 225)), int(rng.integers(160, 225))  # odd sizes included
-    background = rng.integers(90, 170, size=3)
-    pixels = np.clip(background + rng.normal(0, 12, size=(height, width, 3)), 0, 255).astype(np.uint8)
-    image = Image.fromarray(pixels)
-    semantic = np.ones((height, width), np.uint8)
-    annotations, placed = [], []
+    """1-4 shapes apart from each other on a noisy background: the image, the semantic labels (ADE20K's convention:
+    1 = background, 2.. = the shapes) and the COCO annotations with exact RLE masks."""
+    width, height = int(rng.integers(160, 225)), int(rng.integers(160, 225))   # odd sizes too
+    pixels = rng.integers(90, 170, size=3) + rng.normal(0, 12, size=(height, width, 3))
+    image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+    semantic, annotations, placed = np.ones((height, width), np.uint8), [], []
     for _ in range(int(rng.integers(1, 5))):
         for _attempt in range(20):
-            size = int(rng.integers(28, 73))
-            w, h = size, int(size * rng.uniform(0.8, 1.25))
+            w = int(rng.integers(28, 73))
+            h = int(w * rng.uniform(0.8, 1.25))
             x, y = int(rng.integers(0, width - w)), int(rng.integers(0, height - h))
             if all(x + w + 4 < a or a + c + 4 < x or y + h + 4 < b or b + d + 4 < y for a, b, c, d in placed):
                 break
@@ -473,34 +356,38 @@ def synthetic_scene(rng, image_id, first_ann_id):
         category = int(rng.integers(len(SCENE_CLASSES)))
         color = tuple(int(c) for c in np.clip(np.array(SCENE_COLORS[category]) + rng.integers(-30, 31, 3), 0, 255))
         mask_image = Image.new("L", (width, height), 0)
-        draw_shape(ImageDraw.Draw(mask_image), SCENE_CLASSES[category], (x, y, x + w - 1, y + h - 1), 1)
+        draw, x1, y1 = ImageDraw.Draw(mask_image), x + w - 1, y + h - 1
+        if SCENE_CLASSES[category] == "square":
+            draw.rectangle((x, y, x1, y1), fill=1)
+        elif SCENE_CLASSES[category] == "circle":
+            draw.ellipse((x, y, x1, y1), fill=1)
+        else:
+            draw.polygon([((x + x1) / 2, y), (x1, y1), (x, y1)], fill=1)
         mask = np.array(mask_image, dtype=np.uint8)
         image.paste(color, mask=mask_image.point(lambda v: 255 * v))
         semantic[mask > 0] = category + 2
         rle = mask_util.encode(np.asfortranarray(mask))
-        rle["counts"] = rle["counts"].decode("ascii")
         annotations.append(dict(id=first_ann_id + len(annotations), image_id=image_id, category_id=category + 1,
                                 bbox=[float(v) for v in mask_util.toBbox(rle)], area=float(mask.sum()),
-                                segmentation=rle, iscrowd=0))
+                                segmentation=dict(rle, counts=rle["counts"].decode("ascii")), iscrowd=0))
     return image, semantic, annotations
 
 
 def make_scenes_dataset(root, splits=SCENE_SPLITS, seed=0):
-    """Write the scenes as COCO 2017 (<split>2017/*.png, annotations/instances_<split>2017.json)
-    plus semantic label PNGs (semantic/<split>2017/*.png)."""
-    rng = np.random.default_rng(seed)
+    """The scenes in COCO 2017's layout (<split>2017/*.png, annotations/instances_<split>2017.json), with semantic
+    label PNGs in semantic/<split>2017/."""
+    rng, image_id, ann_id = np.random.default_rng(seed), 1, 1
     categories = [dict(id=i + 1, name=name, supercategory="shape") for i, name in enumerate(SCENE_CLASSES)]
-    image_id, ann_id = 1, 1
     for split, count in splits.items():
         for folder in (f"{split}2017", f"semantic/{split}2017", "annotations"):
             os.makedirs(os.path.join(root, folder), exist_ok=True)
         images, annotations = [], []
         for _ in range(count):
             image, semantic, anns = synthetic_scene(rng, image_id, ann_id)
-            file_name = f"{image_id:06d}.png"
-            image.save(os.path.join(root, f"{split}2017", file_name))
-            Image.fromarray(semantic).save(os.path.join(root, f"semantic/{split}2017", file_name))
-            images.append(dict(id=image_id, file_name=file_name, width=image.width, height=image.height))
+            name = f"{image_id:06d}.png"
+            image.save(os.path.join(root, f"{split}2017", name))
+            Image.fromarray(semantic).save(os.path.join(root, f"semantic/{split}2017", name))
+            images.append(dict(id=image_id, file_name=name, width=image.width, height=image.height))
             annotations += anns
             image_id, ann_id = image_id + 1, ann_id + len(anns)
         with open(os.path.join(root, "annotations", f"instances_{split}2017.json"), "w") as f:
@@ -508,575 +395,344 @@ def make_scenes_dataset(root, splits=SCENE_SPLITS, seed=0):
     return root
 
 
-def scenes_dataset(cache_dir=train.DEFAULT_CACHE):
-    """The built-in scenes: 300 training and 60 validation images, generated once (train.builtin_dataset)."""
-    return train.builtin_dataset(cache_dir, SCENES_VERSION, make_scenes_dataset)
+def datasets(s):
+    """(training set, validation set, class names) of a run: --data, or the synthetic scenes (generated once)."""
+    root = s.data or train.builtin_dataset(s.cache_dir, SCENES_VERSION, make_scenes_dataset)
+    if TASKS[s.task].segmentation:
+        names = [f"class{i}" for i in range(1, 151)] if s.data else ["background", *SCENE_CLASSES]
+        return segmentation_dataset(s, root, "train"), segmentation_dataset(s, root, "val"), names
+    train_set = coco_dataset(root, "train", True, s.task == "maskrcnn")
+    return train_set, coco_dataset(root, "val", False, False), {i: c["name"] for i, c in train_set.coco.cats.items()}
 
 
-# ---------------------------------------------------------------------------------------------
-# Evaluation
-# ---------------------------------------------------------------------------------------------
+# --- Evaluation as the toolboxes run it: one image per forward, every image once over the ranks ----
 
 COCO_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
 def detections_to_coco(output, image_id):
-    """One image's torchvision detections as COCO results, prepared as torchvision's CocoEvaluator
-    prepares them: {'bbox': records with full-precision XYWH boxes, 'segm' (with masks): records
-    with RLE masks and no box, so that pycocotools takes their area (size range) from the mask}."""
-    boxes = box_convert(output["boxes"].float().cpu(), "xyxy", "xywh").tolist()
+    """One image's detections as COCO results, as torchvision's CocoEvaluator prepares them: box records with
+    full-precision XYWH boxes; with masks, records of RLE masks (> 0.5) without a box, so that pycocotools takes
+    their size range from the mask's area."""
     common = [dict(image_id=int(image_id), category_id=label, score=score)
               for label, score in zip(output["labels"].tolist(), output["scores"].tolist())]
+    boxes = box_convert(output["boxes"].float().cpu(), "xyxy", "xywh").tolist()
     results = {"bbox": [dict(record, bbox=box) for record, box in zip(common, boxes)]}
     if "masks" in output:
         masks = (output["masks"][:, 0] > 0.5).cpu().numpy().astype(np.uint8)
         rles = mask_util.encode(np.asfortranarray(masks.transpose(1, 2, 0))) if common else []
-        for rle in rles:
-            rle["counts"] = rle["counts"].decode("ascii")
-        results["segm"] = [dict(record, segmentation=rle) for record, rle in zip(common, rles)]
+        results["segm"] = [dict(record, segmentation=dict(rle, counts=rle["counts"].decode("ascii")))
+                           for record, rle in zip(common, rles)]
     return results
 
 
-def coco_evaluate(coco_gt, results, iou_type):
-    """pycocotools' COCOeval: {'AP', 'AP50', 'AP75', 'APs', 'APm', 'APl'} for 'bbox' or 'segm'."""
-    if not results:
-        return dict.fromkeys(COCO_METRICS, 0.0)
-    coco_eval = COCOeval(coco_gt, coco_gt.loadRes(results), iou_type)
-    coco_eval.evaluate()
-    coco_eval.accumulate()
-    coco_eval.summarize()
-    return dict(zip(COCO_METRICS, (float(v) for v in coco_eval.stats[:6])))
+@torch.no_grad()
+def evaluate_detection(model, dataset, device, rank=0, world_size=1, workers=0):
+    """COCO box AP (and mask AP) by pycocotools: each image alone in its forward, as MMDetection tests (a batch
+    would pad it with zeros that GLNet's slots and attention see); rank 0 scores all, every rank returns that."""
+    model.eval()
+    results = {}
+    for image, target in train.eval_loader(dataset, 1, workers, rank, world_size):
+        for iou_type, records in detections_to_coco(model([image[0].to(device)])[0], target["image_id"]).items():
+            results.setdefault(iou_type, []).extend(records)
+    gathered, metrics = [results] * world_size, [{}]
+    if world_size > 1:
+        dist.all_gather_object(gathered, results)
+    for iou_type in sorted({key for part in gathered for key in part}) if rank == 0 else []:
+        records, stats = [r for part in gathered for r in part.get(iou_type, [])], [0.0] * len(COCO_METRICS)
+        if records:   # loadRes refuses none
+            evaluation = COCOeval(dataset.coco, dataset.coco.loadRes(records), iou_type)
+            evaluation.evaluate()
+            evaluation.accumulate()
+            evaluation.summarize()
+            stats = evaluation.stats
+        metrics[0].update({f"{iou_type}_{name}": float(value) for name, value in zip(COCO_METRICS, stats)})
+    if world_size > 1:
+        dist.broadcast_object_list(metrics, src=0)
+    return metrics[0]
+
+
+def segment(model, image, scale):
+    """MMSegmentation's single-scale test: logits at the image's size from a forward on the image fit into
+    (4 x scale, scale), keeping its aspect."""
+    h, w = image.shape[-2:]
+    ratio = min(scale / min(h, w), 4 * scale / max(h, w))
+    return resize(model(resize(image, size=(round(h * ratio), round(w * ratio)))).float(), size=(h, w))
 
 
 @torch.no_grad()
-def evaluate_detection(model, dataset, device, rank=0, world_size=1, workers=2):
-    """COCO box AP (and mask AP for Mask R-CNN) of the validation set: each image once, on its
-    rank, alone in its forward as MMDetection tests (a batch would pad it with zeros that GLNet's
-    slots and global attention see); rank 0 scores them all and every rank returns the metrics."""
+def evaluate_segmentation(model, dataset, device, num_classes, scale, rank=0, world_size=1, workers=0):
+    """mIoU (over the classes in the ground truth or the prediction) and pixel accuracy as MMSegmentation's, on
+    every rank from the confusion matrix (rows = ground truth, ignored pixels left out) summed over the ranks."""
     model.eval()
-    loader = torch.utils.data.DataLoader(dataset, batch_size=1, sampler=train.ShardSampler(dataset, rank, world_size),
-                                         num_workers=workers, collate_fn=detection_collate)
-    parts = []
-    for images, targets in loader:
-        parts.append(detections_to_coco(model([images[0].to(device)])[0], targets[0]["image_id"]))
+    confusion = torch.zeros(num_classes ** 2, dtype=torch.long, device=device)
+    for image, label in train.eval_loader(dataset, 1, workers, rank, world_size):
+        label, prediction = label.to(device), segment(model, image.to(device), scale).argmax(1)
+        valid = label != IGNORE_INDEX
+        confusion += torch.bincount(label[valid] * num_classes + prediction[valid], minlength=num_classes ** 2)
     if world_size > 1:
-        gathered = [None] * world_size
-        dist.all_gather_object(gathered, parts)
-        parts = [part for rank_parts in gathered for part in rank_parts]
-    metrics = {}
-    if rank == 0:
-        for iou_type in ("bbox", "segm") if any("segm" in part for part in parts) else ("bbox",):
-            results = [record for part in parts for record in part.get(iou_type, [])]
-            scores = coco_evaluate(dataset._dataset.coco, results, iou_type)
-            metrics.update({f"{iou_type}_{k}": v for k, v in scores.items()})
-    if world_size > 1:
-        shared = [metrics]
-        dist.broadcast_object_list(shared, src=0)
-        metrics = shared[0]
-    return metrics
-
-
-def confusion_matrix(prediction, label, num_classes):
-    """(num_classes, num_classes) counts, rows = ground truth, ignoring IGNORE_INDEX pixels."""
-    valid = label != IGNORE_INDEX
-    index = label[valid] * num_classes + prediction[valid]
-    return torch.bincount(index, minlength=num_classes ** 2).reshape(num_classes, num_classes)
-
-
-def segmentation_metrics(confusion):
-    """mIoU (mean over the classes that occur in the ground truth or the prediction) and pixel
-    accuracy, as MMSegmentation reports them."""
-    confusion = confusion.double()
+        dist.all_reduce(confusion)
+    confusion = confusion.view(num_classes, num_classes).double().cpu()
     intersection = confusion.diag()
-    union = confusion.sum(0) + confusion.sum(1) - intersection
-    iou = intersection / union  # NaN for classes absent from both
+    iou = intersection / (confusion.sum(0) + confusion.sum(1) - intersection)   # NaN: a class absent from both
     return dict(mIoU=float(iou.nanmean()), aAcc=float(intersection.sum() / confusion.sum()),
                 IoU=[round(float(v), 4) for v in iou])
 
 
-def resize_to_scale(image, scale):
-    """MMSegmentation's single-scale test resize: fit into (4*scale, scale), keeping the aspect."""
-    h, w = image.shape[-2:]
-    ratio = min(scale / min(h, w), 4 * scale / max(h, w))
-    return F.interpolate(image, size=(round(h * ratio), round(w * ratio)), mode="bilinear", align_corners=False)
-
-
-@torch.no_grad()
-def evaluate_segmentation(model, dataset, device, num_classes, scale, rank=0, world_size=1, workers=2):
-    """Single-scale mIoU and pixel accuracy: predict at the test scale, upsample the logits to
-    the original size, compare with the original labels. The confusion matrix is summed over the
-    ranks, so every rank returns the metrics of the whole validation set."""
-    model.eval()
-    loader = torch.utils.data.DataLoader(dataset, batch_size=1, sampler=train.ShardSampler(dataset, rank, world_size),
-                                         num_workers=workers)
-    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
-    for image, label in loader:
-        image, label = image.to(device), label.to(device)
-        logits = model(resize_to_scale(image, scale))
-        logits = F.interpolate(logits.float(), size=label.shape[-2:], mode="bilinear", align_corners=False)
-        confusion += confusion_matrix(logits.argmax(1), label, num_classes)
-    if world_size > 1:
-        dist.all_reduce(confusion)
-    return segmentation_metrics(confusion.cpu())
-
-
-# ---------------------------------------------------------------------------------------------
-# The tasks: what detection and segmentation plug into train.Trainer
-# ---------------------------------------------------------------------------------------------
-
-def build_data(config):
-    """(training set, validation set, class names, num_classes)."""
-    if config.task in SEGMENTATION_TASKS:
-        if config.synthetic:
-            folders = {s: (os.path.join(config.data, f"{s}2017"), os.path.join(config.data, f"semantic/{s}2017"))
-                       for s in ("train", "val")}
-            names = ["background", *SCENE_CLASSES]
-        else:
-            folders = {s: ade20k_folders(config.data, s) for s in ("train", "val")}
-            names = [f"class{i}" for i in range(1, 151)]
-        train_set = segmentation_dataset(*folders["train"], True, config.crop_size, config.scale)
-        val_set = segmentation_dataset(*folders["val"], False, config.crop_size, config.scale)
-        return train_set, val_set, names, len(names)
-    with_masks = config.task == "maskrcnn"
-    train_set = coco_dataset(config.data, "train", True, with_masks)
-    val_set = coco_dataset(config.data, "val", False, with_masks)
-    names = category_names(train_set._dataset.coco)
-    return train_set, val_set, names, max(names) + 1
-
+# --- Training: what the dense tasks plug into train.Trainer ---------------------------------------
 
 def segmentation_loss(model, batch, device):
-    """Per-pixel cross-entropy; with UperNet's auxiliary logits (training mode) plus AUXILIARY_WEIGHT x theirs."""
-    images, labels = batch
-    labels = labels.to(device, non_blocking=True)
-    outputs = model(images.to(device, non_blocking=True))
-    logits, auxiliary = outputs if isinstance(outputs, tuple) else (outputs, None)
-    loss = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX)
-    if auxiliary is not None:
-        loss = loss + AUXILIARY_WEIGHT * F.cross_entropy(auxiliary.float(), labels, ignore_index=IGNORE_INDEX)
-    return loss
+    """Per-pixel cross-entropy; in training, UperNet adds AUXILIARY_WEIGHT x its auxiliary head's."""
+    images, labels = (t.to(device, non_blocking=True) for t in batch)
+    outputs = model(images)
+    logits, *auxiliary = outputs if isinstance(outputs, tuple) else (outputs,)
+    loss = functools.partial(F.cross_entropy, target=labels, ignore_index=IGNORE_INDEX)
+    return loss(logits.float()) + sum(AUXILIARY_WEIGHT * loss(a.float()) for a in auxiliary)
 
 
 def detection_loss(model, batch, device):
-    """The sum of torchvision's detection losses (classification, box regression, RPN, masks)."""
+    """The sum of torchvision's detection losses (classification, boxes, RPN, masks)."""
     images, targets = batch
-    images = [image.to(device, non_blocking=True) for image in images]
     targets = [{k: v.to(device, non_blocking=True) for k, v in t.items() if k != "image_id"} for t in targets]
-    return sum(model(images, targets).values())
+    return sum(model([image.to(device, non_blocking=True) for image in images], targets).values())
 
 
-def build_task(config, rank, world_size, device):
+def collate_detection(batch):
+    return tuple(zip(*batch))
+
+
+def dense_task(s, rank, world_size, device):
     """The data, the loss of a batch and the evaluation of one dense task."""
-    train_set, val_set, classes, num_classes = build_data(config)
-    if config.task in SEGMENTATION_TASKS:
-        loss, collate = segmentation_loss, None
+    train_set, val_set, classes = datasets(s)
+    ranks = dict(rank=rank, world_size=world_size, workers=s.workers)
+    if TASKS[s.task].segmentation:
+        num_classes, collate = len(classes), None
+        loss = functools.partial(segmentation_loss, device=device)
         evaluate = functools.partial(evaluate_segmentation, dataset=val_set, device=device, num_classes=num_classes,
-                                     scale=config.scale, rank=rank, world_size=world_size, workers=config.workers)
+                                     scale=s.scale, **ranks)
     else:
-        loss, collate = detection_loss, detection_collate
-        evaluate = functools.partial(evaluate_detection, dataset=val_set, device=device, rank=rank,
-                                     world_size=world_size, workers=config.workers)
-    return train.Task(config.task, train_set, functools.partial(loss, device=device), evaluate, MAIN_METRIC[config.task],
-                      REFERENCE_BATCH[config.task], num_classes, classes, collate)
+        num_classes, collate = max(classes) + 1, collate_detection   # the labels are the category ids
+        loss = functools.partial(detection_loss, device=device)
+        evaluate = functools.partial(evaluate_detection, dataset=val_set, device=device, **ranks)
+    return train.Task(s.task, train_set, loss, evaluate, TASKS[s.task].metric, TASKS[s.task].reference_batch,
+                      num_classes, classes, collate)
 
 
-def model_from_config(config, num_classes, pretrained=None):
-    """The model a run (or a checkpoint's args) describes."""
-    min_size = MULTISCALE_SIZES if config["multiscale"] else config["min_size"]
-    return create_model(config["task"], config["model"], num_classes, pretrained, min_size=min_size,
-                        max_size=config["max_size"], fpn_channels=config["fpn_channels"],
-                        rois_per_image=config["rois_per_image"], drop_path_rate=config["drop_path"])
+def make_trainer(s, rank, world_size, device):
+    """The Trainer of one run, its model started from --pretrained."""
+    torch.manual_seed(s.seed + rank)   # each rank its own streams (drop path, augmentation)
+    task = dense_task(s, rank, world_size, device)
+    model = build_model(dataclasses.asdict(s), task.num_classes, load_pretrained=True)
+    if world_size > 1 and device.type == "cuda":   # the BatchNorms left see a few crops per GPU
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return train.Trainer(s, model, task, rank, world_size, device)
 
 
-def train_task(config, rank, world_size, device):
-    """Train one model with one recipe; checkpoints, auto-resume, logs and evaluation in
-    config.output_dir. Returns the final validation metrics."""
-    train.seed_everything(config.seed, rank)
-    task = build_task(config, rank, world_size, device)
-    model = model_from_config(vars(config), task.num_classes, config.pretrained)
-    if world_size > 1 and device.type == "cuda":
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # only the segmentation models have BatchNorms left
-    trainer = train.Trainer(config, model, task, rank, world_size, device)
-    trainer.resume()
-    record = trainer.fit()
-    return {k[len("val_"):]: v for k, v in record.items() if k.startswith("val_")}
-
-
-def load_trained(checkpoint_path):
-    """(model in eval mode, checkpoint) of a checkpoint written by train_task."""
-    checkpoint = glnet.read_checkpoint(checkpoint_path)
-    if checkpoint.get("task") not in TASKS:
-        raise ValueError(f"{checkpoint_path} was not written by detect_seg.py (its task is {checkpoint.get('task')!r}, "
-                         f"expected one of {', '.join(TASKS)})")
-    model = model_from_config(checkpoint["args"], checkpoint["num_classes"])
-    model.load_state_dict(checkpoint["model"])
-    return model.eval(), checkpoint
-
-
-def evaluate_checkpoint(config, rank, world_size, device):
-    """--eval: the validation metrics of a checkpoint of this task (default: its best.pth)."""
-    path = config.checkpoint or os.path.join(config.output_dir, "best.pth")
-    model, checkpoint = load_trained(path)
-    if checkpoint["task"] != config.task:
-        raise ValueError(f"{path} is a {checkpoint['task']} checkpoint, not {config.task}: pass --task {checkpoint['task']}")
-    task = build_task(config, rank, world_size, device)
-    with train.autocast(device, train.amp_settings(config.amp, device)[0]):
-        return task.evaluate(model.to(device))
-
-
-# ---------------------------------------------------------------------------------------------
-# Prediction drawing and the memory/speed benchmark
-# ---------------------------------------------------------------------------------------------
+# --- --predict and --report -----------------------------------------------------------------------
 
 @torch.no_grad()
-def predict(image_path, checkpoint_path, output_path, score_threshold=0.5):
-    """Draw the detections (boxes, labels, scores, masks) or the semantic segmentation of one
-    image into a PNG."""
-    if not os.path.isfile(image_path):
-        raise FileNotFoundError(f"image not found: {image_path}")
-    model, checkpoint = load_trained(checkpoint_path)
-    class_names = checkpoint["classes"]
+def predict(image_path, checkpoint_path, output_path=None, output_dir=OUTPUT_DIR, score_threshold=0.5):
+    """Draw the detections (boxes, classes, scores, masks) or the segmentation of one image into a PNG (by default
+    output_dir/<image name>_<task>.png)."""
     image = v2.functional.pil_to_tensor(train.load_image(image_path))
-    x = image.float() / 255
-    if checkpoint["task"] in SEGMENTATION_TASKS:
-        labels = model(x[None])[0].argmax(0)
-        present = labels.unique().tolist()
-        drawn = draw_segmentation_masks(image, torch.stack([labels == c for c in present]), alpha=0.6)
-        print(f"{image_path}: classes {', '.join(class_names[c] for c in present)}")
+    model, checkpoint = train.load_trained(checkpoint_path, build_model)
+    names, x = checkpoint["classes"], image.float() / 255
+    if TASKS[checkpoint["task"]].segmentation:
+        labels = segment(model, x[None], checkpoint["args"]["scale"])[0].argmax(0)
+        present = labels.unique()
+        drawn = draw_segmentation_masks(image, labels == present[:, None, None], alpha=0.6)
+        found = "classes " + ", ".join(names[c] for c in present.tolist())
     else:
         output = model([x])[0]
         keep = output["scores"] >= score_threshold
-        boxes, labels, scores = output["boxes"][keep], output["labels"][keep], output["scores"][keep]
-        drawn = image
-        if "masks" in output and keep.any():
-            drawn = draw_segmentation_masks(drawn, output["masks"][keep][:, 0] > 0.5, alpha=0.5)
-        captions = [f"{class_names.get(int(c), int(c))} {s:.2f}" for c, s in zip(labels, scores)]
-        drawn = draw_bounding_boxes(drawn, boxes, captions, colors="yellow", width=2)
-        print(f"{image_path}: {len(boxes)} detection(s) with score >= {score_threshold}: {', '.join(captions)}")
+        captions = [f"{names.get(c, c)} {score:.2f}"
+                    for c, score in zip(output["labels"][keep].tolist(), output["scores"][keep].tolist())]
+        masks = output["masks"][keep][:, 0] > 0.5 if "masks" in output else []
+        drawn = draw_segmentation_masks(image, masks, alpha=0.5) if len(masks) else image
+        drawn = draw_bounding_boxes(drawn, output["boxes"][keep], captions, colors="yellow", width=2)
+        found = f"{len(captions)} detection(s) with score >= {score_threshold}: {', '.join(captions)}"
+    stem = os.path.splitext(os.path.basename(image_path))[0]
+    output_path = output_path or os.path.join(output_dir, f"{stem}_{checkpoint['task']}.png")
     os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
     v2.functional.to_pil_image(drawn).save(output_path)
-    print(f"saved {output_path}")
+    print(f"{image_path}: {found}; drawn into {output_path}")
     return output_path
 
 
-def largest_module_outputs(module, x):
-    """The element count of the largest tensor every submodule of `module` outputs for input x."""
-    sizes = {}
-
-    def record(name):
-        def hook(_, __, output):
-            tensors = output if isinstance(output, (list, tuple)) else [output]
-            sizes[name] = max(t.numel() for t in tensors if torch.is_tensor(t))
-        return hook
-
-    handles = [m.register_forward_hook(record(n)) for n, m in module.named_modules() if n]
-    try:
-        module(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return sizes
-
-
-def peak_memory(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-
-
-@torch.no_grad()
-def attention_peak_memory(tokens, heads, device):
-    """How much one F.scaled_dot_product_attention call over `tokens` raises the peak memory, as
-    MHSABlock calls it. Run first in a fresh process, so that the peak is not an earlier one."""
-    q, k, v = (torch.randn(1, heads, tokens, glnet.HEAD_DIM, device=device) for _ in range(3))
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    before = peak_memory(device)
-    F.scaled_dot_product_attention(q, k, v)
-    return peak_memory(device) - before
-
-
-@torch.no_grad()
-def benchmark(backbone, device, height=800, width=1333):
-    """Peak memory and time of one Mask R-CNN forward at height x width, and the check that no
-    backbone tensor grows faster than the pixel count (full N x N attention would)."""
-    model = create_detector("maskrcnn", backbone, num_classes=91, min_size=height, max_size=width).to(device).eval()
-    tokens = math.ceil(height / 16) * math.ceil(width / 16)
-    heads = model.backbone.body.stage_channels[2] // glnet.HEAD_DIM
-    print(f"full attention at stride 16 ({tokens} tokens, {heads} heads): one call raised the peak memory by "
-          f"{attention_peak_memory(tokens, heads, device) / 2 ** 20:.0f} MiB; a materialised {tokens}x{tokens} "
-          f"attention matrix would take {tokens ** 2 * heads * 4 / 2 ** 20:.0f} MiB")
-    image = torch.rand(3, height, width, device=device)
-    model([image])  # warm-up
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    seconds = train.time_call(lambda: model([image]), device)
-    memory = "peak GPU memory allocated" if device.type == "cuda" else "peak resident memory of the process (ru_maxrss)"
-    memory = f"{memory} {peak_memory(device) / 2 ** 30:.2f} GiB"
-    print(f"Mask R-CNN + {backbone}, one {height}x{width} image, batch 1, {device}: {seconds:.2f} s, {memory}")
-
-    body = model.backbone.body
-    small = largest_module_outputs(body, torch.rand(1, 3, height // 2, width // 2, device=device))
-    large = largest_module_outputs(body, torch.rand(1, 3, height, width, device=device))
-    name = max(large, key=large.get)
-    pixel_ratio = (height * width) / ((height // 2) * (width // 2))
-    growth = max(large[n] / small[n] for n in large)
-    print(f"largest backbone tensor at {height}x{width}: {name} ({large[name] * 4 / 2 ** 20:.1f} MiB); "
-          f"with {pixel_ratio:.2f}x the pixels the fastest-growing module output grows {growth:.2f}x "
-          f"({'linear' if growth < 1.5 * pixel_ratio else 'SUPERLINEAR'})")
-    return seconds
-
-
-# ---------------------------------------------------------------------------------------------
-# Parameters and FLOPs of the paper's dense models: --report
-# ---------------------------------------------------------------------------------------------
-
-# The paper's (parameters in M, GFLOPs): Table 4 (COCO; FLOPs at 800x1280) for RetinaNet and Mask R-CNN,
-# Table 5 (ADE20K; FLOPs at 512x2048) for Semantic FPN (80k) and UperNet (160k).
-PAPER = {
-    "retinanet": {"glnet_4g": (37, 214), "glnet_9g": (70, 292)},
-    "maskrcnn": {"glnet_4g": (46.6, 233), "glnet_9g": (79.5, 311)},
-    "semfpn": {"glnet_4g": (30.7, 150), "glnet_9g": (63.6, 230)},
-    "upernet": {"glnet_4g": (56.8, 907), "glnet_9g": (91.7, 988)},
-}
-REPORT_SIZES = {"retinanet": (800, 1280), "maskrcnn": (800, 1280), "semfpn": (512, 2048), "upernet": (512, 2048)}
-# COCO's 80 classes (Mask R-CNN's box classifier adds the background, as MMDetection's does); ADE20K's 150.
-REPORT_CLASSES = {"retinanet": 80, "maskrcnn": 81, "semfpn": 150, "upernet": 150}
-REPORT_WIDTHS = {"retinanet": FPN_CHANNELS, "maskrcnn": FPN_CHANNELS, "semfpn": FPN_CHANNELS, "upernet": 512}
-PROPOSALS, MASK_PROPOSALS = 1000, 100  # MMDetection's forward_dummy: RoI heads on 1000 proposals, masks on 100
-
-
 class CountedForward(nn.Module):
-    """The forward pass MMDetection's and MMSegmentation's get_flops tools count (forward_dummy), on
-    (1, 3, H, W) images: a segmentation model in eval mode (so without UperNet's auxiliary head);
-    a detector's backbone and FPN, its dense heads on every level and, for Mask R-CNN, the RoI box
-    head on PROPOSALS RoIs and the mask head on MASK_PROPOSALS. Neither counter counts RoIAlign, so
-    the RoI heads get zero features of its output size. No pre- or post-processing (resizing,
-    anchors, box decoding, NMS)."""
+    """What MMDetection's and MMSegmentation's get_flops run (forward_dummy) on one image: a segmentation model in
+    eval mode (UperNet without its auxiliary head); a detector's backbone, FPN and dense heads, and Mask R-CNN's
+    box head on 1000 RoIs and mask head on 100, fed zeros since neither counter counts RoIAlign."""
 
     def __init__(self, task, model):
         super().__init__()
-        self.task, self.model = task, model
+        self.task, self.model = task, model.eval()
 
-    def forward(self, images):
-        if self.task in SEGMENTATION_TASKS:
-            return self.model(images)
-        features = self.model.backbone(images)
-        levels = list(features.values())
+    def forward(self, image):
+        if TASKS[self.task].segmentation:
+            return self.model(image)
+        levels = list(self.model.backbone(image).values())
         if self.task == "retinanet":
             return self.model.head.classification_head(levels), self.model.head.regression_head(levels)
-        objectness, box_deltas = self.model.rpn.head(levels)
-        roi_heads, channels = self.model.roi_heads, levels[0].shape[1]
-        box_features = levels[0].new_zeros(PROPOSALS, channels, *roi_heads.box_roi_pool.output_size)
-        mask_features = levels[0].new_zeros(MASK_PROPOSALS, channels, *roi_heads.mask_roi_pool.output_size)
-        boxes = roi_heads.box_predictor(roi_heads.box_head(box_features))
-        masks = roi_heads.mask_predictor(roi_heads.mask_head(mask_features))
-        return objectness, box_deltas, boxes, masks
+        roi, channels = self.model.roi_heads, levels[0].shape[1]
+        boxes = roi.box_predictor(roi.box_head(levels[0].new_zeros(1000, channels, *roi.box_roi_pool.output_size)))
+        masks = roi.mask_predictor(roi.mask_head(levels[0].new_zeros(100, channels, *roi.mask_roi_pool.output_size)))
+        return self.model.rpn.head(levels), boxes, masks
 
 
-def conv_flops(layer, x, y):
-    """Multiply-accumulates of every output position (of every input position for a transposed
-    conv), plus one addition per output for the bias."""
-    per_position = layer.out_channels * layer.in_channels // layer.groups * math.prod(layer.kernel_size)
-    positions = x if isinstance(layer, nn.ConvTranspose2d) else y
-    return positions.numel() // positions.shape[1] * per_position + (y.numel() if layer.bias is not None else 0)
-
-
-def norm_flops(layer, x, y):
-    affine = getattr(layer, "affine", False) or getattr(layer, "elementwise_affine", False)
-    return x.numel() * (2 if affine else 1)
-
-
-# MMCV's get_model_complexity_info: the layer types it counts, and how. It matches exact types.
-MMCV_RULES = {
-    nn.Conv2d: conv_flops, nn.ConvTranspose2d: conv_flops,
-    nn.BatchNorm2d: norm_flops, nn.GroupNorm: norm_flops, nn.LayerNorm: norm_flops,
-    nn.Linear: lambda layer, x, y: x.numel() * y.shape[-1],
-    nn.ReLU: lambda layer, x, y: y.numel(), nn.Upsample: lambda layer, x, y: y.numel(),
-    nn.MaxPool2d: lambda layer, x, y: x.numel(), nn.AdaptiveAvgPool2d: lambda layer, x, y: x.numel(),
-}
-
-
-def mmcv_counted_layers(model):
-    """{layer: its MMCV_RULES type} for the layers MMCV's counter would have seen. It matches exact
-    types, so what it saw of GLNet depends on the classes the released code builds it from: attention
-    is nn.MultiheadAttention, computed by a function (not counted at all, projections included); the
-    norms of the blocks are timm's LayerNorm2d, a LayerNorm subclass (not counted), except the first
-    norm of the full-attention blocks (nn.LayerNorm); the FFN's z + DWConv3x3(z) is a Conv2d subclass
-    (not counted). The position-encoding conv and GLNet's other convolutions are plain nn.Conv2d."""
-    unseen = set()
-    for module in model.modules():
-        if isinstance(module, glnet.MHSA):
-            unseen.update(module.modules())
-        elif isinstance(module, glnet.GLMixBlock):
-            unseen.update((module.norm1, module.norm2))
-        elif isinstance(module, glnet.MHSABlock):
-            unseen.add(module.norm2)
-        elif isinstance(module, glnet.ConvFFN):
-            unseen.add(module[1])
-    layers = {}
-    for module in model.modules():
-        kind = nn.Conv2d if isinstance(module, nn.Conv2d) else type(module)  # ResidualDWConv, PatchConv
-        if kind in MMCV_RULES and module not in unseen:
-            layers[module] = kind
-    return layers
+MMCV_COUNTED = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear, nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm, nn.ReLU,
+                nn.AdaptiveAvgPool2d)
 
 
 @torch.no_grad()
-def mmcv_flops(module, inputs):
-    """FLOPs (multiply-accumulates) as MMCV's counter, which MMDetection's and MMSegmentation's
-    get_flops use, counts them: a forward hook on each layer of mmcv_counted_layers; matrix
-    products and attention inside functions go uncounted. Needs only shapes: meta tensors will do."""
-    total = 0
+def mmcv_flops(model, image):
+    """Multiply-accumulates as MMCV's counter (the paper's get_flops tools) counts them: hooks on layers of exact
+    known types, so what functions compute, attention among it, goes uncounted. What it saw of GLNet follows the
+    released code's classes: attention is nn.MultiheadAttention (projections included), the blocks' norms a
+    LayerNorm subclass but for the first of a full-attention block, the FFN's depth-wise conv a Conv2d subclass."""
+    unseen, total = set(), 0
+    for m in model.modules():
+        if isinstance(m, glnet.MHSA):
+            unseen.update(m.modules())
+        elif isinstance(m, glnet.GLMixBlock):
+            unseen.update((m.norm1, m.norm2))
+        elif isinstance(m, glnet.MHSABlock):
+            unseen.add(m.norm2)
+        elif isinstance(m, glnet.ConvFFN):
+            unseen.add(m[1])
+        elif isinstance(m, UperNet):   # the paper's configuration gives its heads SyncBatchNorm, not a counted type
+            unseen.update(n for name, head in m.named_children() if name != "backbone" for n in head.modules()
+                          if isinstance(n, nn.BatchNorm2d))
 
-    def count(layer, args, output):
+    def count(layer, inputs, y):
         nonlocal total
-        total += MMCV_RULES[layers[layer]](layer, args[0], output)
+        x = inputs[0]
+        if isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d)):   # per output (input, transposed) position, + bias
+            grid = x if isinstance(layer, nn.ConvTranspose2d) else y
+            total += grid.numel() // grid.shape[1] * layer.in_channels * layer.out_channels // layer.groups * math.prod(
+                layer.kernel_size) + (y.numel() if layer.bias is not None else 0)
+        elif isinstance(layer, nn.Linear):
+            total += x.numel() * y.shape[-1]
+        elif isinstance(layer, (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)):
+            total += x.numel() * (2 if getattr(layer, "affine", getattr(layer, "elementwise_affine", False)) else 1)
+        else:
+            total += (y if isinstance(layer, nn.ReLU) else x).numel()
 
-    layers = mmcv_counted_layers(module)
-    handles = [layer.register_forward_hook(count) for layer in layers]
+    hooks = [m.register_forward_hook(count) for m in model.modules()
+             if m not in unseen and (type(m) in MMCV_COUNTED or isinstance(m, nn.Conv2d))]
     try:
-        module(*inputs)
+        model(image)
     finally:
-        for handle in handles:
-            handle.remove()
+        for hook in hooks:
+            hook.remove()
     return total
 
 
-def report_model(task, backbone):
-    """One dense model with the paper's class count and widths, as get_flops runs it (eval mode).
-    UperNet's heads get SyncBatchNorm, as in the MMSegmentation configuration the paper used (the
-    same layers in eval mode; MMCV's counter does not count SyncBatchNorm)."""
-    model = create_model(task, backbone, REPORT_CLASSES[task], fpn_channels=REPORT_WIDTHS[task])
-    if task == "upernet":
-        for name, head in model.named_children():
-            if name != "backbone":
-                nn.SyncBatchNorm.convert_sync_batchnorm(head)
-    return CountedForward(task, model).eval()
-
-
-def dense_model_costs(task, backbone):
-    """(parameters, fvcore FLOPs, MMCV FLOPs) of one dense model at REPORT_SIZES. Parameters and
-    MMCV's count come from a model on the meta device (no arithmetic); fvcore traces a real forward
-    of a CPU model on a zero image."""
-    size = REPORT_SIZES[task]
-    with torch.device("meta"):
-        meta = report_model(task, backbone)
-    params, mmcv = glnet.count_params(meta), mmcv_flops(meta, (torch.zeros(1, 3, *size, device="meta"),))
-    with torch.no_grad():
-        everything = glnet.flop_analysis(report_model(task, backbone), (torch.zeros(1, 3, *size),)).total()
-    return params, everything, mmcv
-
-
-def report(tasks=TASKS, backbones=("glnet_4g", "glnet_9g")):
-    """Print parameters and GFLOPs of each dense model beside the paper's (Tables 4 and 5)."""
+def report(tasks, backbones):
+    """Parameters and GFLOPs of each dense model beside the paper's: fvcore's count of every operation, and
+    MMCV's, which gives the paper's numbers and so shows that they leave GLNet's attention out."""
     print(f"{'model':<11}{'backbone':<12}{'params (M)':>11}{'paper':>7}{'GFLOPs all':>12}{'GFLOPs MMCV':>13}"
           f"{'paper':>7}  input")
     rows = []
     for task in tasks:
         for backbone in backbones:
-            params, everything, mmcv = dense_model_costs(task, backbone)
-            paper = PAPER[task].get(backbone)
-            paper_params, paper_flops = (f"{paper[0]:>7g}", f"{paper[1]:>7g}") if paper else (f"{'-':>7}", f"{'-':>7}")
-            height, width = REPORT_SIZES[task]
-            print(f"{task:<11}{backbone:<12}{params / 1e6:>11.2f}{paper_params}{everything / 1e9:>12.1f}"
-                  f"{mmcv / 1e9:>13.1f}{paper_flops}  {height}x{width}", flush=True)
+            size = TASKS[task].report_size
+            settings = {**dataclasses.asdict(DenseSettings()), **TASKS[task].paper, "task": task, "model": backbone}
+            counted = lambda: CountedForward(task, build_model(settings, TASKS[task].report_classes))  # noqa: E731
+            with torch.device("meta"):   # shapes only
+                params, mmcv = glnet.count_params(counted()), mmcv_flops(counted(), torch.zeros(1, 3, *size))
+            with torch.no_grad():
+                everything = glnet.flop_analysis(counted(), (torch.zeros(1, 3, *size),)).total()
+            paper = [f"{v:>7g}" for v in TASKS[task].paper_costs.get(backbone, ())] or [f"{'-':>7}"] * 2
+            print(f"{task:<11}{backbone:<12}{params / 1e6:>11.2f}{paper[0]}{everything / 1e9:>12.1f}"
+                  f"{mmcv / 1e9:>13.1f}{paper[1]}  {size[0]}x{size[1]}", flush=True)
             rows.append((task, backbone, params, everything, mmcv))
-    print("GFLOPs: multiply-accumulates of one image. 'all': fvcore, every operation, attention included.\n"
-          "'MMCV': what MMCV's counter (the paper's tools) sees: layers such as convolutions, norms and plain\n"
-          "  linear layers; GLNet's attention (nn.MultiheadAttention in the released code) and its clustering\n"
-          "  and dispatching matrix products are not counted.\n"
-          f"Mask R-CNN: backbone, FPN, RPN head, box head on {PROPOSALS} RoIs, mask head on {MASK_PROPOSALS} "
-          "(MMDetection's convention).\nSegmentation: without UperNet's auxiliary head (training only).")
+    print("GFLOPs: multiply-accumulates of one image. 'all': fvcore, every operation. 'MMCV': what the paper's\n"
+          "tools count, layers but not GLNet's attention, clustering and dispatching. Mask R-CNN: box head on 1000\n"
+          "RoIs, mask head on 100 (MMDetection's). Segmentation: without UperNet's auxiliary head (training only).")
     return rows
 
 
-# ---------------------------------------------------------------------------------------------
-# Command line: train.py's flags, plus the dense tasks' own
-# ---------------------------------------------------------------------------------------------
+# --- Command line: train.py's flags, and the dense tasks' own -------------------------------------
+
+def describe_default(name):
+    """A flag's default in --help: the recipes' values, with --data and on the scenes."""
+    values = [f"{task}{where} {recipe[name]}" for task, t in TASKS.items()
+              for where, recipe in (("", t.paper), (" scenes", t.synthetic)) if name in recipe]
+    special = dict(task=f"{' '.join(DEFAULT_TASKS)}; all with --report; the checkpoint's with --eval, --predict",
+                   output_dir=f"{OUTPUT_DIR}, a folder per task", data="the synthetic scenes")
+    default = special.get(name, DenseSettings.__dataclass_fields__[name].default)
+    if len(values) < 2 * len(TASKS):
+        values.append(f"else {default}" if values else str(default))
+    return ", ".join(values)
+
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-
-    def default(key):
-        if key == "data":
-            return ("COCO 2017 root (maskrcnn, retinanet) or ADEChallengeData2016 root (semfpn, upernet); "
-                    "default: the synthetic scenes")
-        if key == "output_dir":
-            return "one subfolder per task (default runs/detect_seg)"
-        values = {task: {**COMMON, **recipe}.get(key) for task, recipe in RECIPES.items()}
-        synthetic = {task: {**COMMON, **recipe}.get(key) for task, recipe in SYNTHETIC_RECIPES.items()}
-        return f"default per task {values} with --data, {synthetic} without"
-
-    train.add_training_arguments(parser, default)
-    parser.add_argument("--task", nargs="+", choices=TASKS, default=None,
-                        help="models to train, one after the other (default: maskrcnn semfpn on the synthetic scenes); "
-                             "with --report, the models to count (default: all four)")
-    parser.add_argument("--pretrained", default=None, help="ImageNet GLNet checkpoint for the backbone (released ones included)")
-    parser.add_argument("--schedule", choices=("1x", "3x"), default="1x", help="detection: 12 epochs, or 36 with multi-scale training")
-    parser.add_argument("--min-size", type=int, default=None, help="detection: shorter image side")
-    parser.add_argument("--max-size", type=int, default=None, help="detection: longest image side at most")
-    parser.add_argument("--multiscale", action="store_true", default=None,
-                        help=f"detection: shorter side drawn from {MULTISCALE_SIZES[0]}-{MULTISCALE_SIZES[-1]} (3x sets it)")
-    parser.add_argument("--fpn-channels", type=int, default=None,
-                        help="FPN (and mask head) width: 256 in the paper; UperNet's width: 512 in the paper")
-    parser.add_argument("--rois-per-image", type=int, default=None, help="Mask R-CNN: RoIs sampled per image for the box/mask losses")
-    parser.add_argument("--crop-size", type=int, default=None, help="segmentation training crop")
-    parser.add_argument("--scale", type=int, default=None, help="segmentation: images resized into (4*scale, scale)")
-    parser.add_argument("--predict", metavar="IMAGE", default=None, help="draw the predictions on IMAGE into a PNG")
-    parser.add_argument("--predict-output", default=None, help="default: <output-dir>/<image name>_<task>.png")
-    parser.add_argument("--score-threshold", type=float, default=0.5)
-    parser.add_argument("--report", action="store_true",
-                        help="print parameters and GFLOPs of the dense models (--task, default all four) with "
-                             "glnet_4g and glnet_9g (or --model) against the paper's Tables 4 and 5, then exit")
+    """(every flag, the settings flags given on the command line, the --task list or None)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS)
+    train.add_settings_flags(parser, DenseSettings, describe_default)
+    parser.add_argument("--threads", type=train.at_least(0), default=train.CORES, help="CPU threads per process, "
+                        "0 = torch's default (default: this machine's cores over its processes)")
+    parser.add_argument("--eval", action="store_true", help="evaluate --checkpoint on its validation set, then exit")
+    parser.add_argument("--checkpoint", help="with --eval or --predict (default: <output-dir>/<task>/best.pth)")
+    parser.add_argument("--predict", metavar="IMAGE", help="draw what --checkpoint finds in IMAGE into a PNG")
+    parser.add_argument("--predict-output", help="default: <output-dir>/<image name>_<task>.png")
+    parser.add_argument("--score-threshold", type=float, default=0.5, help="--predict: the detections drawn")
+    parser.add_argument("--report", action="store_true", help="parameters and GFLOPs of the dense models (--task) "
+                        "with glnet_4g and glnet_9g (or --model) against the paper's Tables 4 and 5, then exit")
     args = parser.parse_args(argv)
-    if args.task is None and args.report:
-        args.task = list(TASKS)
-    if args.task is None:
-        if args.data is not None and not (args.bench or args.predict):
-            parser.error("--task is required with --data (maskrcnn or retinanet on COCO, semfpn or upernet on ADE20K)")
-        args.task = ["maskrcnn", "semfpn"]
-    if args.output_dir is None:
-        args.output_dir = os.path.join("runs", "detect_seg")
-    train.check_training_arguments(parser, args)
-    return args
+    given = train.field_values(DenseSettings, vars(args))
+    tasks = given.pop("task", None)
+    if "data" in given and tasks is None and "checkpoint" not in args and "predict" not in args:
+        parser.error("--task is required with --data (maskrcnn or retinanet on COCO, semfpn or upernet on ADE20K)")
+    return args, given, tasks
 
 
-def task_config(args, task):
-    """The flags for one task: the paper's recipe (or the synthetic one), overridden by the command line."""
-    synthetic = args.data is None
-    recipe = {**COMMON, **(SYNTHETIC_RECIPES if synthetic else RECIPES)[task]}
-    if task not in SEGMENTATION_TASKS and args.schedule == "3x":
-        recipe.update(SCHEDULE_3X)
-    config = argparse.Namespace(**{**vars(args), "task": task, "synthetic": synthetic})
-    train.apply_recipe(config, recipe)
-    config.data = scenes_dataset(args.cache_dir) if synthetic else os.path.abspath(args.data)
-    config.output_dir = os.path.join(args.output_dir, task)
-    return config
+def make_settings(task, given, trained=None):
+    """The one place where a recipe becomes a run's settings: the task's recipe (the paper's with --data, the
+    synthetic one without), then those the checkpoint was trained with (--eval), then the command line's."""
+    values = {**(trained or {}), **given}
+    recipe = TASKS[task].paper if values.get("data") else TASKS[task].synthetic
+    if values.get("schedule") == "3x" and not TASKS[task].segmentation:
+        recipe = recipe | SCHEDULE_3X
+    values = {**recipe, **values, "task": task, "output_dir": os.path.join(given.get("output_dir", OUTPUT_DIR), task)}
+    if values.get("data"):
+        values["data"] = os.path.abspath(values["data"])
+    return DenseSettings(**train.field_values(DenseSettings, values))
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    """Train each --task, or --eval, --predict, --report; returns {task: metrics}, the PNG's path or the report."""
+    args, given, tasks = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if "report" in args:
+        return report(tasks or list(TASKS), [given["model"]] if "model" in given else ["glnet_4g", "glnet_9g"])
+    output_dir = given.get("output_dir", OUTPUT_DIR)
+    checkpoint = getattr(args, "checkpoint", os.path.join(output_dir, (tasks or DEFAULT_TASKS)[0], "best.pth"))
+    if "predict" in args:
+        output = getattr(args, "predict_output", None)
+        return predict(args.predict, checkpoint, output, output_dir, args.score_threshold)
     rank, world_size, device = train.setup_distributed()
     try:
-        if args.bench:
-            return benchmark(args.model or "glnet_4g", device)
-        if args.report:
-            return report(args.task, [args.model] if args.model else ["glnet_4g", "glnet_9g"])
-        if args.predict:
-            checkpoint = args.checkpoint or os.path.join(args.output_dir, args.task[0], "best.pth")
-            stem = os.path.splitext(os.path.basename(args.predict))[0]
-            output = args.predict_output or os.path.join(args.output_dir, f"{stem}_{args.task[0]}.png")
-            return predict(args.predict, checkpoint, output, args.score_threshold)
+        if "eval" in args:   # on the validation set the checkpoint was trained with, or on --data
+            model, trained = train.load_trained(checkpoint, build_model, **given)
+            task = trained["task"]
+            if tasks and tasks[0] != task:
+                raise ValueError(f"{checkpoint} is a {task} checkpoint, not {tasks[0]}: pass --task {task}")
+            s = make_settings(task, given, trained["args"])
+            with train.autocast(device, s.amp):
+                metrics = dense_task(s, rank, world_size, device).evaluate(model.to(device))
+            train.log(f"{checkpoint}: {train.format_metrics(metrics)}")
+            return {task: metrics}
         results = {}
-        for task in args.task:
-            config = task_config(args, task)
-            train.log(f"{task}: {config.model} on {config.data} -> {config.output_dir}")
-            run = evaluate_checkpoint if args.eval else train_task
-            results[task] = run(config, rank, world_size, device)
-            train.log(f"{task} result: {train.format_metrics(results[task])}")
+        for task in tasks or DEFAULT_TASKS:
+            s = make_settings(task, given)
+            train.log(f"{task}: " + ", ".join(f"{k} {v}" for k, v in dataclasses.asdict(s).items()))
+            trainer = make_trainer(s, rank, world_size, device)
+            trainer.resume()
+            results[task] = {k[4:]: v for k, v in trainer.fit().items() if k.startswith("val_")}
+            train.log(f"{task} result: {train.format_metrics(results[task])}; checkpoints in {s.output_dir}")
         return results
     finally:
         if dist.is_initialized():

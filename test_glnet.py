@@ -1772,7 +1772,16 @@ def test_released_checkpoint_needs_model_and_data(tiny_data, tmp_path):
 # detect_seg.py
 # =================================================================================================
 
-SMALL = dict(fpn_channels=32, rois_per_image=32, min_size=96, max_size=160)
+import dataclasses  # noqa: E402 (this section's own imports)
+import warnings  # noqa: E402
+
+from torchvision import tv_tensors  # noqa: E402
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool  # noqa: E402
+
+QUIET = ["--workers", "0", "--threads", "1", "--print-freq", "1"]
+SMALL_DETECTOR = ["--min-size", "96", "--max-size", "160", "--fpn-channels", "32", "--rois-per-image", "32", *QUIET]
+SEGMENTATION = ["--task", "semfpn", "--crop-size", "64", "--scale", "80", "--fpn-channels", "32", *QUIET]
+CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
@@ -1788,11 +1797,31 @@ def scenes(cache_dir):
     return str(cache_dir / detect_seg.SCENES_VERSION)
 
 
-def training_batch(scenes, count=2):
-    dataset = detect_seg.coco_dataset(scenes, "train", train=True, with_masks=True)
-    images, targets = zip(*(dataset[i] for i in range(count)))
-    return list(images), [{k: v for k, v in t.items() if k != "image_id"} for t in targets]
+def dense_trainer(task, argv):
+    """The Trainer of a run of `task` with these flags, built as main builds it."""
+    args, given, _ = detect_seg.parse_args(argv)
+    torch.set_num_threads(args.threads)  # as main does: 1 in the tests, fast on a busy CPU
+    return detect_seg.make_trainer(detect_seg.make_settings(task, given), 0, 1, CPU)
 
+
+def read_metrics(folder):
+    with open(os.path.join(folder, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def run_detect_seg(args, launcher=(sys.executable,), script=os.path.join(HERE, "detect_seg.py"), timeout=300):
+    result = subprocess.run([*launcher, script, *args], cwd=HERE, capture_output=True, text=True, timeout=timeout,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": HERE})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def drawn_differs(image, output):
+    drawn, original = np.array(Image.open(output)), np.array(Image.open(image).convert("RGB"))
+    return drawn.shape == original.shape and (drawn != original).any()
+
+
+# --- data: the scenes, COCO and ADE20K folders, bad input ----------------------------------------
 
 def test_synthetic_scenes_are_consistent(scenes):
     coco = COCO(os.path.join(scenes, "annotations", "instances_train2017.json"))
@@ -1812,224 +1841,6 @@ def test_synthetic_scenes_are_consistent(scenes):
             assert (semantic[mask > 0] == ann["category_id"] + 1).all()  # label 1 = background
         instances = sum(mask_util.decode(a["segmentation"]) for a in annotations)
         assert (semantic[instances == 0] == 1).all() and instances.max() == 1
-
-
-@pytest.mark.parametrize("task", ["maskrcnn", "retinanet"])
-def test_detector_forward_backward(scenes, task):
-    torch.manual_seed(0)
-    model = detect_seg.create_detector(task, "glnet_mini", num_classes=4, **SMALL)
-    images, targets = training_batch(scenes)
-    losses = model(images, targets)
-    expected = {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg"} \
-        if task == "maskrcnn" else {"classification", "bbox_regression"}
-    assert set(losses) == expected and all(torch.isfinite(v) for v in losses.values())
-    sum(losses.values()).backward()
-    stem = model.backbone.body.downsample_layers[0][0].weight
-    assert stem.grad is not None and stem.grad.abs().sum() > 0
-
-    model.eval()
-    odd = [torch.rand(3, 97, 131), torch.rand(3, 120, 88)]
-    with torch.no_grad():
-        outputs = model(odd)
-    for image, output in zip(odd, outputs):
-        assert output["boxes"].shape[1] == 4 and len(output["boxes"]) == len(output["scores"]) == len(output["labels"])
-        if task == "maskrcnn":
-            assert output["masks"].shape[1:] == (1, *image.shape[1:])
-
-
-def test_semantic_fpn_forward_backward():
-    torch.manual_seed(0)
-    model = detect_seg.SemanticFPN("glnet_mini", num_classes=5, fpn_channels=64)
-    images = torch.rand(2, 3, 65, 97)  # not a multiple of 32
-    logits = model(images)
-    assert logits.shape == (2, 5, 65, 97)
-    labels = torch.randint(0, 5, (2, 65, 97))
-    labels[:, :10] = detect_seg.IGNORE_INDEX
-    torch.nn.functional.cross_entropy(logits, labels, ignore_index=detect_seg.IGNORE_INDEX).backward()
-    for module in (model.backbone.body.stages[0], model.scale_heads[3], model.classifier):
-        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
-
-
-def test_upernet_returns_the_auxiliary_logits_and_loss_in_training_only():
-    torch.manual_seed(0)
-    model = detect_seg.UperNet("glnet_mini", num_classes=5, channels=32)
-    images, labels = torch.rand(2, 3, 65, 97), torch.randint(0, 5, (2, 65, 97))
-    labels[:, :10] = detect_seg.IGNORE_INDEX
-    cross_entropy = lambda logits: torch.nn.functional.cross_entropy(logits, labels, ignore_index=detect_seg.IGNORE_INDEX)
-    cpu = torch.device("cpu")
-
-    torch.manual_seed(1)  # the same dropout masks in both forward passes
-    loss = detect_seg.segmentation_loss(model, (images, labels), cpu)
-    torch.manual_seed(1)
-    logits, auxiliary = model(images)
-    assert logits.shape == auxiliary.shape == (2, 5, 65, 97)
-    main_loss = cross_entropy(logits)
-    torch.testing.assert_close(loss, main_loss + detect_seg.AUXILIARY_WEIGHT * cross_entropy(auxiliary))
-    assert loss > main_loss + 0.1
-    loss.backward()
-    for module in (model.backbone.stages[0], model.psp_modules[0], model.lateral_convs[0], model.auxiliary_head):
-        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
-
-    model.eval()
-    with torch.no_grad():
-        logits = model(images)
-        assert isinstance(logits, torch.Tensor) and logits.shape == (2, 5, 65, 97)
-        assert detect_seg.segmentation_loss(model, (images, labels), cpu) == cross_entropy(logits)
-
-
-def test_retinanet_p6_comes_from_c5():
-    """As in MMDetection's RetinaNet: P6 is a strided conv on C5, also when C5 is as wide as the FPN
-    (glnet_mini's C5 has 256 channels), where torchvision's LastLevelP6P7 would take P5."""
-    fpn = detect_seg.create_detector("retinanet", "glnet_mini", 4, fpn_channels=256).backbone.eval()
-    inputs = []
-    fpn.fpn.extra_blocks.p6.register_forward_pre_hook(lambda module, args: inputs.append(args[0]))
-    x = torch.rand(1, 3, 96, 128)
-    with torch.no_grad():
-        levels = fpn(x)
-        c5 = fpn.body.forward_features(x)[3]
-    assert list(levels) == ["0", "1", "2", "p6", "p7"] and torch.equal(inputs[0], c5)
-
-
-# Parameters (M) with COCO's 80 classes and ADE20K's 150: the paper's Tables 4 and 5 (RetinaNet: the
-# paper prints 37 / 70; 36.7 / 70.2 is MMDetection's RetinaNet, P6 on C5), UperNet with its auxiliary head.
-DENSE_PARAMS = {("retinanet", "glnet_4g"): 36.7, ("retinanet", "glnet_9g"): 70.2, ("maskrcnn", "glnet_4g"): 46.6,
-                ("maskrcnn", "glnet_9g"): 79.5, ("semfpn", "glnet_4g"): 30.7, ("semfpn", "glnet_9g"): 63.6,
-                ("upernet", "glnet_4g"): 56.8, ("upernet", "glnet_9g"): 91.7}
-
-
-@pytest.mark.parametrize("task, backbone", list(DENSE_PARAMS))
-def test_dense_models_have_the_papers_parameters(task, backbone):
-    with torch.device("meta"):
-        model = detect_seg.report_model(task, backbone)
-    assert glnet.count_params(model) / 1e6 == pytest.approx(DENSE_PARAMS[task, backbone], abs=0.05)
-    if task == "upernet":
-        assert sum(p.numel() for p in model.model.auxiliary_head.parameters()) > 0.5e6
-
-
-@pytest.mark.parametrize("task, backbone", list(DENSE_PARAMS))
-def test_mmcv_flops_are_the_papers(task, backbone):
-    """On the meta device (shapes only), MMCV's count, what the paper's tools saw, gives the paper's
-    GFLOPs, which it prints as integers: all within rounding but UperNet with glnet_9g (988.5 for 988)."""
-    with torch.device("meta"):
-        model = detect_seg.report_model(task, backbone)
-    images = torch.zeros(1, 3, *detect_seg.REPORT_SIZES[task], device="meta")
-    gflops = detect_seg.mmcv_flops(model, (images,)) / 1e9
-    tolerance = 0.6 if (task, backbone) == ("upernet", "glnet_9g") else 0.5
-    assert gflops == pytest.approx(detect_seg.PAPER[task][backbone][1], abs=tolerance)
-
-
-def test_mmcv_flops_count_layers_not_functions():
-    """A conv with bias, BatchNorm, ReLU, pooling counted by MMCV's rules; GLNet's attention, block norms
-    and FFN depth-wise conv left out, as MMCV saw them in the released code."""
-    layers = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(2))
-    x = torch.zeros(1, 3, 10, 10)
-    assert detect_seg.mmcv_flops(layers, (x,)) == 100 * 8 * 27 + 800 + 2 * 800 + 800 + 800
-
-    block = glnet.GLMixBlock(64, mlp_ratio=3, conv_pos=True, conv_ffn=True)
-    hidden = block.mlp[0].out_channels
-    counted = detect_seg.mmcv_counted_layers(block)
-    assert block.pos_conv in counted and block.mlp[0] in counted and block.local_branch[1] in counted
-    assert not {block.norm1, block.norm2, block.mlp[1], block.slot_mhsa.out_proj} & set(counted)
-    pixels = 16 * 16
-    convs = 64 * 9 + 2 * 64 * 64 + 64 * 25 + 2 * 64 * hidden  # pos_conv, local branch, FFN 1x1s
-    biases = 64 * 4 + hidden + 64
-    assert detect_seg.mmcv_flops(block, (torch.zeros(1, 64, 16, 16),)) == pixels * (convs + biases)
-
-
-def test_backbone_from_imagenet_checkpoint(tmp_path):
-    classifier = glnet.create_model("glnet_mini", num_classes=10)
-    with torch.no_grad():
-        classifier.downsample_layers[1][1].running_mean.uniform_()
-    torch.save({"model_ema": classifier.state_dict()}, tmp_path / "imagenet.pth")
-    detector = detect_seg.create_detector("maskrcnn", "glnet_mini", 4, pretrained=str(tmp_path / "imagenet.pth"), **SMALL)
-    body = detector.backbone.body
-    assert torch.equal(body.stages[2].blocks[0].slot_mhsa.in_proj_weight, classifier.stages[2].blocks[0].slot_mhsa.in_proj_weight)
-    frozen = body.downsample_layers[1][1]
-    assert isinstance(frozen, FrozenBatchNorm2d)
-    assert torch.equal(frozen.running_mean, classifier.downsample_layers[1][1].running_mean)
-    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in body.modules())
-    with pytest.raises(FileNotFoundError, match="nothere.pth"):
-        detect_seg.create_backbone("glnet_mini", str(tmp_path / "nothere.pth"))
-    with pytest.raises(ValueError, match="missing"):
-        detect_seg.create_backbone("glnet_4g", str(tmp_path / "imagenet.pth"))
-
-
-def test_fpn_levels_and_strides():
-    fpn = detect_seg.GLNetFPN(detect_seg.create_backbone("glnet_mini"), out_channels=32)
-    features = fpn(torch.rand(1, 3, 100, 132))
-    assert [tuple(f.shape) for f in features.values()] == [(1, 32, 25, 33), (1, 32, 13, 17), (1, 32, 7, 9), (1, 32, 4, 5)]
-
-
-def ground_truth_as_detections(coco, image_id):
-    """torchvision-style output equal to the ground truth: XYXY boxes, (N, 1, H, W) mask probabilities."""
-    info, anns = coco.loadImgs(image_id)[0], coco.loadAnns(coco.getAnnIds(imgIds=image_id))
-    boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32)
-    boxes[:, 2:] += boxes[:, :2]
-    masks = torch.stack([torch.from_numpy(mask_util.decode(a["segmentation"])).float() for a in anns])[:, None]
-    assert masks.shape[2:] == (info["height"], info["width"])
-    return dict(boxes=boxes, labels=torch.tensor([a["category_id"] for a in anns]), scores=torch.ones(len(anns)), masks=masks)
-
-
-def test_coco_evaluation_of_ground_truth_is_perfect(scenes):
-    coco = COCO(os.path.join(scenes, "annotations", "instances_val2017.json"))
-    parts = [detect_seg.detections_to_coco(ground_truth_as_detections(coco, i), i) for i in coco.getImgIds()]
-    results = {iou_type: [r for part in parts for r in part[iou_type]] for iou_type in ("bbox", "segm")}
-    for iou_type in ("bbox", "segm"):
-        metrics = detect_seg.coco_evaluate(coco, copy.deepcopy(results[iou_type]), iou_type)
-        assert metrics["AP"] == metrics["AP50"] == metrics["AP75"] == 1.0
-    shifted = copy.deepcopy(results["bbox"])
-    for r in shifted[::2]:
-        r["bbox"][0] += r["bbox"][2] / 2  # IoU 1/3: a miss
-    assert detect_seg.coco_evaluate(coco, shifted, "bbox")["AP50"] < 1.0
-    assert detect_seg.coco_evaluate(coco, [], "bbox")["AP"] == 0.0
-
-
-def test_miou_of_a_known_confusion_matrix():
-    label = torch.tensor([0, 0, 0, 0, 1, 1, 2, 2, detect_seg.IGNORE_INDEX])
-    prediction = torch.tensor([0, 0, 0, 1, 1, 1, 2, 0, 2])
-    confusion = detect_seg.confusion_matrix(prediction, label, num_classes=4)
-    assert confusion.tolist() == [[3, 1, 0, 0], [0, 2, 0, 0], [1, 0, 1, 0], [0, 0, 0, 0]]
-    metrics = detect_seg.segmentation_metrics(confusion)
-    # IoU: class 0 = 3 / (4 + 4 - 3), class 1 = 2 / (2 + 3 - 2), class 2 = 1 / (2 + 1 - 1); class 3 absent
-    assert metrics["mIoU"] == pytest.approx((3 / 5 + 2 / 3 + 1 / 2) / 3, abs=1e-12)
-    assert metrics["aAcc"] == pytest.approx(6 / 8, abs=1e-12)
-
-
-def test_bad_dense_data_is_named_before_training(tmp_path, scenes, cache_dir):
-    coco = tmp_path / "coco"
-    os.makedirs(coco / "annotations")
-    with pytest.raises(FileNotFoundError, match="instances_train2017.json .*expected the COCO 2017 layout"):
-        detect_seg.main(["--task", "maskrcnn", "--data", str(coco), "--output-dir", str(tmp_path / "out")])
-    ann_file = coco / "annotations" / "instances_train2017.json"
-    ann_file.write_text(open(os.path.join(scenes, "annotations", "instances_train2017.json")).read())
-    with pytest.raises(FileNotFoundError, match="train2017 .*expected the COCO 2017 layout"):
-        detect_seg.main(["--task", "maskrcnn", "--data", str(coco), "--output-dir", str(tmp_path / "out")])
-    os.symlink(os.path.join(scenes, "train2017"), coco / "train2017")
-    ann_file.write_text(ann_file.read_text()[:500])  # truncated
-    with pytest.raises(ValueError, match=f"{ann_file} is not valid JSON .*expected a COCO instances file"):
-        detect_seg.main(["--task", "maskrcnn", "--data", str(coco), "--output-dir", str(tmp_path / "out")])
-    ann_file.write_text(json.dumps({"images": []}))
-    with pytest.raises(ValueError, match="has no 'annotations', 'categories' entry"):
-        detect_seg.main(["--task", "maskrcnn", "--data", str(coco), "--output-dir", str(tmp_path / "out")])
-
-    ade = tmp_path / "ade"
-    os.makedirs(ade / "images" / "training")
-    with pytest.raises(FileNotFoundError, match="annotations/training not found; expected the ADEChallengeData2016"):
-        detect_seg.main(["--task", "semfpn", "--data", str(ade), "--output-dir", str(tmp_path / "out")])
-    with pytest.raises(FileNotFoundError, match="label folder"):
-        detect_seg.SegmentationFolder(os.path.join(scenes, "val2017"), str(tmp_path / "labels"), None)
-
-    labels = tmp_path / "labels"
-    shutil.copytree(os.path.join(scenes, "semantic", "val2017"), labels)
-    wrong = sorted(os.listdir(labels))[1]
-    Image.fromarray(np.ones((40, 30), np.uint8)).save(labels / wrong)
-    with pytest.raises(ValueError, match=f"label {labels / wrong} is 30x40 but its image .*{wrong} is "):
-        detect_seg.SegmentationFolder(os.path.join(scenes, "val2017"), str(labels), None)
-
-    with pytest.raises(ValueError, match="12 training images are fewer than one global batch of 16"):
-        detect_seg.main([*SEGMENTATION, "--cache-dir", str(cache_dir), "--output-dir", str(tmp_path / "out"),
-                         "--batch-size", "8", "--accum-steps", "2"])
-    assert not (tmp_path / "out").exists()
 
 
 def test_builtin_dataset_is_generated_once_and_reused(tmp_path):
@@ -2052,205 +1863,191 @@ def test_builtin_dataset_is_generated_once_and_reused(tmp_path):
     assert os.listdir(root) == ["theirs"] and sorted(os.listdir(tmp_path)) == ["race-v1", "toy-v1"]
 
 
-def test_unannotated_images_skipped_and_degenerate_boxes_dropped(tmp_path, scenes):
+def ade20k_folder(root, train_sizes, val_sizes, label=None):
+    """ADEChallengeData2016's layout with grey images of the given (H, W) sizes and labels of class 1 (or `label`)."""
+    for split, sizes in (("training", train_sizes), ("validation", val_sizes)):
+        for kind in ("images", "annotations"):
+            os.makedirs(root / kind / split)
+        for i, (height, width) in enumerate(sizes):
+            Image.new("RGB", (width, height), (90, 90, 90)).save(root / "images" / split / f"{i:04d}.jpg")
+            Image.fromarray(np.ones((height, width), np.uint8) if label is None else label).save(
+                root / "annotations" / split / f"{i:04d}.png")
+    return str(root)
+
+
+def test_bad_dense_data_and_flags_are_named_before_training(tmp_path, scenes, cache_dir, capsys):
+    out = ["--output-dir", str(tmp_path / "out")]
+    coco = tmp_path / "coco"
+    os.makedirs(coco / "annotations")
+    with pytest.raises(FileNotFoundError, match="instances_train2017.json not found: expected the COCO 2017 layout"):
+        detect_seg.main(["--task", "maskrcnn", "--data", str(coco), *out])
+    ann_file = coco / "annotations" / "instances_train2017.json"
+    ann_file.write_text(open(os.path.join(scenes, "annotations", "instances_train2017.json")).read())
+    with pytest.raises(FileNotFoundError, match="train2017 not found: expected the COCO 2017 layout"):
+        detect_seg.main(["--task", "maskrcnn", "--data", str(coco), *out])
+    os.symlink(os.path.join(scenes, "train2017"), coco / "train2017")
+    ann_file.write_text(ann_file.read_text()[:500])  # truncated
+    with pytest.raises(ValueError, match=f"{ann_file} is not valid JSON .*expected a COCO instances file"):
+        detect_seg.main(["--task", "maskrcnn", "--data", str(coco), *out])
+    ann_file.write_text(json.dumps({"images": []}))
+    with pytest.raises(ValueError, match="has no 'annotations', 'categories' entry"):
+        detect_seg.main(["--task", "maskrcnn", "--data", str(coco), *out])
+
+    ade = tmp_path / "ade"
+    os.makedirs(ade / "images" / "training")
+    with pytest.raises(FileNotFoundError, match="annotations/training not found; expected the ADEChallengeData2016"):
+        detect_seg.main(["--task", "semfpn", "--data", str(ade), *out])
+    ade = ade20k_folder(tmp_path / "ade2", [(40, 30), (40, 30)], [(40, 30)])
+    os.remove(os.path.join(ade, "annotations", "training", "0001.png"))
+    with pytest.raises(FileNotFoundError, match="1 image.* have no label PNG in .*annotations/training, e.g. 0001.png"):
+        detect_seg.main(["--task", "semfpn", "--data", ade, *out])
+    wrong = os.path.join(ade, "annotations", "training", "0001.png")
+    Image.fromarray(np.ones((30, 40), np.uint8)).save(wrong)
+    with pytest.raises(ValueError, match=f"label {wrong} is 40x30 but its image .*0001.jpg is 30x40"):
+        detect_seg.main(["--task", "semfpn", "--data", ade, *out])
+
+    with pytest.raises(ValueError, match="12 training images are fewer than one global batch of 16"):
+        detect_seg.main([*SEGMENTATION, "--cache-dir", str(cache_dir), *out, "--batch-size", "8", "--accum-steps", "2"])
+    classifier = tmp_path / "classifier.pth"
+    torch.save({"model": glnet.create_model("glnet_mini", num_classes=3).state_dict(), "task": "classification",
+                "args": {"model": "glnet_mini"}, "num_classes": 3}, classifier)
+    with pytest.raises(ValueError, match="names the task None, not one of maskrcnn, .*: it was not written by"):
+        detect_seg.main(["--eval", "--checkpoint", str(classifier)])
+    assert not (tmp_path / "out").exists()
+    for argv, message in ((["--data", str(coco)], "--task is required with --data"), (["--task", "yolo"], "invalid choice"),
+                          (["--crop-size", "16"], "must be at least 32")):
+        with pytest.raises(SystemExit):
+            detect_seg.parse_args(argv)
+        assert message in capsys.readouterr().err
+
+
+def test_training_skips_crowds_empty_boxes_and_unannotated_images(tmp_path, scenes):
+    """As torchvision's detection reference: crowd regions and boxes without area never reach the loss, and an
+    image left without annotations is not drawn. Evaluation keeps every validation image."""
     with open(os.path.join(scenes, "annotations", "instances_train2017.json")) as f:
         data = json.load(f)
-    first, second = data["images"][0]["id"], data["images"][1]["id"]
+    first, second, third = (image["id"] for image in data["images"][:3])
     data["annotations"] = [a for a in data["annotations"] if a["image_id"] != first]
-    degenerate = dict(copy.deepcopy(next(a for a in data["annotations"] if a["image_id"] == second)), id=10 ** 6)
-    degenerate["bbox"][2] = 0.0
-    data["annotations"].append(degenerate)
+    empty = dict(copy.deepcopy(next(a for a in data["annotations"] if a["image_id"] == second)), id=10 ** 6)
+    empty["bbox"][2] = 0.0
+    crowd = [dict(a, iscrowd=1) for a in data["annotations"] if a["image_id"] == third]
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] != third] + [empty] + crowd
     os.makedirs(tmp_path / "annotations")
     with open(tmp_path / "annotations" / "instances_train2017.json", "w") as f:
         json.dump(data, f)
-    os.symlink(os.path.join(scenes, "train2017"), tmp_path / "train2017")
+    shutil.copy(os.path.join(scenes, "annotations", "instances_val2017.json"), tmp_path / "annotations")
+    for split in ("train2017", "val2017"):
+        os.symlink(os.path.join(scenes, split), tmp_path / split)
 
-    with pytest.warns(UserWarning, match="dropped 1 annotation.*degenerate box.*annotation 1000000"):
-        dataset = detect_seg.coco_dataset(str(tmp_path), "train", train=True, with_masks=True)
-    assert len(dataset) == len(data["images"]) - 1
-    image_ids = [dataset[i][1]["image_id"] for i in range(len(dataset))]
-    assert first not in image_ids and second in image_ids
-    _, target = dataset[image_ids.index(second)]
-    widths = target["boxes"][:, 2] - target["boxes"][:, 0]
-    assert (widths > 0).all() and len(target["boxes"]) == len(target["masks"]) == len(target["labels"])
-
-
-def read_metrics(folder):
-    with open(os.path.join(folder, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-SEGMENTATION = ["--task", "semfpn", "--crop-size", "64", "--scale", "80", "--fpn-channels", "32", "--workers", "0",
-                "--print-freq", "1", "--threads", "1"]
+    trainer = dense_trainer("maskrcnn", ["--task", "maskrcnn", "--data", str(tmp_path), "--output-dir",
+                                         str(tmp_path / "out"),
+                                         "--batch-size", "1", "--model", "glnet_mini", *SMALL_DETECTOR])
+    train_set = trainer.task.train_set
+    image_ids = [train_set[i][1]["image_id"] for i in range(len(train_set))]
+    assert len(train_set) == len(data["images"]) - 2 and first not in image_ids and third not in image_ids
+    _, target = train_set[image_ids.index(second)]
+    boxes = target["boxes"]
+    assert len(boxes) == len(target["masks"]) == len(target["labels"]) == sum(
+        a["image_id"] == second for a in data["annotations"]) - 1
+    assert ((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])).all()
+    assert len(trainer.task.evaluate.keywords["dataset"]) == 4
 
 
-def test_semantic_fpn_training_lowers_the_loss_and_resumes(cache_dir, tmp_path, capsys):
-    args = [*SEGMENTATION, "--cache-dir", str(cache_dir), "--output-dir", str(tmp_path), "--batch-size", "4",
-            "--lr", "1.6e-2", "--warmup-iters", "3"]  # 2e-3 at the global batch of 4
-    detect_seg.main(args + ["--iters", "12"])  # 12 training images: 3 steps per epoch, 4 epochs
-    records = read_metrics(tmp_path / "semfpn")
-    assert [r["epoch"] for r in records] == [1, 2, 3, 4]
-    assert records[-1]["train_loss"] < 0.8 * records[0]["train_loss"]
-    assert 0 <= records[-1]["val_mIoU"] <= 1 and 0 <= records[-1]["val_aAcc"] <= 1
-    out = capsys.readouterr().out
-    assert "epoch 1/4  step 1/3  loss " in out and "peak lr 2.00e-03 (1.60e-02 per 32)" in out
+# --- models ----------------------------------------------------------------------------------------
 
-    results = detect_seg.main(args + ["--iters", "15"])  # the same command, longer: resumes at epoch 5
-    assert f"resuming from {tmp_path}/semfpn/last.pth: epoch 5, step 0" in capsys.readouterr().out
-    assert [r["epoch"] for r in read_metrics(tmp_path / "semfpn")] == [1, 2, 3, 4, 5]
-    assert results["semfpn"]["mIoU"] == read_metrics(tmp_path / "semfpn")[-1]["val_mIoU"]
-    assert os.path.isfile(tmp_path / "semfpn" / "best.pth")
+@pytest.mark.parametrize("task", ["maskrcnn", "retinanet"])
+def test_detector_forward_backward(scenes, cache_dir, tmp_path, task):
+    trainer = dense_trainer(task, ["--cache-dir", str(cache_dir), "--output-dir", str(tmp_path), "--batch-size", "2",
+                                   *SMALL_DETECTOR])
+    images, targets = next(iter(trainer.train_loader))
+    model = trainer.model.train()
+    losses = model(list(images), [{k: v for k, v in t.items() if k != "image_id"} for t in targets])
+    expected = {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg"} \
+        if task == "maskrcnn" else {"classification", "bbox_regression"}
+    assert set(losses) == expected and all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    stem = model.backbone.body.downsample_layers[0][0].weight
+    assert stem.grad is not None and stem.grad.abs().sum() > 0
 
-    before = {name: file_bytes(tmp_path / "semfpn" / name) for name in os.listdir(tmp_path / "semfpn")}
-    with pytest.raises(ValueError, match="is a semfpn checkpoint of glnet_mini with 4 classes, but this run trains "
-                                         "semfpn with glnet_4g and 4 classes"):
-        detect_seg.main(args + ["--iters", "18", "--model", "glnet_4g"])
-    assert {name: file_bytes(tmp_path / "semfpn" / name) for name in os.listdir(tmp_path / "semfpn")} == before
-
-
-def run_detect_seg(args, launcher=(sys.executable,), timeout=300):
-    result = subprocess.run([*launcher, os.path.join(HERE, "detect_seg.py"), *args], cwd=HERE, capture_output=True,
-                            text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result.stdout
+    model.eval()
+    odd = [torch.rand(3, 97, 131), torch.rand(3, 120, 88)]
+    with torch.no_grad():
+        outputs = model(odd)
+    for image, output in zip(odd, outputs):
+        assert output["boxes"].shape[1] == 4 and len(output["boxes"]) == len(output["scores"]) == len(output["labels"])
+        if task == "maskrcnn":
+            assert output["masks"].shape[1:] == (1, *image.shape[1:])
 
 
-def test_segmentation_resume_after_sigkill_gives_the_same_weights(cache_dir, tmp_path):
-    """Kill a Semantic FPN run with SIGKILL after its first mid-epoch checkpoint and rerun the same
-    command: it continues from that step and ends with the weights of an uninterrupted run."""
-    args = [*SEGMENTATION, "--cache-dir", str(cache_dir), "--batch-size", "2", "--iters", "8",
-            "--checkpoint-every", "1", "--drop-path", "0.1"]  # 6 steps per epoch: the kill lands in epoch 1
-    run_detect_seg([*args, "--output-dir", str(tmp_path / "straight")])
-
-    interrupted = tmp_path / "interrupted"
-    last = interrupted / "semfpn" / "last.pth"
-    child = subprocess.Popen([sys.executable, os.path.join(HERE, "detect_seg.py"), *args, "--output-dir",
-                              str(interrupted)], cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             env={**os.environ, "OMP_NUM_THREADS": "1"})
-    while not last.exists() and child.poll() is None:
-        time.sleep(0.01)
-    child.send_signal(signal.SIGKILL)
-    child.wait()
-    killed_at = torch.load(last)
-    assert (killed_at["epoch"], killed_at["step"]) < (1, 2), "the run finished before it was killed"
-    resumed = run_detect_seg([*args, "--output-dir", str(interrupted)])
-    assert f"resuming from {last}: epoch {killed_at['epoch'] + 1}, step {killed_at['step']}" in resumed
-
-    straight = torch.load(tmp_path / "straight" / "semfpn" / "last.pth")
-    final = torch.load(last)
-    assert (final["epoch"], final["step"]) == (2, 0)
-    for name, tensor in straight["model"].items():
-        assert torch.equal(tensor, final["model"][name]), f"{name} differs"
+def small_model(task, num_classes, **settings):
+    """The model of the synthetic recipe of `task`, as build_model makes it from a run's settings."""
+    args, given, _ = detect_seg.parse_args(QUIET)
+    torch.set_num_threads(args.threads)
+    return detect_seg.build_model(dataclasses.asdict(detect_seg.make_settings(task, given)) | settings, num_classes)
 
 
-def test_accumulation_gives_the_same_update_as_the_full_batch(cache_dir):
-    """--accum-steps 2 with half the batch: the same gradient at the optimizer step and the same
-    weights after it as one full batch (GLNet's BatchNorms frozen, dropout off: nothing else
-    depends on how the batch is split)."""
+def test_semantic_fpn_forward_backward():
     torch.manual_seed(0)
-    model = detect_seg.freeze_batchnorm(detect_seg.SemanticFPN("glnet_mini", num_classes=4, fpn_channels=32))
-    model.classifier[0].p = 0.0
-    updates = []
-    for batch_size, accum in ((4, 1), (2, 2)):
-        args = detect_seg.parse_args([*SEGMENTATION, "--cache-dir", str(cache_dir), "--batch-size", str(batch_size),
-                                      "--accum-steps", str(accum), "--scale", "160"])  # crops never padded
-        config = detect_seg.task_config(args, "semfpn")
-        task = detect_seg.build_task(config, 0, 1, torch.device("cpu"))
-        trainer = train.Trainer(config, copy.deepcopy(model), task, 0, 1, torch.device("cpu"))
-        assert trainer.global_batch == 4
-        gradients = {}
-        trainer.optimizer.register_step_pre_hook(lambda *_, trainer=trainer: gradients.update(
-            {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}))
-        torch.manual_seed(1)  # the same crops and flips in both runs
-        trainer.train_step(list(itertools.islice(iter(trainer.train_loader), accum)))
-        updates.append((gradients, trainer.model.state_dict()))
-    (full_gradients, full_weights), (accumulated_gradients, accumulated_weights) = updates
-    assert full_gradients.keys() == accumulated_gradients.keys() and len(full_gradients) > 50
-    for name, gradient in full_gradients.items():
-        error = (accumulated_gradients[name] - gradient).abs().max()
-        assert error <= 1e-4 * gradient.abs().max(), f"{name}: max |difference| {error}"
-    for name, weight in full_weights.items():
-        torch.testing.assert_close(accumulated_weights[name], weight, rtol=1e-5, atol=1e-6)
+    model = small_model("semfpn", 5)
+    images = torch.rand(2, 3, 65, 97)  # not a multiple of 32
+    logits = model(images)
+    assert logits.shape == (2, 5, 65, 97)
+    labels = torch.randint(0, 5, (2, 65, 97))
+    labels[:, :10] = detect_seg.IGNORE_INDEX
+    torch.nn.functional.cross_entropy(logits, labels, ignore_index=detect_seg.IGNORE_INDEX).backward()
+    for module in (model.backbone.body.stages[0], model.scale_heads[3], model.classifier):
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
 
 
-def test_mask_rcnn_run_evaluates_and_predict_draws(cache_dir, scenes, tmp_path):
-    args = ["--task", "maskrcnn", "--cache-dir", str(cache_dir), "--output-dir", str(tmp_path), "--epochs", "1",
-            "--lr-steps", "1", "--batch-size", "4", "--min-size", "96", "--max-size", "160", "--fpn-channels", "32",
-            "--rois-per-image", "32", "--workers", "0"]
-    results = detect_seg.main(args)["maskrcnn"]
-    for iou_type in ("bbox", "segm"):
-        assert all(0 <= results[f"{iou_type}_{key}"] <= 1 for key in ("AP", "AP50", "AP75", "APm"))
-    assert {"last.pth", "best.pth", "metrics.jsonl"} <= set(os.listdir(tmp_path / "maskrcnn"))
-    evaluated = detect_seg.main(["--task", "maskrcnn", "--eval", "--cache-dir", str(cache_dir),
-                                 "--output-dir", str(tmp_path), "--workers", "0"])["maskrcnn"]
-    assert evaluated["bbox_AP"] == pytest.approx(results["bbox_AP"], abs=1e-6)
+def test_upernet_returns_the_auxiliary_logits_and_loss_in_training_only(cache_dir, tmp_path):
+    trainer = dense_trainer("upernet", ["--cache-dir", str(cache_dir), "--output-dir", str(tmp_path),
+                                        "--fpn-channels", "32", *QUIET])
+    model, loss_of = trainer.model, trainer.task.loss
+    images, labels = torch.rand(2, 3, 65, 97), torch.randint(0, 4, (2, 65, 97))
+    labels[:, :10] = detect_seg.IGNORE_INDEX
+    cross_entropy = lambda logits: torch.nn.functional.cross_entropy(  # noqa: E731
+        logits, labels, ignore_index=detect_seg.IGNORE_INDEX)
 
-    image = os.path.join(scenes, "val2017", sorted(os.listdir(os.path.join(scenes, "val2017")))[0])
-    output = str(tmp_path / "drawn.png")
-    detect_seg.main(["--task", "maskrcnn", "--output-dir", str(tmp_path), "--predict", image,
-                     "--predict-output", output, "--score-threshold", "0.0"])
-    drawn, original = np.array(Image.open(output)), np.array(Image.open(image).convert("RGB"))
-    assert drawn.shape == original.shape and (drawn != original).any()
-    with pytest.raises(FileNotFoundError, match="nothere.png"):
-        detect_seg.main(["--output-dir", str(tmp_path), "--predict", str(tmp_path / "nothere.png")])
+    torch.manual_seed(1)  # the same dropout masks in both forward passes
+    loss = loss_of(model.train(), (images, labels))
+    torch.manual_seed(1)
+    logits, auxiliary = model(images)
+    assert logits.shape == auxiliary.shape == (2, 4, 65, 97)
+    torch.testing.assert_close(loss, cross_entropy(logits) + 0.4 * cross_entropy(auxiliary))
+    loss.backward()
+    for module in (model.backbone.stages[0], model.psp_modules[0], model.lateral_convs[0], model.auxiliary_head):
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
 
-
-def test_upernet_trains_on_the_scenes_and_predict_draws_its_masks(cache_dir, scenes, tmp_path, capsys):
-    args = ["--task", "upernet", *SEGMENTATION[2:], "--cache-dir", str(cache_dir), "--output-dir", str(tmp_path),
-            "--batch-size", "4", "--lr", "8e-3", "--warmup-iters", "3", "--iters", "9"]  # 2e-3 at the global batch of 4
-    results = detect_seg.main(args)["upernet"]
-    records = read_metrics(tmp_path / "upernet")
-    assert [r["epoch"] for r in records] == [1, 2, 3] and records[-1]["train_loss"] < records[0]["train_loss"]
-    assert 0 <= results["mIoU"] <= 1 and results["mIoU"] == records[-1]["val_mIoU"]
-    assert "peak lr 2.00e-03 (8.00e-03 per 16)" in capsys.readouterr().out
-
-    image = os.path.join(scenes, "val2017", sorted(os.listdir(os.path.join(scenes, "val2017")))[0])
-    output = str(tmp_path / "drawn.png")
-    detect_seg.main(["--task", "upernet", "--output-dir", str(tmp_path), "--predict", image, "--predict-output", output])
-    drawn, original = np.array(Image.open(output)), np.array(Image.open(image).convert("RGB"))
-    assert drawn.shape == original.shape and (drawn != original).any()
-    assert "classes " in capsys.readouterr().out
+    with torch.no_grad():
+        logits = model.eval()(images)
+        assert isinstance(logits, torch.Tensor) and logits.shape == (2, 4, 65, 97)
+        assert loss_of(model, (images, labels)) == cross_entropy(logits)
 
 
-def test_report_prints_a_row_per_model(monkeypatch, capsys):
-    for task, size in (("retinanet", (96, 128)), ("maskrcnn", (96, 128)), ("semfpn", (64, 128)), ("upernet", (64, 128))):
-        monkeypatch.setitem(detect_seg.REPORT_SIZES, task, size)
-    monkeypatch.setitem(detect_seg.REPORT_WIDTHS, "upernet", 64)
-    monkeypatch.setattr(detect_seg, "PROPOSALS", 20)
-    monkeypatch.setattr(detect_seg, "MASK_PROPOSALS", 2)
-    rows = detect_seg.main(["--report", "--model", "glnet_mini"])
-    lines = capsys.readouterr().out.splitlines()
-    assert [(task, backbone) for task, backbone, *_ in rows] == [(task, "glnet_mini") for task in detect_seg.TASKS]
-    for task, backbone, params, everything, mmcv in rows:
-        line = next(line.split() for line in lines if line.startswith(f"{task} "))
-        assert line[:3] == [task, backbone, f"{params / 1e6:.2f}"] and line[3] == "-"
-        assert float(line[4]) == round(everything / 1e9, 1) and float(line[5]) == round(mmcv / 1e9, 1)
-        assert everything > 0 and mmcv > 0
-    assert "box head on 20 RoIs, mask head on 2" in "\n".join(lines)
+def test_retinanet_p6_comes_from_c5():
+    """As in MMDetection's RetinaNet: P6 is a strided conv on C5, also when C5 is as wide as the FPN
+    (glnet_mini's C5 has 256 channels), where torchvision's LastLevelP6P7 would take P5."""
+    fpn = small_model("retinanet", 4, fpn_channels=256).backbone.eval()
+    inputs = []
+    fpn.fpn.extra_blocks.p6.register_forward_pre_hook(lambda module, args: inputs.append(args[0]))
+    x = torch.rand(1, 3, 96, 128)
+    with torch.no_grad():
+        levels = fpn(x)
+        c5 = fpn.body.forward_features(x)[3]
+    assert list(levels) == ["0", "1", "2", "p6", "p7"] and torch.equal(inputs[0], c5)
 
 
-def test_torchrun_two_processes_from_an_empty_cache(tmp_path):
-    """Real DDP on CPU (gloo), as a new user starts it: the scenes are generated once (rank 0, the
-    other waits), two processes train Semantic FPN, and their evaluation counts every validation
-    pixel once: the 2-process mIoU equals a 1-process evaluation of the same weights."""
-    cache = tmp_path / "empty-cache"
-    out = tmp_path / "out"
-    args = [*SEGMENTATION, "--cache-dir", str(cache), "--iters", "2", "--batch-size", "2", "--scale", "64"]
-    log = run_detect_seg([*args, "--output-dir", str(out)], launcher=torchrun(2))
-    assert sorted(os.listdir(cache)) == [detect_seg.SCENES_VERSION]  # complete, no temporary folder left
-    assert "global batch 4 = 2 per process x 2 processes x 1 accumulation steps" in log
-    assert log.count("semfpn result:") == 1  # rank 0 only
-    records = read_metrics(out / "semfpn")
-    assert len(records) == 1
-    one_process = detect_seg.main([*args, "--output-dir", str(out), "--eval", "--checkpoint",
-                                   str(out / "semfpn" / "last.pth")])["semfpn"]
-    assert one_process["mIoU"] == records[-1]["val_mIoU"] and one_process["aAcc"] == records[-1]["val_aAcc"]
+def test_fpn_levels_and_strides():
+    fpn = small_model("maskrcnn", 4, fpn_channels=32).backbone
+    features = fpn(torch.rand(1, 3, 100, 132))
+    assert [tuple(f.shape) for f in features.values()] == [(1, 32, 25, 33), (1, 32, 13, 17), (1, 32, 7, 9),
+                                                           (1, 32, 4, 5), (1, 32, 2, 3)]
 
 
-def test_frozen_batchnorm_keeps_every_statistic_and_affine(tmp_path):
-    """The detectors freeze GLNet's BatchNorms at the ImageNet checkpoint's values: with every
-    statistic and affine parameter random, the frozen backbone computes what the checkpoint's
-    model computes in eval mode, in training mode too."""
+def test_pretrained_backbone_is_loaded_and_the_detectors_freeze_its_batchnorms(cache_dir, tmp_path):
+    """--pretrained loads any ImageNet GLNet checkpoint (here an EMA one) into the backbone; the detectors
+    freeze its BatchNorms at the checkpoint's statistics and affine: with all of them random, the frozen
+    backbone computes what the checkpoint's model computes in eval mode, in training mode too."""
     torch.manual_seed(0)
     classifier = glnet.create_model("glnet_mini", num_classes=10)
     norms = [m for m in classifier.modules() if isinstance(m, nn.BatchNorm2d)]
@@ -2260,83 +2057,274 @@ def test_frozen_batchnorm_keeps_every_statistic_and_affine(tmp_path):
             norm.running_var.uniform_(0.5, 2.0)
             norm.weight.normal_()
             norm.bias.normal_()
-    torch.save({"model": classifier.state_dict()}, tmp_path / "imagenet.pth")
-    frozen = detect_seg.create_backbone("glnet_mini", str(tmp_path / "imagenet.pth"), frozen_bn=True)
-    assert sum(isinstance(m, FrozenBatchNorm2d) for m in frozen.modules()) == len(norms) - 1  # all but the head's
-    assert not any(isinstance(m, nn.BatchNorm2d) for m in frozen.modules())
-    reference = glnet.create_model("glnet_mini", num_classes=0, checkpoint=str(tmp_path / "imagenet.pth")).eval()
+    torch.save({"model_ema": classifier.state_dict()}, tmp_path / "imagenet.pth")
+    args = ["--cache-dir", str(cache_dir), "--output-dir", str(tmp_path), "--pretrained",
+            str(tmp_path / "imagenet.pth")]
+    body = dense_trainer("maskrcnn", args + SMALL_DETECTOR).model.backbone.body
+    assert torch.equal(body.stages[2].blocks[0].slot_mhsa.in_proj_weight,
+                       classifier.stages[2].blocks[0].slot_mhsa.in_proj_weight)
+    assert sum(isinstance(m, FrozenBatchNorm2d) for m in body.modules()) == len(norms) - 1  # all but the head's
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in body.modules())
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        expected = reference.forward_features(x)
+        expected = classifier.eval().forward_features(x)
         for mode in (False, True):
-            for actual, wanted in zip(frozen.train(mode).forward_features(x), expected):
+            for actual, wanted in zip(body.train(mode).forward_features(x), expected):
                 torch.testing.assert_close(actual, wanted)
+    segmentation = dense_trainer("semfpn", args + SEGMENTATION[2:]).model.backbone.body
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in segmentation.modules()) == len(norms) - 1  # they train
+
+    with pytest.raises(FileNotFoundError, match="nothere.pth"):
+        dense_trainer("maskrcnn", [*args[:-1], str(tmp_path / "nothere.pth"), *SMALL_DETECTOR])
+    with pytest.raises(ValueError, match="missing"):
+        dense_trainer("maskrcnn", [*args, *SMALL_DETECTOR, "--model", "glnet_4g"])
 
 
-def test_coco_ap_of_hand_made_detections():
-    """Four 10x10 squares of one class: perfect detections give AP 1.0; moving the least confident
-    one off its square leaves recall 3/4 at precision 1, so COCO's 101-point AP is 76/101."""
-    squares = [(0, 0), (20, 0), (40, 0), (60, 0)]
-    coco = COCO()
-    coco.dataset = dict(images=[dict(id=1, width=100, height=100)], categories=[dict(id=1, name="square")],
-                        annotations=[dict(id=i + 1, image_id=1, category_id=1, bbox=[x, y, 10, 10], area=100,
-                                          iscrowd=0) for i, (x, y) in enumerate(squares)])
-    coco.createIndex()
-    boxes = torch.tensor([[x, y, x + 10, y + 10] for x, y in squares], dtype=torch.float32)
-    detections = dict(boxes=boxes, labels=torch.ones(4, dtype=torch.long), scores=torch.tensor([0.9, 0.8, 0.7, 0.6]))
-    assert detect_seg.coco_evaluate(coco, detect_seg.detections_to_coco(detections, 1)["bbox"], "bbox")["AP"] == 1.0
-    detections["boxes"][3] += torch.tensor([0.0, 50.0, 0.0, 50.0])  # no overlap with any square
-    metrics = detect_seg.coco_evaluate(coco, detect_seg.detections_to_coco(detections, 1)["bbox"], "bbox")
-    assert metrics["AP"] == metrics["AP50"] == metrics["AP75"] == pytest.approx(76 / 101, abs=1e-9)
+# Parameters (M) with COCO's 80 classes and ADE20K's 150: the paper's Tables 4 and 5 (RetinaNet: the
+# paper prints 37 / 70; 36.7 / 70.2 is MMDetection's RetinaNet, P6 on C5), UperNet with its auxiliary head.
+DENSE_PARAMS = {("retinanet", "glnet_4g"): 36.7, ("retinanet", "glnet_9g"): 70.2, ("maskrcnn", "glnet_4g"): 46.6,
+                ("maskrcnn", "glnet_9g"): 79.5, ("semfpn", "glnet_4g"): 30.7, ("semfpn", "glnet_9g"): 63.6,
+                ("upernet", "glnet_4g"): 56.8, ("upernet", "glnet_9g"): 91.7}
+# GFLOPs (Tables 4 and 5), which the paper prints as integers.
+DENSE_GFLOPS = {("retinanet", "glnet_4g"): 214, ("retinanet", "glnet_9g"): 292, ("maskrcnn", "glnet_4g"): 233,
+                ("maskrcnn", "glnet_9g"): 311, ("semfpn", "glnet_4g"): 150, ("semfpn", "glnet_9g"): 230,
+                ("upernet", "glnet_4g"): 907, ("upernet", "glnet_9g"): 988}
 
 
-ORACLE_EVALUATION = """
-import json, sys, numpy as np, torch, detect_seg, train
-from pycocotools import mask as mask_util
-rank, world_size, device = train.setup_distributed()
-val_set = detect_seg.coco_dataset(sys.argv[1], "val", train=False, with_masks=True)
-coco = val_set._dataset.coco
-truth = {}
-for image_id in coco.getImgIds():
-    info, annotations = coco.loadImgs(image_id)[0], coco.loadAnns(coco.getAnnIds(imgIds=image_id))
-    boxes = torch.tensor([a["bbox"] for a in annotations], dtype=torch.float32)
-    boxes[:, 2:] += boxes[:, :2]
-    boxes[::2] += torch.tensor([0.0, 0.3, 0.0, 0.3]) * (boxes[::2, 3:] - boxes[::2, 1:2])  # every other box moved
-    masks = torch.stack([torch.from_numpy(mask_util.decode(a["segmentation"])).float() for a in annotations])
-    scores = torch.tensor([1.0 - 0.01 * image_id - 0.001 * i for i in range(len(annotations))])
-    truth[(info["height"], info["width"])] = dict(boxes=boxes, labels=torch.tensor([a["category_id"] for a in annotations]),
-                                                   scores=scores, masks=masks[:, None])
+@pytest.mark.parametrize("task, backbone", list(DENSE_PARAMS))
+def test_dense_models_have_the_papers_parameters_and_flops(task, backbone):
+    """On the meta device (shapes only): the paper's parameter counts, and, as MMCV's counter (the paper's tools)
+    counts them, its GFLOPs, all within rounding but UperNet with glnet_9g (988.5 for 988)."""
+    settings = dataclasses.asdict(detect_seg.DenseSettings()) | detect_seg.TASKS[task].paper | dict(
+        task=task, model=backbone)
+    classes = 81 if task == "maskrcnn" else 80 if task == "retinanet" else 150
+    size = (800, 1280) if task in ("maskrcnn", "retinanet") else (512, 2048)
+    with torch.device("meta"):
+        model = detect_seg.CountedForward(task, detect_seg.build_model(settings, classes))
+        gflops = detect_seg.mmcv_flops(model, torch.zeros(1, 3, *size)) / 1e9
+    assert glnet.count_params(model) / 1e6 == pytest.approx(DENSE_PARAMS[task, backbone], abs=0.05)
+    if task == "upernet":
+        assert sum(p.numel() for p in model.model.auxiliary_head.parameters()) > 0.5e6
+    assert gflops == pytest.approx(DENSE_GFLOPS[task, backbone], abs=0.6 if (task, backbone) == ("upernet", "glnet_9g")
+                                   else 0.5)
 
 
-class Oracle(torch.nn.Module):
+def test_mmcv_flops_count_layers_not_functions():
+    """A conv with bias, BatchNorm, ReLU, pooling counted by MMCV's rules; GLNet's attention, block norms
+    and FFN depth-wise conv left out, as MMCV saw them in the released code."""
+    layers = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(2))
+    assert detect_seg.mmcv_flops(layers, torch.zeros(1, 3, 10, 10)) == 100 * 8 * 27 + 800 + 2 * 800 + 800 + 800
+    block = glnet.GLMixBlock(64, mlp_ratio=3, conv_pos=True, conv_ffn=True)
+    hidden = block.mlp[0].out_channels
+    convs = 64 * 9 + 2 * 64 * 64 + 64 * 25 + 2 * 64 * hidden  # pos_conv, local branch, FFN 1x1s
+    biases = 64 * 4 + hidden + 64
+    assert detect_seg.mmcv_flops(block, torch.zeros(1, 64, 16, 16)) == 16 * 16 * (convs + biases)
+
+
+def test_report_prints_the_papers_columns(monkeypatch, capsys):
+    """A row per model: its parameters and both FLOP counts beside the paper's ('-' where the paper has none)."""
+    semfpn = dataclasses.replace(detect_seg.TASKS["semfpn"], report_size=(64, 128))  # the fvcore count runs it
+    monkeypatch.setitem(detect_seg.TASKS, "semfpn", semfpn)
+    for backbone, paper in (("glnet_4g", ["30.7", "150"]), ("glnet_mini", ["-", "-"])):
+        argv = ["--report", "--task", "semfpn", "--model", backbone, "--threads", "1"]
+        [(task, model, params, everything, mmcv)] = detect_seg.main(argv)
+        lines = capsys.readouterr().out.splitlines()
+        assert lines[1].split() == [task, backbone, f"{params / 1e6:.2f}", paper[0], f"{everything / 1e9:.1f}",
+                                    f"{mmcv / 1e9:.1f}", paper[1], "64x128"]
+        assert (task, model) == ("semfpn", backbone) and everything > mmcv > 0  # fvcore counts the attention too
+    assert "box head on 1000\nRoIs, mask head on 100" in "\n".join(lines)
+
+
+# --- the paper's recipes (README.md, "Detection and segmentation"), value by value ----------------
+
+DENSE_RECIPES = {
+    "maskrcnn": dict(batch=2, global_batch=16, lr=1e-4, weight_decay=0.05, drop_path=0.0, eval_interval=1,
+                     lr_at={0: 1e-7, 250: 1e-4 * (1e-3 + 0.999 / 2), 500: 1e-4, 799: 1e-4, 800: 1e-5, 1099: 1e-5,
+                            1100: 1e-6, 1199: 1e-6}),  # 100 steps per epoch: steps at epochs 8 and 11 of 12
+    "retinanet": dict(batch=2, global_batch=16, lr=1e-4, weight_decay=1e-3, drop_path=0.0, eval_interval=1,
+                      lr_at={0: 1e-7, 250: 1e-4 * (1e-3 + 0.999 / 2), 500: 1e-4, 799: 1e-4, 800: 1e-5, 1099: 1e-5,
+                             1100: 1e-6, 1199: 1e-6}),
+    "semfpn": dict(batch=4, global_batch=32, lr=2e-4, weight_decay=1e-4, drop_path=0.0, eval_interval=10,
+                   lr_at={0: 2e-7, 500: 2e-4 * (1e-3 + 0.999 / 2), 1000: 2e-4, 40500: 1e-4,  # cosine
+                          60250: 1e-4 * (1 + math.cos(3 * math.pi / 4)), 80000: 0.0}),
+    "upernet": dict(batch=2, global_batch=16, lr=6e-5, weight_decay=0.01, drop_path=0.3, eval_interval=13,
+                    lr_at={0: 6e-11, 750: 6e-5 * (1e-6 + (1 - 1e-6) / 2), 1500: 6e-5, 80750: 3e-5,  # poly, power 1
+                           120375: 1.5e-5, 160000: 0.0}),
+}
+DENSE_STEPS = {"maskrcnn": 1200, "retinanet": 1200, "semfpn": 80000, "upernet": 160000}
+
+
+@pytest.fixture(scope="module")
+def paper_data(tmp_path_factory):
+    """Folders in COCO's and ADE20K's layouts where the paper's recipes fit: 1600 COCO training entries (100 steps
+    of 16 per epoch; no file is read) and 32 ADE20K training images, a 480x640 one to validate on; and an ImageNet
+    checkpoint of glnet_4g, every tensor a zero-strided view of one zero so that the file is small."""
+    root = tmp_path_factory.mktemp("paper")
+    coco = root / "coco"
+    for folder in ("train2017", "val2017", "annotations"):
+        os.makedirs(coco / folder)
+    for split, count in (("train", 1600), ("val", 1)):
+        images = [dict(id=i, file_name=f"{i:06d}.jpg", height=480, width=640) for i in range(1, count + 1)]
+        annotations = [dict(id=i, image_id=i, category_id=1 + i % 80, bbox=[10, 10, 50, 40], area=2000, iscrowd=0,
+                            segmentation=[[10, 10, 60, 10, 60, 50, 10, 50]]) for i in range(1, count + 1)]
+        (coco / "annotations" / f"instances_{split}2017.json").write_text(json.dumps(dict(
+            images=images, annotations=annotations, categories=[dict(id=c, name=f"class{c}") for c in range(1, 81)])))
+    ade = ade20k_folder(root / "ade", [(6, 8)] * 32, [(480, 640)])
+    with torch.device("meta"):
+        shapes = glnet.create_model("glnet_4g").state_dict()
+    torch.save({k: torch.zeros((), dtype=v.dtype).expand(v.shape) for k, v in shapes.items()}, root / "glnet_4g.pth")
+    return {"coco": str(coco), "ade": ade, "pretrained": str(root / "glnet_4g.pth")}
+
+
+@pytest.fixture
+def paper_trainer(paper_data, tmp_path):
+    """The Trainer of the paper's recipe on one process, --accum-steps 8 standing for 8 GPUs, on the meta device."""
+    def build(task, *flags):
+        data = paper_data["ade" if detect_seg.TASKS[task].segmentation else "coco"]
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "for .*: copying from a non-meta parameter")  # the loaded weights
+            return dense_trainer(task, ["--task", task, "--data", data, "--pretrained", paper_data["pretrained"],
+                                        "--accum-steps", "8", "--output-dir", str(tmp_path), *QUIET, *flags])
+    return build
+
+
+@pytest.mark.parametrize("task", list(DENSE_RECIPES))
+def test_the_dense_recipes_as_training_applies_them(task, paper_trainer):
+    """The backbone, the optimizer and its groups, the batch, the schedule (the lr at chosen iterations against
+    the formula), drop path and the evaluation interval of each paper recipe, on the objects a run trains with."""
+    expected, trainer = DENSE_RECIPES[task], paper_trainer(task)
+    model = trainer.model
+    body = model.backbone if task == "upernet" else model.backbone.body
+    with torch.device("meta"):
+        reference = glnet.create_model("glnet_4g", num_classes=0)
+    shapes = lambda model: {k: v.shape for k, v in model.state_dict().items() if "num_batches" not in k}  # noqa: E731
+    assert shapes(body) == {k: v for k, v in shapes(reference).items() if not k.startswith("norm.")}
+    assert max(m.p for m in model.modules() if isinstance(m, glnet.StochasticDepth)) == expected["drop_path"]
+
+    assert trainer.train_loader.batch_size == expected["batch"] and trainer.global_batch == expected["global_batch"]
+    assert trainer.task.reference_batch == expected["global_batch"] and trainer.lr == pytest.approx(expected["lr"])
+    assert isinstance(trainer.optimizer, torch.optim.AdamW)
+    assert {g["betas"] for g in trainer.optimizer.param_groups} == {(0.9, 0.999)}
+    names = assert_optimizer_decays(trainer, expected["weight_decay"])
+    assert any(name.endswith(".tau") for name in names) and any(name.endswith(".bias") for name in names)
+    assert trainer.total_steps == DENSE_STEPS[task] and trainer.settings.eval_interval == expected["eval_interval"]
+    for step, lr in expected["lr_at"].items():
+        assert trainer.lr * trainer.scheduler.lr_lambdas[0](step) == pytest.approx(lr, rel=1e-9, abs=1e-15), step
+
+
+@pytest.mark.parametrize("task", ["maskrcnn", "retinanet"])
+def test_the_detection_recipes_models_and_images(task, paper_trainer):
+    """FPN on C2-C5 plus a max-pooled P6 (Mask R-CNN) or on C3-C5 plus P6 from C5 and P7 (RetinaNet), 256 wide;
+    Mask R-CNN's 1024-wide box head, 4-conv 256-wide mask head, 512 RoIs per image; RetinaNet's heads without
+    GroupNorm; images resized to a shorter side of 800 and a longer one of at most 1333; GLNet's BatchNorms frozen
+    from the checkpoint (training from scratch keeps them); --schedule 3x."""
+    model = paper_trainer(task).model
+    fpn, channels = model.backbone.fpn, model.backbone.body.stage_channels
+    first = 0 if task == "maskrcnn" else 1
+    assert [block[0].in_channels for block in fpn.inner_blocks] == list(channels[first:])
+    assert {block[0].out_channels for block in [*fpn.inner_blocks, *fpn.layer_blocks]} == {model.backbone.out_channels}
+    assert model.backbone.out_channels == 256 and len((model.rpn if first == 0 else model).anchor_generator.sizes) == 5
+    if task == "maskrcnn":
+        assert isinstance(fpn.extra_blocks, LastLevelMaxPool) and model.roi_heads.box_head.fc7.out_features == 1024
+        assert [m.out_channels for m in model.roi_heads.mask_head.modules() if type(m) is nn.Conv2d] == [256] * 4
+        assert model.roi_heads.fg_bg_sampler.batch_size_per_image == 512
+    else:
+        assert (fpn.extra_blocks.p6.in_channels, fpn.extra_blocks.use_P5) == (channels[3], False)
+        assert not any(isinstance(m, nn.GroupNorm) for m in model.head.modules())
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.backbone.body.modules())
+    assert sum(isinstance(m, FrozenBatchNorm2d) for m in model.backbone.body.modules()) == 5
+
+    resized = model.transform([torch.zeros(3, 48, 64), torch.zeros(3, 48, 200)])[0].image_sizes
+    assert resized[0] == (800, 1066) and resized[1][0] < 800 and 1330 <= resized[1][1] <= 1333
+    assert model.transform.min_size == (800,) and model.transform.max_size == 1333
+    trainer = paper_trainer(task, "--schedule", "3x")
+    assert trainer.model.transform.min_size == tuple(range(480, 801, 32)) and trainer.total_steps == 3600
+    lr_at = lambda step: trainer.lr * trainer.scheduler.lr_lambdas[0](step)  # noqa: E731
+    assert (lr_at(2699), lr_at(2700), lr_at(3299), lr_at(3300)) == pytest.approx((1e-4, 1e-5, 1e-5, 1e-6))
+    with torch.device("meta"):
+        scratch = dense_trainer(task, ["--task", task, "--data", trainer.settings.data, *QUIET])
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in scratch.model.backbone.body.modules()) == 5
+
+
+class Recorder(nn.Module):
+    """A segmentation 'model' that records its inputs' sizes and predicts class 0 everywhere."""
+
+    def __init__(self, num_classes):
+        super().__init__()
+        self.num_classes, self.sizes = num_classes, []
+
     def forward(self, images):
-        return [truth[tuple(image.shape[1:])] for image in images]
+        self.sizes.append(tuple(images.shape[-2:]))
+        return torch.zeros(len(images), self.num_classes, *images.shape[-2:])
 
 
-metrics = detect_seg.evaluate_detection(Oracle(), val_set, device, rank, world_size, workers=0)
-if rank == 0:
-    print(json.dumps(metrics))
-"""
+def training_scales(transforms, height, width, seeds):
+    """The resize factor of each seed's training crop, read off a label that numbers the image's columns."""
+    scales = []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        columns = torch.arange(1000, 1000 + width).expand(height, width)   # all above the ignore label
+        _, label = transforms(tv_tensors.Image(torch.zeros(3, height, width)), tv_tensors.Mask(columns))
+        row = label[label.shape[0] // 2]
+        row = row[row != detect_seg.IGNORE_INDEX].float()
+        scales.append((len(row) - 1) / (row.max() - row.min()).item())
+    return scales
 
 
-def test_distributed_detection_evaluation_equals_one_process(scenes, tmp_path):
-    """COCO AP of the same detections with 2 processes (each scoring half the images, rank 0
-    gathering them) and with 1: identical. The detections are the ground truth with every other box
-    moved (IoU 0.7), so AP is neither 0 nor 1 and a rank that scored only its own half would differ."""
-    sizes = [tuple(Image.open(os.path.join(scenes, "val2017", f)).size) for f in os.listdir(os.path.join(scenes, "val2017"))]
-    assert len(set(sizes)) == len(sizes)  # the oracle finds each image's truth by its size
-    script = tmp_path / "oracle.py"
-    script.write_text(ORACLE_EVALUATION)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": HERE}
-    outputs = []
-    for launcher in ((sys.executable,), torchrun(2)):
-        result = subprocess.run([*launcher, str(script), scenes], cwd=HERE, capture_output=True, text=True, env=env,
-                                timeout=300)
-        assert result.returncode == 0, result.stderr[-3000:]
-        outputs.append(json.loads(result.stdout.strip().splitlines()[-1]))
-    one_process, two_processes = outputs
-    assert one_process == two_processes
-    assert 0.3 < one_process["bbox_AP"] < 0.9 and one_process["bbox_AP50"] == 1.0 and one_process["segm_AP"] == 1.0
+@pytest.mark.parametrize("task", ["semfpn", "upernet"])
+def test_the_segmentation_recipes_models_and_images(task, paper_trainer):
+    """Semantic FPN: an FPN on C2-C5, 256 wide, heads 128 wide with GroupNorm. UperNet: pyramid pooling to 1, 2, 3
+    and 6 cells on C5, every conv 512 wide with BatchNorm, an auxiliary head on C4 (one 256-wide conv) whose loss
+    counts 0.4 in training. 512x512 crops of images whose shorter side is 512 x U(0.5, 2) in either orientation;
+    evaluated fit into 2048x512. GLNet's BatchNorms train (from the checkpoint too)."""
+    trainer = paper_trainer(task)
+    model, classes = trainer.model, trainer.task.num_classes
+    body = model.backbone if task == "upernet" else model.backbone.body
+    assert classes == 150 and sum(isinstance(m, nn.BatchNorm2d) for m in body.modules()) == 5
+    in_body = set(body.modules())
+    heads = [m for m in model.modules() if m not in in_body]
+    if task == "semfpn":
+        assert [b[0].in_channels for b in model.backbone.fpn.inner_blocks] == list(body.stage_channels)
+        assert model.backbone.out_channels == 256
+        assert {m.out_channels for m in model.scale_heads.modules() if isinstance(m, nn.Conv2d)} == {128}
+        assert [sum(isinstance(m, nn.Conv2d) for m in head.modules()) for head in model.scale_heads] == [1, 1, 2, 3]
+        assert {m.num_groups for m in model.modules() if isinstance(m, nn.GroupNorm)} == {32}
+    else:
+        pooled = []
+        for m in model.modules():
+            if isinstance(m, nn.AdaptiveAvgPool2d):
+                m.register_forward_hook(lambda module, args, output: pooled.append(tuple(output.shape[-2:])))
+        with torch.device("meta"):
+            logits, auxiliary = model.train()(torch.zeros(2, 3, 512, 512))
+        assert pooled == [(1, 1), (2, 2), (3, 3), (6, 6)] and logits.shape == auxiliary.shape == (2, 150, 512, 512)
+        convs = [m for m in heads if isinstance(m, nn.Conv2d) and m.out_channels != 150]  # but the classifiers
+        assert {m.out_channels for m in convs} == {512, 256} and sum(isinstance(m, nn.BatchNorm2d) for m in heads) == 13
+        assert all(m.bias is None for m in convs)  # each followed by its BatchNorm
+        aux = model.auxiliary_head[0][0]
+        assert (aux.in_channels, aux.out_channels, aux.kernel_size) == (body.stage_channels[2], 256, (3, 3))
+
+        class Outputs(nn.Module):
+            def forward(self, images):
+                return outputs
+        outputs = torch.randn(1, 150, 8, 8), torch.randn(1, 150, 8, 8)
+        labels = torch.randint(0, 150, (1, 8, 8))
+        loss = trainer.task.loss(Outputs(), (torch.zeros(1, 3, 8, 8), labels))
+        ce = [torch.nn.functional.cross_entropy(o, labels) for o in outputs]
+        torch.testing.assert_close(loss, ce[0] + 0.4 * ce[1])
+    assert {m.p for m in model.modules() if isinstance(m, nn.Dropout2d)} == {0.1}
+
+    transforms = trainer.task.train_set.transforms
+    torch.manual_seed(0)
+    image, label = transforms(tv_tensors.Image(torch.zeros(3, 480, 640, dtype=torch.uint8)),
+                              tv_tensors.Mask(torch.ones(480, 640, dtype=torch.long)))
+    assert image.shape == (3, 512, 512) and label.shape == (512, 512) and image.dtype == torch.float32
+    landscape, portrait = (training_scales(transforms, *size, range(12)) for size in ((480, 640), (640, 480)))
+    assert landscape == pytest.approx(portrait, rel=0.01)
+    shorter = [480 * scale for scale in landscape]
+    assert all(250 <= side <= 1030 for side in shorter) and min(shorter) < 400 and max(shorter) > 700
+    recorder = Recorder(classes)
+    trainer.task.evaluate(recorder)
+    assert recorder.sizes == [(512, 683)]
 
 
 # --- evaluation as the toolboxes run it: pycocotools the standard way, one image per forward --------
@@ -2376,6 +2364,12 @@ class FixedDetections(torch.nn.Module):
         return [self.output for _ in images]
 
 
+def evaluate_fixed(root, output, with_masks=True):
+    """detect_seg's COCO evaluation of the validation set of `root` for a detector that outputs `output`."""
+    dataset = detect_seg.coco_dataset(root, "val", False, with_masks)
+    return detect_seg.evaluate_detection(FixedDetections(output), dataset, CPU)
+
+
 def standard_coco_metrics(ann_file, detections):
     """pycocotools run the standard way on {image id: torchvision detections}, prepared as
     torchvision's CocoEvaluator prepares them: box records with full-precision XYWH boxes, mask
@@ -2405,6 +2399,40 @@ def standard_coco_metrics(ann_file, detections):
     return metrics
 
 
+def test_coco_ap_of_hand_made_detections(tmp_path):
+    """Four 10x10 squares of one class: perfect detections give AP 1.0; moving the least confident
+    one off its square leaves recall 3/4 at precision 1, so COCO's 101-point AP is 76/101."""
+    size, squares = (100, 100), [(0, 0), (20, 0), (40, 0), (60, 0)]
+    root = write_coco(tmp_path / "coco", size, [(1, square_mask(size, x, y, x + 10, y + 10)) for x, y in squares])
+    boxes = torch.tensor([[x, y, x + 10, y + 10] for x, y in squares], dtype=torch.float32)
+    detections = dict(boxes=boxes, labels=torch.ones(4, dtype=torch.long), scores=torch.tensor([0.9, 0.8, 0.7, 0.6]))
+    assert evaluate_fixed(root, detections, with_masks=False)["bbox_AP"] == 1.0
+    detections["boxes"][3] += torch.tensor([0.0, 50.0, 0.0, 50.0])  # no overlap with any square
+    metrics = evaluate_fixed(root, detections, with_masks=False)
+    assert metrics["bbox_AP"] == metrics["bbox_AP50"] == metrics["bbox_AP75"] == pytest.approx(76 / 101, abs=1e-9)
+    detections.update(scores=torch.zeros(0), labels=torch.zeros(0, dtype=torch.long), boxes=torch.zeros(0, 4))
+    assert evaluate_fixed(root, detections, with_masks=False)["bbox_AP"] == 0.0
+
+
+def test_mask_ap_of_soft_masks_thresholds_them_at_one_half(tmp_path):
+    """Two squares, found by exact boxes with soft masks of 0.51 and 0.49. Above 0.5, the first mask is its square
+    exactly (the 0.49 frame around it falls away: with it, IoU 1/4) and the second covers 10 of its 16 rows (IoU
+    0.625, the 0.49 rows fall away): a match at IoU thresholds 0.5, 0.55, 0.6, a false positive after a true one at
+    the 7 others (AP 51/101). Any other threshold gives other masks: 0.49 two misses' worth, 0.52 empty masks."""
+    size = (100, 100)
+    first, second = square_mask(size, 10, 10, 30, 30), square_mask(size, 50, 50, 70, 66)
+    root = write_coco(tmp_path / "coco", size, [(1, first), (1, second)])
+    frame = square_mask(size, 0, 0, 40, 40) - first
+    ten_rows, six_rows = square_mask(size, 50, 50, 70, 60), square_mask(size, 50, 60, 70, 66)
+    soft = torch.from_numpy(np.stack([0.51 * first + 0.49 * frame, 0.51 * ten_rows + 0.49 * six_rows]))
+    output = dict(boxes=torch.tensor([[10.0, 10, 30, 30], [50, 50, 70, 66]]), labels=torch.tensor([1, 1]),
+                  scores=torch.tensor([0.9, 0.8]), masks=soft.float()[:, None])
+    metrics = evaluate_fixed(root, output)
+    assert metrics["segm_AP"] == pytest.approx((3 * 1 + 7 * 51 / 101) / 10, abs=1e-12)
+    assert metrics["segm_AP50"] == 1.0 and metrics["segm_AP75"] == pytest.approx(51 / 101, abs=1e-12)
+    assert metrics["bbox_AP"] == 1.0  # the boxes are exact
+
+
 def test_mask_ap_by_size_uses_the_mask_area(tmp_path):
     """A false positive whose mask is a 1-pixel frame: mask area 156 (COCO 'small'), box 40x40 =
     1600 ('medium'). Scored the standard way it counts for mask APs, so the small square's mask
@@ -2415,8 +2443,7 @@ def test_mask_ap_by_size_uses_the_mask_area(tmp_path):
     root = write_coco(tmp_path / "coco", size, [(1, square)])
     output = dict(boxes=torch.tensor([[50.0, 50.0, 90.0, 90.0], [5.0, 5.0, 25.0, 25.0]]), labels=torch.tensor([1, 1]),
                   scores=torch.tensor([0.9, 0.8]), masks=torch.from_numpy(np.stack([frame, square])).float()[:, None])
-    dataset = detect_seg.coco_dataset(root, "val", train=False, with_masks=True)
-    metrics = detect_seg.evaluate_detection(FixedDetections(output), dataset, torch.device("cpu"), workers=0)
+    metrics = evaluate_fixed(root, output)
     expected = standard_coco_metrics(os.path.join(root, "annotations", "instances_val2017.json"), {1: output})
     assert expected["segm_APs"] == pytest.approx(0.5) and expected["bbox_APs"] == pytest.approx(1.0)
     assert metrics == pytest.approx(expected, abs=1e-12)
@@ -2431,8 +2458,7 @@ def test_boxes_are_scored_at_full_precision(tmp_path):
                                                  (1, square_mask(size, 40, 10, 50, 20))])
     output = dict(boxes=torch.tensor([[40.0, 10.0, 50.0, 20.0], [10.0, 10.0, 14.996, 20.0]]),
                   labels=torch.tensor([1, 1]), scores=torch.tensor([0.9, 0.8]))
-    dataset = detect_seg.coco_dataset(root, "val", train=False, with_masks=False)
-    metrics = detect_seg.evaluate_detection(FixedDetections(output), dataset, torch.device("cpu"), workers=0)
+    metrics = evaluate_fixed(root, output, with_masks=False)
     expected = standard_coco_metrics(os.path.join(root, "annotations", "instances_val2017.json"), {1: output})
     assert expected["bbox_AP50"] == pytest.approx(51 / 101)
     assert metrics == pytest.approx(expected, abs=1e-12)
@@ -2453,22 +2479,17 @@ def test_detector_ap_is_the_same_on_one_and_two_processes_and_image_by_image(cac
     sizes = {Image.open(os.path.join(scenes, "val2017", f)).size for f in os.listdir(os.path.join(scenes, "val2017"))}
     assert len(sizes) == 4  # 4 validation images of different sizes: a batch of 2 pads one of them
     train_args = ["--task", "maskrcnn", "--cache-dir", str(cache_dir), "--output-dir", str(tmp_path), "--iters", "30",
-                  "--batch-size", "4", "--lr", "1.6e-2", "--warmup-iters", "1", "--min-size", "96", "--max-size", "160",
-                  "--fpn-channels", "32", "--rois-per-image", "32", "--workers", "0", "--threads", "1"]
+                  "--batch-size", "4", "--lr", "1.6e-2", "--warmup-iters", "1", *SMALL_DETECTOR]
     detect_seg.main(train_args)
     checkpoint = str(tmp_path / "maskrcnn" / "last.pth")
-    eval_args = ["--task", "maskrcnn", "--eval", "--checkpoint", checkpoint, "--cache-dir", str(cache_dir),
-                 "--output-dir", str(tmp_path), "--workers", "0", "--threads", "1"]
+    eval_args = ["--eval", "--checkpoint", checkpoint, "--cache-dir", str(cache_dir), *QUIET]
     one_process = detect_seg.main(eval_args)["maskrcnn"]
     script = tmp_path / "evaluate.py"
     script.write_text(EVALUATE_AND_PRINT)
-    result = subprocess.run([*torchrun(2), str(script), *eval_args], cwd=HERE, capture_output=True, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": HERE}, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    two_processes = json.loads(result.stdout.strip().splitlines()[-1])
+    two_processes = json.loads(run_detect_seg(eval_args, torchrun(2), str(script)).strip().splitlines()[-1])
 
-    model, _ = detect_seg.load_trained(checkpoint)
-    dataset = detect_seg.coco_dataset(scenes, "val", train=False, with_masks=True)
+    model, _ = train.load_trained(checkpoint, detect_seg.build_model)
+    dataset = detect_seg.coco_dataset(scenes, "val", False, True)
     with torch.no_grad():
         detections = {int(target["image_id"]): model([image])[0] for image, target in dataset}
     image_by_image = standard_coco_metrics(os.path.join(scenes, "annotations", "instances_val2017.json"), detections)
@@ -2477,38 +2498,194 @@ def test_detector_ap_is_the_same_on_one_and_two_processes_and_image_by_image(cac
     assert two_processes == pytest.approx(image_by_image, abs=1e-6)
 
 
+class FixedSegmentation(torch.nn.Module):
+    """A segmentation 'model' predicting `prediction` (H, W) of its input's size."""
+
+    def __init__(self, prediction, num_classes=150):
+        super().__init__()
+        self.prediction, self.num_classes = prediction, num_classes
+
+    def forward(self, images):
+        assert images.shape[-2:] == self.prediction.shape
+        return torch.nn.functional.one_hot(self.prediction, self.num_classes).permute(2, 0, 1)[None].float()
+
+
+def evaluate_segmentation_of(tmp_path, label, prediction):
+    """detect_seg's ADE20K evaluation (single scale 32, so a 32x32 image is not resized) of one label PNG."""
+    ade = ade20k_folder(tmp_path / "ade", [(32, 32)], [(32, 32)], label)
+    _, given, _ = detect_seg.parse_args(["--task", "semfpn", "--data", ade, "--scale", "32", *QUIET])
+    task = detect_seg.dense_task(detect_seg.make_settings("semfpn", given), 0, 1, CPU)
+    return task.evaluate(FixedSegmentation(prediction)), task
+
+
 def test_label_255_is_ignored_like_label_0(tmp_path):
     """MMSegmentation's reduce_zero_label: 0 and 255 are ignored, 1..K are classes 0..K-1. A model
-    predicting class 0 everywhere on a label of 6 pixels of 1, 2 of 2, 4 of 0 and 4 of 255 has
-    IoU 6/8 for class 0 and 0 for class 1, pixel accuracy 6/8."""
-    for folder in ("images", "labels"):
-        os.makedirs(tmp_path / folder)
-    label = np.array([[1, 1, 1, 0], [1, 1, 1, 0], [2, 2, 255, 0], [255, 255, 255, 0]], dtype=np.uint8)
-    Image.fromarray(label).save(tmp_path / "labels" / "a.png")
-    Image.new("RGB", (4, 4), (90, 90, 90)).save(tmp_path / "images" / "a.png")
-    dataset = detect_seg.segmentation_dataset(str(tmp_path / "images"), str(tmp_path / "labels"), False, 4, 4)
-
-    class ClassZero(torch.nn.Module):
-        def forward(self, images):
-            logits = torch.zeros(images.shape[0], 2, *images.shape[2:])
-            logits[:, 0] = 1.0
-            return logits
-
-    metrics = detect_seg.evaluate_segmentation(ClassZero(), dataset, torch.device("cpu"), num_classes=2, scale=4,
-                                               workers=0)
-    assert metrics["mIoU"] == pytest.approx((6 / 8 + 0) / 2, abs=1e-12)
-    assert metrics["aAcc"] == pytest.approx(6 / 8, abs=1e-12)
-    assert (dataset[0][1] == detect_seg.IGNORE_INDEX).tolist() == ((label == 0) | (label == 255)).tolist()
+    predicting class 0 everywhere on a label of 3/8 of 1, 1/8 of 2, 1/4 of 0 and 1/4 of 255 has
+    IoU 3/4 for class 0 (its 384 pixels of the 512 predicted), 0 for class 1, pixel accuracy 3/4."""
+    label = np.zeros((32, 32), np.uint8)
+    label[:12], label[12:16], label[16:24] = 1, 2, 255
+    metrics, task = evaluate_segmentation_of(tmp_path, label, torch.zeros(32, 32, dtype=torch.long))
+    assert metrics["mIoU"] == pytest.approx((3 / 4 + 0) / 2, abs=1e-12)
+    assert metrics["aAcc"] == pytest.approx(3 / 4, abs=1e-12)
+    read = task.evaluate.keywords["dataset"][0][1]
+    assert (read == detect_seg.IGNORE_INDEX).tolist() == ((label == 0) | (label == 255)).tolist()
 
 
-def test_the_dense_trainer_decays_exactly_the_weight_matrices(cache_dir, tmp_path):
-    for task_name, frozen in (("semfpn", False), ("maskrcnn", True)):
-        args = detect_seg.parse_args(["--task", task_name, "--cache-dir", str(cache_dir), "--fpn-channels", "32"])
-        config = detect_seg.task_config(args, task_name)
-        task = detect_seg.build_task(config, 0, 1, torch.device("cpu"))
-        model = detect_seg.model_from_config(vars(config), task.num_classes)
-        if frozen:
-            detect_seg.freeze_batchnorm(model.backbone.body)
-        trainer = train.Trainer(config, model, task, 0, 1, torch.device("cpu"))
-        names = assert_optimizer_decays(trainer, config.weight_decay)
-        assert any(name.endswith(".tau") for name in names) and any(name.endswith(".bias") for name in names)
+def test_miou_leaves_out_a_class_absent_from_truth_and_prediction(tmp_path):
+    """Of ADE20K's 150 classes, the label has classes 0-2 (PNG values 1-3) and the prediction 0, 1 and 5; the
+    other 146 are in neither and count for nothing. By hand: class 0 predicted on its 256 pixels and 128 of class
+    1's, class 1 on 128 of its 256, class 2's 256 pixels predicted as class 5: IoU 256/384, 128/256, 0 and 0 (class
+    5: no true pixel), mIoU their mean over 4 classes, pixel accuracy 384/768."""
+    label = np.zeros((32, 32), np.uint8)
+    label[:8], label[8:16], label[16:24] = 1, 2, 3
+    prediction = torch.zeros(32, 32, dtype=torch.long)
+    prediction[12:16], prediction[16:24] = 1, 5
+    metrics, _ = evaluate_segmentation_of(tmp_path, label, prediction)
+    assert metrics["mIoU"] == pytest.approx((256 / 384 + 128 / 256 + 0 + 0) / 4, abs=1e-12)
+    assert metrics["aAcc"] == pytest.approx(384 / 768, abs=1e-12)
+    assert sum(not math.isnan(v) for v in metrics["IoU"]) == 4
+
+
+# --- training runs ---------------------------------------------------------------------------------
+
+def test_semantic_fpn_training_lowers_the_loss_and_resumes(cache_dir, tmp_path, capsys):
+    args = [*SEGMENTATION, "--cache-dir", str(cache_dir), "--output-dir", str(tmp_path), "--batch-size", "4",
+            "--lr", "1.6e-2", "--warmup-iters", "3"]  # 2e-3 at the global batch of 4
+    detect_seg.main(args + ["--iters", "12"])  # 12 training images: 3 steps per epoch, 4 epochs
+    records = read_metrics(tmp_path / "semfpn")
+    assert [r["epoch"] for r in records] == [1, 2, 3, 4]
+    assert records[-1]["train_loss"] < 0.8 * records[0]["train_loss"]
+    assert 0 <= records[-1]["val_mIoU"] <= 1 and 0 <= records[-1]["val_aAcc"] <= 1
+    out = capsys.readouterr().out
+    assert "epoch 1/4  step 1/3  loss " in out and "peak lr 2.00e-03 (1.60e-02 per 32)" in out
+
+    results = detect_seg.main(args + ["--iters", "15"])  # the same command, longer: resumes at epoch 5
+    assert f"resuming from {tmp_path}/semfpn/last.pth: epoch 5, step 0" in capsys.readouterr().out
+    assert [r["epoch"] for r in read_metrics(tmp_path / "semfpn")] == [1, 2, 3, 4, 5]
+    assert results["semfpn"]["mIoU"] == read_metrics(tmp_path / "semfpn")[-1]["val_mIoU"]
+    assert os.path.isfile(tmp_path / "semfpn" / "best.pth")
+
+    before = {name: file_bytes(tmp_path / "semfpn" / name) for name in os.listdir(tmp_path / "semfpn")}
+    with pytest.raises(ValueError, match="is a semfpn checkpoint of glnet_mini with 4 classes, but this run trains "
+                                         "semfpn with glnet_4g and 4 classes"):
+        detect_seg.main(args + ["--iters", "18", "--model", "glnet_4g"])
+    assert {name: file_bytes(tmp_path / "semfpn" / name) for name in os.listdir(tmp_path / "semfpn")} == before
+
+
+KILLED_AFTER_A_CHECKPOINT = """
+import os, signal, sys, detect_seg, train
+save = train.save_checkpoint
+
+
+def save_and_die(state, path):
+    save(state, path)
+    if (state["epoch"], state["step"]) == (0, 2):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+train.save_checkpoint = save_and_die
+detect_seg.main(sys.argv[1:])
+"""
+
+
+def test_segmentation_resume_after_sigkill_gives_the_same_weights(cache_dir, tmp_path):
+    """A Semantic FPN run killed by SIGKILL right after its checkpoint at step 2 of epoch 1, rerun with the same
+    command, continues from that step and ends with the weights of an uninterrupted run (drop path included)."""
+    args = [*SEGMENTATION, "--cache-dir", str(cache_dir), "--batch-size", "2", "--iters", "8",
+            "--checkpoint-every", "1", "--drop-path", "0.1"]  # 6 steps per epoch
+    run_detect_seg([*args, "--output-dir", str(tmp_path / "straight")])
+
+    interrupted, last = tmp_path / "interrupted", tmp_path / "interrupted" / "semfpn" / "last.pth"
+    script = tmp_path / "killed.py"
+    script.write_text(KILLED_AFTER_A_CHECKPOINT)
+    killed = subprocess.run([sys.executable, str(script), *args, "--output-dir", str(interrupted)], cwd=HERE,
+                            capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": HERE})
+    assert killed.returncode == -signal.SIGKILL and (torch.load(last)["epoch"], torch.load(last)["step"]) == (0, 2)
+    resumed = run_detect_seg([*args, "--output-dir", str(interrupted)])
+    assert f"resuming from {last}: epoch 1, step 2" in resumed
+
+    straight, final = torch.load(tmp_path / "straight" / "semfpn" / "last.pth"), torch.load(last)
+    assert (final["epoch"], final["step"]) == (2, 0)
+    for name, tensor in straight["model"].items():
+        assert torch.equal(tensor, final["model"][name]), f"{name} differs"
+
+
+def test_accumulation_gives_the_same_update_as_the_full_batch(cache_dir, tmp_path):
+    """--accum-steps 2 with half the batch: the same gradient at the optimizer step and the same weights after it
+    as one full batch. The model is in eval mode (BatchNorm statistics and dropout off: nothing else depends on how
+    the batch is split) and the crops are never padded (so each micro-batch's mean is over as many pixels)."""
+    updates = []
+    for batch_size, accum in ((4, 1), (2, 2)):
+        trainer = dense_trainer("semfpn", [*SEGMENTATION, "--cache-dir", str(cache_dir), "--output-dir", str(tmp_path),
+                                           "--batch-size", str(batch_size), "--accum-steps", str(accum),
+                                           "--scale", "128"])
+        assert trainer.global_batch == 4
+        gradients = {}
+        trainer.optimizer.register_step_pre_hook(lambda *_, trainer=trainer: gradients.update(
+            {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}))
+        trainer.model.eval()
+        torch.manual_seed(1)  # the same crops and flips in both runs
+        trainer.train_step(list(itertools.islice(iter(trainer.train_loader), accum)))
+        updates.append((gradients, trainer.model.state_dict()))
+    (full_gradients, full_weights), (accumulated_gradients, accumulated_weights) = updates
+    assert full_gradients.keys() == accumulated_gradients.keys() and len(full_gradients) > 50
+    for name, gradient in full_gradients.items():
+        error = (accumulated_gradients[name] - gradient).abs().max()
+        assert error <= 1e-4 * gradient.abs().max(), f"{name}: max |difference| {error}"
+    for name, weight in full_weights.items():
+        torch.testing.assert_close(accumulated_weights[name], weight, rtol=1e-5, atol=1e-6)
+
+
+def test_mask_rcnn_run_evaluates_and_predict_draws(cache_dir, scenes, tmp_path, capsys):
+    args = ["--task", "maskrcnn", "--cache-dir", str(cache_dir), "--output-dir", str(tmp_path), "--epochs", "1",
+            "--lr-steps", "1", "--batch-size", "4", *SMALL_DETECTOR]
+    results = detect_seg.main(args)["maskrcnn"]
+    for iou_type in ("bbox", "segm"):
+        assert all(0 <= results[f"{iou_type}_{key}"] <= 1 for key in ("AP", "AP50", "AP75", "APm"))
+    assert {"last.pth", "best.pth", "metrics.jsonl"} <= set(os.listdir(tmp_path / "maskrcnn"))
+    evaluated = detect_seg.main(["--task", "maskrcnn", "--eval", "--cache-dir", str(cache_dir),
+                                 "--output-dir", str(tmp_path), *QUIET])["maskrcnn"]
+    assert evaluated["bbox_AP"] == pytest.approx(results["bbox_AP"], abs=1e-6)
+    with pytest.raises(ValueError, match="best.pth is a maskrcnn checkpoint, not semfpn: pass --task maskrcnn"):
+        detect_seg.main(["--task", "semfpn", "--eval", "--checkpoint", str(tmp_path / "maskrcnn" / "best.pth")])
+
+    image = os.path.join(scenes, "val2017", sorted(os.listdir(os.path.join(scenes, "val2017")))[0])
+    detect_seg.main(["--output-dir", str(tmp_path), "--predict", image, "--score-threshold", "0.0", *QUIET])
+    assert drawn_differs(image, tmp_path / f"{os.path.basename(image)[:-4]}_maskrcnn.png")
+    assert " detection(s) with score >= 0.0: " in capsys.readouterr().out
+    with pytest.raises(OSError, match="nothere.png"):
+        detect_seg.main(["--output-dir", str(tmp_path), "--predict", str(tmp_path / "nothere.png")])
+
+
+def test_upernet_trains_on_the_scenes_and_predict_draws_its_masks(cache_dir, scenes, tmp_path, capsys):
+    args = ["--task", "upernet", *SEGMENTATION[2:], "--cache-dir", str(cache_dir), "--output-dir", str(tmp_path),
+            "--batch-size", "4", "--lr", "8e-3", "--warmup-iters", "3", "--iters", "9"]  # 2e-3 at the global batch of 4
+    results = detect_seg.main(args)["upernet"]
+    records = read_metrics(tmp_path / "upernet")
+    assert [r["epoch"] for r in records] == [1, 2, 3] and records[-1]["train_loss"] < records[0]["train_loss"]
+    assert 0 <= results["mIoU"] <= 1 and results["mIoU"] == records[-1]["val_mIoU"]
+    assert "peak lr 2.00e-03 (8.00e-03 per 16)" in capsys.readouterr().out
+
+    image = os.path.join(scenes, "val2017", sorted(os.listdir(os.path.join(scenes, "val2017")))[0])
+    output = str(tmp_path / "drawn.png")
+    detect_seg.main(["--task", "upernet", "--output-dir", str(tmp_path), "--predict", image, "--predict-output", output,
+                     *QUIET])
+    assert drawn_differs(image, output) and ": classes " in capsys.readouterr().out
+
+
+def test_torchrun_two_processes_from_an_empty_cache(tmp_path):
+    """Real DDP on CPU (gloo), as a new user starts it: the scenes are generated once (rank 0, the
+    other waits), two processes train Semantic FPN, and their evaluation counts every validation
+    pixel once: the 2-process mIoU equals a 1-process evaluation of the same weights."""
+    cache = tmp_path / "empty-cache"
+    out = tmp_path / "out"
+    args = [*SEGMENTATION, "--cache-dir", str(cache), "--iters", "2", "--batch-size", "2", "--scale", "64"]
+    log = run_detect_seg([*args, "--output-dir", str(out)], launcher=torchrun(2))
+    assert sorted(os.listdir(cache)) == [detect_seg.SCENES_VERSION]  # complete, no temporary folder left
+    assert "global batch 4 = 2 per process x 2 processes x 1 accumulation steps" in log
+    assert log.count("semfpn result:") == 1  # rank 0 only
+    records = read_metrics(out / "semfpn")
+    assert len(records) == 1
+    one_process = detect_seg.main([*args, "--output-dir", str(out), "--eval", "--checkpoint",
+                                   str(out / "semfpn" / "last.pth")])["semfpn"]
+    assert one_process["mIoU"] == records[-1]["val_mIoU"] and one_process["aAcc"] == records[-1]["val_aAcc"]
