@@ -655,13 +655,14 @@ def report(tasks, backbones):
 
 # --- Command line: train.py's flags, and the dense tasks' own -------------------------------------
 
-def describe_default(name):
+def describe_default(field):
     """A flag's default in --help: the recipes' values, with --data and on the scenes."""
+    name = field.name
     values = [f"{task}{where} {recipe[name]}" for task, t in TASKS.items()
               for where, recipe in (("", t.paper), (" scenes", t.synthetic)) if name in recipe]
     special = dict(task=f"{' '.join(DEFAULT_TASKS)}; all with --report; the checkpoint's with --eval, --predict",
                    output_dir=f"{OUTPUT_DIR}, a folder per task", data="the synthetic scenes")
-    default = special.get(name, DenseSettings.__dataclass_fields__[name].default)
+    default = special.get(name, field.default)
     if len(values) < 2 * len(TASKS):
         values.append(f"else {default}" if values else str(default))
     return ", ".join(values)
@@ -671,8 +672,6 @@ def parse_args(argv=None):
     """(every flag, the settings flags given on the command line, the --task list or None)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS)
     train.add_settings_flags(parser, DenseSettings, describe_default)
-    parser.add_argument("--threads", type=train.at_least(0), default=train.CORES, help="CPU threads per process, "
-                        "0 = torch's default (default: this machine's cores over its processes)")
     parser.add_argument("--eval", action="store_true", help="evaluate --checkpoint on its validation set, then exit")
     parser.add_argument("--checkpoint", help="with --eval or --predict (default: <output-dir>/<task>/best.pth)")
     parser.add_argument("--predict", metavar="IMAGE", help="draw what --checkpoint finds in IMAGE into a PNG")
@@ -704,8 +703,6 @@ def make_settings(task, given, trained=None):
 def main(argv=None):
     """Train each --task, or --eval, --predict, --report; returns {task: metrics}, the PNG's path or the report."""
     args, given, tasks = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if "report" in args:
         return report(tasks or list(TASKS), [given["model"]] if "model" in given else ["glnet_4g", "glnet_9g"])
     output_dir = given.get("output_dir", OUTPUT_DIR)

@@ -23,6 +23,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -35,7 +36,9 @@ from pycocotools.cocoeval import COCOeval
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from einops import rearrange
+from torchvision import tv_tensors
 from torchvision.ops import FrozenBatchNorm2d
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.transforms import v2
 
 import analyze
@@ -1080,7 +1083,7 @@ def test_readme_main_command_on_an_empty_cache(tmp_path):
     """`python train.py` exactly as the README runs it, as a new user: the built-in dataset is
     generated into an empty cache, the first epoch trains, evaluates and checkpoints; the run is
     then killed (all five epochs take minutes) and the same command resumes it."""
-    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}  # a busy CI machine
 
     def run_until(marker):
         child = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py")], cwd=tmp_path, env=env,
@@ -1439,7 +1442,7 @@ def test_token_labeling_demo_teacher_labels_student_eval(tmp_path, five_classes)
 
     log = run_script(["--token-labels", labels, "--data", five_classes, "--output-dir", student_dir, *small],
                      launcher=torchrun(2))
-    assert f"recipe builtin: model glnet_mini" in log and "with a token head" in log
+    assert "recipe builtin: model glnet_mini" in log and "with a token head" in log
     assert "epoch 1/1  step 3/3  loss" in log and log.count("epoch 1/1 done") == 1
     checkpoint = torch.load(os.path.join(student_dir, "best.pth"))
     assert (checkpoint["args"]["recipe"], checkpoint["args"]["token_labels"]) == ("builtin", labels)
@@ -1772,13 +1775,7 @@ def test_released_checkpoint_needs_model_and_data(tiny_data, tmp_path):
 # detect_seg.py
 # =================================================================================================
 
-import dataclasses  # noqa: E402 (this section's own imports)
-import warnings  # noqa: E402
-
-from torchvision import tv_tensors  # noqa: E402
-from torchvision.ops.feature_pyramid_network import LastLevelMaxPool  # noqa: E402
-
-QUIET = ["--workers", "0", "--threads", "1", "--print-freq", "1"]
+QUIET = ["--workers", "0", "--print-freq", "1"]
 SMALL_DETECTOR = ["--min-size", "96", "--max-size", "160", "--fpn-channels", "32", "--rois-per-image", "32", *QUIET]
 SEGMENTATION = ["--task", "semfpn", "--crop-size", "64", "--scale", "80", "--fpn-channels", "32", *QUIET]
 CPU = torch.device("cpu")
@@ -1800,7 +1797,6 @@ def scenes(cache_dir):
 def dense_trainer(task, argv):
     """The Trainer of a run of `task` with these flags, built as main builds it."""
     args, given, _ = detect_seg.parse_args(argv)
-    torch.set_num_threads(args.threads)  # as main does: 1 in the tests, fast on a busy CPU
     return detect_seg.make_trainer(detect_seg.make_settings(task, given), 0, 1, CPU)
 
 
@@ -1841,26 +1837,6 @@ def test_synthetic_scenes_are_consistent(scenes):
             assert (semantic[mask > 0] == ann["category_id"] + 1).all()  # label 1 = background
         instances = sum(mask_util.decode(a["segmentation"]) for a in annotations)
         assert (semantic[instances == 0] == 1).all() and instances.max() == 1
-
-
-def test_builtin_dataset_is_generated_once_and_reused(tmp_path):
-    calls = []
-
-    def generate(folder):
-        calls.append(folder)
-        os.makedirs(os.path.join(folder, "train"))
-
-    root = train.builtin_dataset(str(tmp_path), "toy-v1", generate)
-    assert root == str(tmp_path / "toy-v1") and os.path.isdir(os.path.join(root, "train"))
-    assert train.builtin_dataset(str(tmp_path), "toy-v1", generate) == root and len(calls) == 1
-    assert sorted(os.listdir(tmp_path)) == ["toy-v1"]
-
-    def another_job_finishes_first(folder):
-        os.makedirs(os.path.join(folder, "mine"))
-        os.makedirs(tmp_path / "race-v1" / "theirs")
-
-    root = train.builtin_dataset(str(tmp_path), "race-v1", another_job_finishes_first)
-    assert os.listdir(root) == ["theirs"] and sorted(os.listdir(tmp_path)) == ["race-v1", "toy-v1"]
 
 
 def ade20k_folder(root, train_sizes, val_sizes, label=None):
@@ -1982,7 +1958,6 @@ def test_detector_forward_backward(scenes, cache_dir, tmp_path, task):
 def small_model(task, num_classes, **settings):
     """The model of the synthetic recipe of `task`, as build_model makes it from a run's settings."""
     args, given, _ = detect_seg.parse_args(QUIET)
-    torch.set_num_threads(args.threads)
     return detect_seg.build_model(dataclasses.asdict(detect_seg.make_settings(task, given)) | settings, num_classes)
 
 
@@ -2126,7 +2101,7 @@ def test_report_prints_the_papers_columns(monkeypatch, capsys):
     semfpn = dataclasses.replace(detect_seg.TASKS["semfpn"], report_size=(64, 128))  # the fvcore count runs it
     monkeypatch.setitem(detect_seg.TASKS, "semfpn", semfpn)
     for backbone, paper in (("glnet_4g", ["30.7", "150"]), ("glnet_mini", ["-", "-"])):
-        argv = ["--report", "--task", "semfpn", "--model", backbone, "--threads", "1"]
+        argv = ["--report", "--task", "semfpn", "--model", backbone]
         [(task, model, params, everything, mmcv)] = detect_seg.main(argv)
         lines = capsys.readouterr().out.splitlines()
         assert lines[1].split() == [task, backbone, f"{params / 1e6:.2f}", paper[0], f"{everything / 1e9:.1f}",
