@@ -78,7 +78,7 @@ def load(args):
     """(model on --device, settings): those the checkpoint was written with, then the command line's."""
     given = {k: v for k, v in vars(args).items() if k in ("model", "data", "image_size")}  # only the flags given
     model, checkpoint = train.load_trained(args.checkpoint, build, **given)
-    defaults = dict(image_size=224, interpolation="bilinear", cache_dir=train.DEFAULT_CACHE, approximated=[])
+    defaults = dict(image_size=224, interpolation="bicubic", cache_dir=train.DEFAULT_CACHE, approximated=[])
     return model.to(args.device), defaults | checkpoint.get("args", {}) | given  # defaults: for released ones
 
 

@@ -609,8 +609,8 @@ def mmcv_flops(model, image):
         x = inputs[0]
         if isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d)):   # per output (input, transposed) position, + bias
             grid = x if isinstance(layer, nn.ConvTranspose2d) else y
-            total += grid.numel() // grid.shape[1] * layer.in_channels * layer.out_channels // layer.groups * math.prod(
-                layer.kernel_size) + (y.numel() if layer.bias is not None else 0)
+            per_position = layer.in_channels * layer.out_channels // layer.groups * math.prod(layer.kernel_size)
+            total += grid.numel() // grid.shape[1] * per_position + (y.numel() if layer.bias is not None else 0)
         elif isinstance(layer, nn.Linear):
             total += x.numel() * y.shape[-1]
         elif isinstance(layer, (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)):
