@@ -612,7 +612,6 @@ def test_params_and_flops_match_the_paper(variant):
     assert abs(glnet.count_params(model) / 1e6 - paper_params) <= 0.1
     assert abs(flops.total() / 1e9 - paper_flops) <= 0.1
     assert flops.by_operator().get("scaled_dot_product_attention", 0) == attention_flops(model, x) > 0
-    assert glnet.count_flops(model) == flops.total() / 1e9
 
 
 def test_report_script_runs():
