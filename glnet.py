@@ -114,8 +114,9 @@ class GLMixBlock(nn.Module):
         self.clustering = nn.Softmax(dim=-1)   # Eq. 3: each slot's weights over the pixels
         self.slot_mhsa = MHSA(dim)
         self.dispatching = nn.Softmax(dim=1)   # Eq. 4: each pixel's weights over the slots
-        self.local_branch = nn.Sequential(nn.Conv2d(dim, dim, 1), nn.Conv2d(dim, dim, LOCAL_KERNEL,
-                                          padding=LOCAL_KERNEL // 2, groups=dim), nn.Conv2d(dim, dim, 1))
+        self.local_branch = nn.Sequential(                 # Conv1x1 -> DWConv5x5 -> Conv1x1
+            nn.Conv2d(dim, dim, 1), nn.Conv2d(dim, dim, LOCAL_KERNEL, padding=LOCAL_KERNEL // 2, groups=dim),
+            nn.Conv2d(dim, dim, 1))
         self.ls1 = LayerScale((1, dim, 1, 1), layer_scale) if layer_scale else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = ConvFFN(dim, mlp_ratio, conv_ffn)
@@ -402,7 +403,7 @@ def glnet_mini(**kwargs):
 
 MODELS = {f.__name__: f for f in (glnet_stl, glnet_stl_paramslot, glnet_4g, glnet_9g, glnet_16g, glnet_4g_tklb,
                                   glnet_9g_tklb, glnet_mini)}
-RELEASED = tuple(MODELS)[:-1]
+RELEASED = tuple(MODELS)[:-1]  # all but glnet_mini
 
 # The paper's model card: parameters (M), GFLOPs at 224x224, ImageNet-1k top-1 (%). The *_tklb
 # rows are GLNet-4G*/9G* of Table 3, which prints 27M and 61M: here the count with the token head.
