@@ -454,10 +454,10 @@ def evaluate_detection(model, dataset, device, rank=0, world_size=1, workers=0):
 
 def segment(model, image, scale):
     """MMSegmentation's single-scale test: logits at the image's size from a forward on the image fit into
-    (4 x scale, scale), keeping its aspect."""
+    (4 x scale, scale), keeping its aspect; sides rounded half up, as mmcv's rescale_size."""
     h, w = image.shape[-2:]
     ratio = min(scale / min(h, w), 4 * scale / max(h, w))
-    return resize(model(resize(image, size=(round(h * ratio), round(w * ratio)))).float(), size=(h, w))
+    return resize(model(resize(image, size=(int(h * ratio + 0.5), int(w * ratio + 0.5)))).float(), size=(h, w))
 
 
 @torch.no_grad()

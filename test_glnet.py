@@ -51,6 +51,9 @@ TESTDATA = os.path.join(HERE, "testdata")
 REFERENCE = os.path.join(HERE, "..", "shared", "reference")
 GOLDEN_SAMPLE = (slice(None), slice(None, None, 8), slice(None, None, 4), slice(None, None, 4))
 TOKEN_SAMPLE = (slice(None), slice(None), slice(None, None, 4))  # every token, every 4th class
+# pycocotools' mask.decode warns on every call under NumPy 2 (its __array__ lacks the copy keyword): not ours to fix
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning:pycocotools.mask")
 
 
 # =================================================================================================
@@ -1008,6 +1011,33 @@ def test_eval_of_a_checkpoint_from_elsewhere(tmp_path, data):
     with torch.no_grad():
         correct = sum(model(image[None]).argmax().item() == label for image, label in val_set)
     assert metrics["images"] == 15 and metrics["top1"] == pytest.approx(100 * correct / 15)
+
+
+def glnet_inputs(monkeypatch):
+    """Every input GLNet's forward_features receives from now on (what a classifier or a dense model is fed)."""
+    inputs, forward_features = [], glnet.GLNet.forward_features
+
+    def spy(model, x):
+        inputs.append(x)
+        return forward_features(model, x)
+    monkeypatch.setattr(glnet.GLNet, "forward_features", spy)
+    return inputs
+
+
+def test_eval_flags_override_the_checkpoints_settings(checkpoint, tiny_data, monkeypatch):
+    """A checkpoint whose settings say 64x64, bilinear, 32 per batch, evaluated with --image-size 48 --interpolation
+    bicubic --batch-size 3: its 20 validation images reach the model in batches of 3 (and 2), resized bicubically
+    to 55 and center-cropped to 48."""
+    trained = torch.load(checkpoint)["args"]
+    assert (trained["image_size"], trained["interpolation"], trained["batch_size"]) == (64, "bilinear", 32)
+    inputs = glnet_inputs(monkeypatch)
+    metrics = train.main(["--eval", "--checkpoint", checkpoint, "--image-size", "48", "--interpolation", "bicubic",
+                          "--batch-size", "3", "--workers", "0"])
+    assert metrics["images"] == 20 and [len(x) for x in inputs] == [3] * 6 + [2]
+    expected, bilinear = (torch.stack([image for image, _ in train.image_folder(tiny_data, "val", transform)])
+                          for transform in (train.eval_transform(48, "bicubic"), train.eval_transform(48, "bilinear")))
+    assert not torch.allclose(expected, bilinear, atol=1e-3)
+    torch.testing.assert_close(torch.cat(inputs), expected)
 
 
 # --- training runs: resume, DDP, the README's command ---------------------------------------------
@@ -2422,6 +2452,24 @@ def test_mask_ap_by_size_uses_the_mask_area(tmp_path):
     assert metrics == pytest.approx(expected, abs=1e-12)
 
 
+def test_mask_ap_uses_the_mask_iou_not_the_box_iou(tmp_path):
+    """A ring (20x20, a 12x12 hole: 256 pixels) found by the filled 20x20 square, and an L (a 20x20 square less a
+    10x10 corner) found exactly. Their boxes are the ground truth's (box IoU 1, box AP 1), but the square's mask
+    IoU with the ring is 256/400 = 0.64: a match at IoU thresholds 0.5, 0.55, 0.6 (AP 1), a false positive before
+    the L's true positive at the 7 others (precision 1/2 up to recall 1/2: AP 51/2/101)."""
+    size = (100, 100)
+    filled = square_mask(size, 10, 10, 30, 30)
+    ring = filled - square_mask(size, 14, 14, 26, 26)
+    ell = square_mask(size, 50, 50, 70, 70) - square_mask(size, 60, 50, 70, 60)   # less its top-right corner
+    root = write_coco(tmp_path / "coco", size, [(1, ring), (1, ell)])
+    output = dict(boxes=torch.tensor([[10.0, 10, 30, 30], [50, 50, 70, 70]]), labels=torch.tensor([1, 1]),
+                  scores=torch.tensor([0.9, 0.8]), masks=torch.from_numpy(np.stack([filled, ell])).float()[:, None])
+    metrics = evaluate_fixed(root, output)
+    assert metrics["bbox_AP"] == 1.0
+    assert metrics["segm_AP50"] == 1.0 and metrics["segm_AP75"] == pytest.approx(51 / 2 / 101, abs=1e-12)
+    assert metrics["segm_AP"] == pytest.approx((3 * 1 + 7 * 51 / 2 / 101) / 10, abs=1e-12)
+
+
 def test_boxes_are_scored_at_full_precision(tmp_path):
     """Two 10x10 squares, one found exactly, the other by a box 4.996 wide: IoU 0.4996, a miss at
     every threshold (AP50 = 51/101: recall 1/2 at precision 1). Rounded to 2 decimals, the box
@@ -2517,6 +2565,90 @@ def test_miou_leaves_out_a_class_absent_from_truth_and_prediction(tmp_path):
     assert metrics["mIoU"] == pytest.approx((256 / 384 + 128 / 256 + 0 + 0) / 4, abs=1e-12)
     assert metrics["aAcc"] == pytest.approx(384 / 768, abs=1e-12)
     assert sum(not math.isnan(v) for v in metrics["IoU"]) == 4
+
+
+def mmseg_test_size(height, width, scale):
+    """MMSegmentation's test-time resize (mmcv's rescale_size into (4 x scale, scale)): the largest ratio that fits
+    the longer side into 4 x scale and the shorter into scale, each side rounded half up."""
+    ratio = min(4 * scale / max(height, width), scale / min(height, width))
+    return int(height * ratio + 0.5), int(width * ratio + 0.5)
+
+
+class InputSizes(torch.nn.Module):
+    """A segmentation 'model' recording the size of each input; its logits are zeros."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes = []
+
+    def forward(self, images):
+        self.sizes.append(tuple(images.shape[-2:]))
+        return images.new_zeros(len(images), 2, *images.shape[-2:])
+
+
+@pytest.mark.parametrize("size, forwarded", [
+    ((100, 1000), (205, 2048)),   # wide: ratio min(2048 / 1000, 512 / 100) = 2.048, 204.8 rounds to 205
+    ((1000, 100), (2048, 205)),   # tall
+    ((4096, 333), (2048, 167)),   # ratio 0.5: 166.5 rounds half up
+    ((480, 640), (512, 683)),     # below the cap: the shorter side to 512
+], ids=["wide", "tall", "half-pixel", "uncapped"])
+def test_segmentation_test_resize_caps_the_longer_side(size, forwarded):
+    """At --scale 512 an image is forwarded fit into (2048, 512) as MMSegmentation's test resize fits it, and its
+    logits come back at its own size."""
+    assert mmseg_test_size(*size, 512) == forwarded
+    model = InputSizes()
+    logits = detect_seg.segment(model, torch.rand(1, 3, *size), 512)
+    assert model.sizes == [forwarded] and logits.shape == (1, 2, *size)
+
+
+def coco_folder(root, sizes):
+    """COCO 2017's layout, train and val alike, with the scenes' categories: grey images of the given (H, W) sizes,
+    a 16x16 square of category 1 in each."""
+    os.makedirs(root / "annotations")
+    images = [dict(id=i + 1, file_name=f"{i + 1:06d}.png", height=h, width=w) for i, (h, w) in enumerate(sizes)]
+    squares = [dict(id=i + 1, image_id=i + 1, category_id=1, bbox=[0.0, 0.0, 16.0, 16.0], area=256.0, iscrowd=0,
+                    segmentation=[[0, 0, 16, 0, 16, 16, 0, 16]]) for i in range(len(sizes))]
+    categories = [dict(id=i + 1, name=name) for i, name in enumerate(detect_seg.SCENE_CLASSES)]
+    for split in ("train", "val"):
+        os.makedirs(root / f"{split}2017")
+        for image in images:
+            Image.new("RGB", (image["width"], image["height"]), (128, 128, 128)).save(
+                root / f"{split}2017" / image["file_name"])
+        (root / "annotations" / f"instances_{split}2017.json").write_text(
+            json.dumps(dict(images=images, annotations=squares, categories=categories)))
+    return str(root)
+
+
+def detector_input_size(height, width, min_size, max_size):
+    """torchvision's detection resize, the shorter side to min_size unless the longer would pass max_size,
+    floored, padded to a multiple of 32."""
+    ratio = min(min_size / min(height, width), max_size / max(height, width))
+    return tuple(32 * math.ceil(int(side * ratio) / 32) for side in (height, width))
+
+
+def test_eval_flags_override_the_checkpoints_sizes(cache_dir, scenes, tmp_path, monkeypatch):
+    """Checkpoints trained with --scale 80 (Semantic FPN) and --min-size 96 --max-size 160 (Mask R-CNN), evaluated
+    with --scale 48 and --min-size 64 --max-size 128, feed GLNet at the command line's sizes: each scene fit into
+    (4 x 48, 48); a square image's shorter side to 64 (96 with the checkpoint's --min-size), a 1:4 image's longer
+    side to 128 (160 with the checkpoint's --max-size)."""
+    for task, argv in (("semfpn", SEGMENTATION), ("maskrcnn", SMALL_DETECTOR)):
+        dense_trainer(task, [*argv, "--cache-dir", str(cache_dir), "--output-dir", str(tmp_path)]).save()
+    segmenter, detector = (torch.load(tmp_path / task / "last.pth")["args"] for task in ("semfpn", "maskrcnn"))
+    assert (segmenter["scale"], detector["min_size"], detector["max_size"]) == (80, 96, 160)
+    sizes = [(100, 100), (50, 200)]
+    given, trained_min, trained_max = ([detector_input_size(*size, *flags) for size in sizes]
+                                       for flags in ((64, 128), (96, 128), (64, 160)))
+    assert given != trained_min and given != trained_max   # either flag lost would show
+
+    inputs = glnet_inputs(monkeypatch)
+    detect_seg.main(["--eval", "--checkpoint", str(tmp_path / "semfpn" / "last.pth"), "--scale", "48", *QUIET])
+    scene_sizes = [Image.open(os.path.join(scenes, "val2017", name)).size[::-1]
+                   for name in sorted(os.listdir(os.path.join(scenes, "val2017")))]
+    assert [tuple(x.shape[-2:]) for x in inputs] == [mmseg_test_size(*size, 48) for size in scene_sizes]
+    inputs.clear()
+    detect_seg.main(["--eval", "--checkpoint", str(tmp_path / "maskrcnn" / "last.pth"), "--data",
+                     coco_folder(tmp_path / "coco", sizes), "--min-size", "64", "--max-size", "128", *QUIET])
+    assert [tuple(x.shape[-2:]) for x in inputs] == given
 
 
 # --- training runs ---------------------------------------------------------------------------------
