@@ -256,15 +256,15 @@ def build_model(settings, num_classes, load_pretrained=False):
 
 def coco_dataset(root, split, training, with_masks):
     """COCO 2017's <root>/<split>2017/ and annotations/instances_<split>2017.json by torchvision's CocoDetection
-    for transforms v2: targets with XYXY `boxes`, `labels` (the category ids) and `masks`. Training drops crowd
-    regions, boxes without area and images left without annotations, as torchvision's detection reference does."""
+    for transforms v2: targets with XYXY `boxes`, `labels` (the category ids) and `masks`. Training keeps the objects
+    MMDetection's CocoDataset does, boxes clipped to the image (masks as they are), and the images left with any."""
     image_dir, ann_file = f"{root}/{split}2017", f"{root}/annotations/instances_{split}2017.json"
     for path, exists in ((ann_file, os.path.isfile), (image_dir, os.path.isdir)):
         if not exists(path):
             raise FileNotFoundError(f"{path} not found: expected the COCO 2017 layout: train2017/, val2017/ and "
                                     f"annotations/instances_{{train,val}}2017.json")
-    flip_and_sanitize = [v2.RandomHorizontalFlip(), v2.SanitizeBoundingBoxes()] if training else []
-    transforms = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True), *flip_and_sanitize])
+    clip_and_flip = [v2.ClampBoundingBoxes(), v2.RandomHorizontalFlip()] if training else []
+    transforms = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True), *clip_and_flip])
     try:
         dataset = CocoDetection(image_dir, ann_file, transforms=transforms)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -275,13 +275,17 @@ def coco_dataset(root, split, training, with_masks):
         raise ValueError(f"{ann_file} has no {', '.join(map(repr, missing))} entry; expected a COCO instances file")
     if not training:
         return wrap_dataset_for_transforms_v2(dataset, target_keys=("image_id",))
-    coco.dataset["annotations"] = [a for a in coco.dataset["annotations"] if not a.get("iscrowd", 0)]
+
+    def trained_on(a):  # MMDetection's rule: no crowds, known categories, >= 1x1 px boxes that overlap the image
+        (x, y, w, h), image = a["bbox"], coco.imgs[a["image_id"]]
+        return not a.get("iscrowd", 0) and a["category_id"] in coco.cats and min(w, h) >= 1 and \
+            min(x + w, image["width"]) > max(x, 0) and min(y + h, image["height"]) > max(y, 0)
+    coco.dataset["annotations"] = list(filter(trained_on, coco.dataset["annotations"]))
     coco.createIndex()
     dataset.ids = [i for i in dataset.ids if coco.imgToAnns[i]]
     if not dataset.ids:
         raise ValueError(f"{ann_file}: no image has an annotation to train on")
-    keys = ("image_id", "boxes", "labels", "masks") if with_masks else ("image_id", "boxes", "labels")
-    return wrap_dataset_for_transforms_v2(dataset, target_keys=keys)
+    return wrap_dataset_for_transforms_v2(dataset, target_keys=("image_id", "boxes", "labels", *["masks"] * with_masks))
 
 
 class SegmentationFolder(torch.utils.data.Dataset):
@@ -410,12 +414,16 @@ def datasets(s):
 COCO_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
-def detections_to_coco(output, image_id):
+def label_categories(task, classes):  # label -> category id; Mask R-CNN's label 0 is the background (-1 here)
+    return torch.tensor([-1] * (task == "maskrcnn") + sorted(classes))
+
+
+def detections_to_coco(output, image_id, categories):
     """One image's detections as COCO results, as torchvision's CocoEvaluator prepares them: box records with
     full-precision XYWH boxes; with masks, records of RLE masks (> 0.5) without a box, so that pycocotools takes
-    their size range from the mask's area."""
-    common = [dict(image_id=int(image_id), category_id=label, score=score)
-              for label, score in zip(output["labels"].tolist(), output["scores"].tolist())]
+    their size range from the mask's area. Labels become category ids: `categories`[label]."""
+    common = [dict(image_id=int(image_id), category_id=category, score=score)
+              for category, score in zip(categories[output["labels"].cpu()].tolist(), output["scores"].tolist())]
     boxes = box_convert(output["boxes"].float().cpu(), "xyxy", "xywh").tolist()
     results = {"bbox": [dict(record, bbox=box) for record, box in zip(common, boxes)]}
     if "masks" in output:
@@ -427,13 +435,14 @@ def detections_to_coco(output, image_id):
 
 
 @torch.no_grad()
-def evaluate_detection(model, dataset, device, rank=0, world_size=1, workers=0):
+def evaluate_detection(model, dataset, device, categories, rank=0, world_size=1, workers=0):
     """COCO box AP (and mask AP) by pycocotools: each image alone in its forward, as MMDetection tests (a batch
     would pad it with zeros that GLNet's slots and attention see); rank 0 scores all, every rank returns that."""
     model.eval()
     results = {}
     for image, target in train.eval_loader(dataset, 1, workers, rank, world_size):
-        for iou_type, records in detections_to_coco(model([image[0].to(device)])[0], target["image_id"]).items():
+        output = model([image[0].to(device)])[0]
+        for iou_type, records in detections_to_coco(output, target["image_id"], categories).items():
             results.setdefault(iou_type, []).extend(records)
     gathered, metrics = [results] * world_size, [{}]
     if world_size > 1:
@@ -490,10 +499,11 @@ def segmentation_loss(model, batch, device):
     return loss(logits.float()) + sum(AUXILIARY_WEIGHT * loss(a.float()) for a in auxiliary)
 
 
-def detection_loss(model, batch, device):
-    """The sum of torchvision's detection losses (classification, boxes, RPN, masks)."""
+def detection_loss(model, batch, device, categories):
+    """The sum of torchvision's detection losses (classification, boxes, RPN, masks), category ids made labels."""
     images, targets = batch
-    targets = [{k: v.to(device, non_blocking=True) for k, v in t.items() if k != "image_id"} for t in targets]
+    targets = [{**{k: v.to(device, non_blocking=True) for k, v in t.items() if k != "image_id"},
+                "labels": torch.searchsorted(categories, t["labels"]).to(device)} for t in targets]
     return sum(model([image.to(device, non_blocking=True) for image in images], targets).values())
 
 
@@ -511,9 +521,10 @@ def dense_task(s, rank, world_size, device):
         evaluate = functools.partial(evaluate_segmentation, dataset=val_set, device=device, num_classes=num_classes,
                                      scale=s.scale, **ranks)
     else:
-        num_classes, collate = max(classes) + 1, collate_detection   # the labels are the category ids
-        loss = functools.partial(detection_loss, device=device)
-        evaluate = functools.partial(evaluate_detection, dataset=val_set, device=device, **ranks)
+        categories = label_categories(s.task, classes)   # so that the heads have no output for an absent id
+        num_classes, collate = len(categories), collate_detection
+        loss = functools.partial(detection_loss, device=device, categories=categories)
+        evaluate = functools.partial(evaluate_detection, dataset=val_set, device=device, categories=categories, **ranks)
     return train.Task(s.task, train_set, loss, evaluate, TASKS[s.task].metric, TASKS[s.task].reference_batch,
                       num_classes, classes, collate)
 
@@ -543,10 +554,10 @@ def predict(image_path, checkpoint_path, output_path=None, output_dir=OUTPUT_DIR
         drawn = draw_segmentation_masks(image, labels == present[:, None, None], alpha=0.6)
         found = "classes " + ", ".join(names[c] for c in present.tolist())
     else:
-        output = model([x])[0]
+        output, categories = model([x])[0], label_categories(checkpoint["task"], names)
         keep = output["scores"] >= score_threshold
-        captions = [f"{names.get(c, c)} {score:.2f}"
-                    for c, score in zip(output["labels"][keep].tolist(), output["scores"][keep].tolist())]
+        captions = [f"{names[c]} {score:.2f}"
+                    for c, score in zip(categories[output["labels"][keep]].tolist(), output["scores"][keep].tolist())]
         masks = output["masks"][keep][:, 0] > 0.5 if "masks" in output else []
         drawn = draw_segmentation_masks(image, masks, alpha=0.5) if len(masks) else image
         drawn = draw_bounding_boxes(drawn, output["boxes"][keep], captions, colors="yellow", width=2)
@@ -708,8 +719,7 @@ def main(argv=None):
     output_dir = given.get("output_dir", OUTPUT_DIR)
     checkpoint = getattr(args, "checkpoint", os.path.join(output_dir, (tasks or DEFAULT_TASKS)[0], "best.pth"))
     if "predict" in args:
-        output = getattr(args, "predict_output", None)
-        return predict(args.predict, checkpoint, output, output_dir, args.score_threshold)
+        return predict(args.predict, checkpoint, vars(args).get("predict_output"), output_dir, args.score_threshold)
     rank, world_size, device = train.setup_distributed()
     try:
         if "eval" in args:   # on the validation set the checkpoint was trained with, or on --data
@@ -737,4 +747,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    train.run(main)

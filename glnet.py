@@ -14,6 +14,7 @@ released variants, checkpoints, and the parameters/FLOPs report of `python glnet
 import argparse
 import math
 import os
+import pickle
 import re
 import warnings
 
@@ -473,11 +474,13 @@ def guess_variant(state_dict):
 
 def read_checkpoint(path):
     """A checkpoint file on the CPU, tensors only (no pickled code); every script reads checkpoints so."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint file not found: {path}")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:  # torch's errors of a truncated or foreign file
+        raise ValueError(f"cannot read checkpoint {path}: truncated, or not a torch.save file of tensors and plain "
+                         f"values ({str(e).split('. ')[0] or type(e).__name__})") from e
     if not isinstance(checkpoint, dict):
-        raise TypeError(f"{path} holds a {type(checkpoint).__name__}, expected a checkpoint dict or a state_dict")
+        raise ValueError(f"{path} holds a {type(checkpoint).__name__}, expected a checkpoint dict or a state_dict")
     return checkpoint
 
 
@@ -492,15 +495,13 @@ def load_checkpoint(model, checkpoint, key=None):
     expected = model.state_dict()
     problems = {"missing": [k for k in expected if k not in state_dict],
                 "unexpected": [k for k in state_dict if k not in expected],
-                "wrong shape": [f"{k}: checkpoint {tuple(state_dict[k].shape)}, model {tuple(v.shape)}"
-                                for k, v in expected.items() if k in state_dict and state_dict[k].shape != v.shape]}
-    if any(problems.values()):
-        counts = ", ".join(f"{len(v)} {k}" for k, v in zip(("missing", "unexpected", "wrongly shaped"),
-                                                            problems.values()))
-        listed = "".join(f"\n  {kind}: {', '.join(items[:5])}{', ...' if len(items) > 5 else ''}"
-                         for kind, items in problems.items() if items)
-        raise ValueError(f"checkpoint does not match {type(model).__name__}: {counts} tensors{listed}\n"
-                         f"  the checkpoint looks like {guess_variant(state_dict)}")
+                "wrongly shaped": [f"{k}: checkpoint {tuple(state_dict[k].shape)}, model {tuple(v.shape)}"
+                                   for k, v in expected.items() if k in state_dict and state_dict[k].shape != v.shape]}
+    if any(problems.values()):   # one line, as the scripts print their usage errors
+        counts = ", ".join(f"{len(v)} {k}" for k, v in problems.items())
+        listed = "".join(f"; {k}: {', '.join(v[:5])}{', ...' * (len(v) > 5)}" for k, v in problems.items() if v)
+        raise ValueError(f"checkpoint does not match {type(model).__name__}: {counts} tensors{listed}; the checkpoint "
+                         f"looks like {guess_variant(state_dict)}")
     model.load_state_dict(state_dict)
     return model
 

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import re
+import runpy
 import shutil
 import signal
 import subprocess
@@ -37,6 +38,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from einops import rearrange
 from torchvision import tv_tensors
+from torchvision.models.detection import MaskRCNN_ResNet50_FPN_Weights
 from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.transforms import v2
@@ -296,7 +298,7 @@ def test_create_model_loads_a_checkpoint_path_or_dict(tmp_path):
         assert torch.equal(backbone(x), model.norm(model.forward_features(x)[-1]).mean(dim=(2, 3)))
     with pytest.raises(ValueError, match=r"unexpected: token_head.weight, token_head.bias"):
         glnet.create_model("glnet_mini", num_classes=5, checkpoint=str(path))
-    with pytest.raises(ValueError, match=r"wrong shape: head.weight: checkpoint \(5, 256\), model \(1000, 256\)"):
+    with pytest.raises(ValueError, match=r"wrongly shaped: head.weight: checkpoint \(5, 256\), model \(1000, 256\)"):
         glnet.create_model("glnet_mini", token_head=True, checkpoint=str(path))
 
 
@@ -916,6 +918,58 @@ def test_bad_data_layouts_are_named(tmp_path, data):
     with pytest.raises(ValueError, match=r"mismatch/val differ in \['ring', 'square'\]"):
         run(tmp_path / "mismatch")
     assert not (tmp_path / "out").exists()
+
+
+def test_usage_errors_of_the_three_scripts_are_one_line_with_status_2(tmp_path, data, capsys, monkeypatch):
+    """As users run them (`python train.py ...` in a process of its own, the others' __main__ in this one): a
+    truncated last.pth on resume, a flat ImageNet val/ (as its tarball unpacks), a truncated checkpoint given to
+    detect_seg.py and analyze.py, a COCO folder without annotations: argparse's one line on stderr, exit status 2,
+    nothing written."""
+    checkpoint = tmp_path / "resumed" / "last.pth"
+    os.makedirs(checkpoint.parent)
+    torch.save({"model": glnet.create_model("glnet_mini", num_classes=3).state_dict()}, checkpoint)
+    checkpoint.write_bytes(file_bytes(checkpoint)[:100_000])   # as a copy cut short leaves it
+    truncated = f"error: cannot read checkpoint {checkpoint}: truncated, or not a torch.save file"
+    resumed = subprocess.Popen([sys.executable, "train.py", "--data", data, "--output-dir", str(checkpoint.parent),
+                                *TINY], cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    flat = tmp_path / "flat"
+    shutil.copytree(os.path.join(data, "train"), flat / "train")
+    os.makedirs(flat / "val")
+    for i in (1, 2):
+        Image.new("RGB", (40, 40)).save(flat / "val" / f"ILSVRC2012_val_{i:08d}.JPEG", format="JPEG")
+    runs = {("train.py", "--data", str(flat), "--output-dir", str(tmp_path / "out"), *TINY):
+            f"train.py: error: Couldn't find any class folder in {flat}/val.; expected the ImageNet layout, "
+            f"{flat}/val/<class>/<image>; ImageNet's val tarball unpacks flat: sort it into a folder per synset",
+            ("detect_seg.py", "--eval", "--checkpoint", str(checkpoint)): f"detect_seg.py: {truncated}",
+            ("analyze.py", "evaluate", "--checkpoint", str(checkpoint)): f"analyze.py: {truncated}",
+            ("detect_seg.py", "--task", "maskrcnn", "--data", str(tmp_path), "--output-dir", str(tmp_path / "out")):
+            f"detect_seg.py: error: {tmp_path}/annotations/instances_train2017.json not found: expected the COCO"}
+    for argv, message in runs.items():
+        monkeypatch.setattr(sys, "argv", [os.path.join(HERE, argv[0]), *argv[1:]])
+        with pytest.raises(SystemExit) as exit_info:
+            runpy.run_path(os.path.join(HERE, argv[0]), run_name="__main__")
+        stderr = capsys.readouterr().err
+        assert exit_info.value.code == 2 and stderr.count("\n") == 1 and stderr.startswith(message), stderr
+    _, stderr = resumed.communicate(timeout=120)
+    assert resumed.returncode == 2 and stderr.count("\n") == 1 and stderr.startswith(f"train.py: {truncated}"), stderr
+    assert os.listdir(checkpoint.parent) == ["last.pth"] and not (tmp_path / "out").exists()
+
+
+def test_only_input_errors_become_one_line(capsys, monkeypatch):
+    """train.run, the scripts' __main__: the errors this project raises about its input (ValueError, OSError) end as
+    one line and exit status 2; any other keeps its traceback."""
+    def fail(error):
+        raise error
+
+    monkeypatch.setattr(sys, "argv", ["/somewhere/train.py", "--data", "x"])
+    for error in (ValueError("the data is bad"), FileNotFoundError(2, "No such file or directory", "x/train")):
+        with pytest.raises(SystemExit) as exit_info:
+            train.run(lambda: fail(error))
+        assert exit_info.value.code == 2 and capsys.readouterr().err == f"train.py: error: {error}\n"
+    with pytest.raises(KeyError, match="a bug"):
+        train.run(lambda: fail(KeyError("a bug")))
+    assert capsys.readouterr().err == ""
 
 
 def test_unreadable_image_is_named(tmp_path, data):
@@ -1957,6 +2011,110 @@ def test_training_skips_crowds_empty_boxes_and_unannotated_images(tmp_path, scen
     assert len(trainer.task.evaluate.keywords["dataset"]) == 4
 
 
+def rectangle(x, y, w, h, **fields):
+    """A COCO annotation of a box (XYWH, may run past the image) whose polygon is the same rectangle."""
+    return dict(bbox=[x, y, w, h], segmentation=[[x, y, x + w, y, x + w, y + h, x, y + h]], area=w * h,
+                category_id=1, iscrowd=0) | fields
+
+
+def test_training_keeps_every_object_overlapping_the_image_its_box_clipped(tmp_path):
+    """MMDetection's CocoDataset rule on real files: an object whose box runs past an edge (40 px, 0.4 px, the
+    left edge, all four, 0.4 px of it inside) trains with its box clipped to the image; a box outside the image or
+    under 1 px wide, and a crowd region, do not; an image left with none is not drawn. Masks stay as they are."""
+    sizes = {1: (100, 80), 2: (60, 90), 3: (50, 50)}   # (W, H)
+    boxes = {1: [(10, 10, 30, 20), (20, 40, 120, 30), (50, 5, 30, 75.4), (-15, 20, 25, 10), (99.6, 50, 10, 10),
+                 (100, 10, 20, 20), (30, 90, 10, 10), (5, 60, 0.5, 10)], 2: [(-10, -10, 200, 200), (70, 0, 10, 10)],
+             3: [(50, 0, 5, 5)]}
+    annotations = [rectangle(*box, image_id=i) for i, image_boxes in boxes.items() for box in image_boxes]
+    annotations.append(rectangle(10, 10, 50, 50, image_id=1, iscrowd=1))
+    coco = dict(images=[dict(id=i, file_name=f"{i:06d}.jpg", width=w, height=h) for i, (w, h) in sizes.items()],
+                annotations=[dict(a, id=k + 1) for k, a in enumerate(annotations)],
+                categories=[dict(id=1, name="car")])
+    for split in ("train2017", "val2017"):
+        os.makedirs(tmp_path / split)
+        for i, (w, h) in sizes.items():
+            Image.new("RGB", (w, h), (100, 120, 140)).save(tmp_path / split / f"{i:06d}.jpg")
+    os.makedirs(tmp_path / "annotations")
+    for split in ("train", "val"):
+        (tmp_path / "annotations" / f"instances_{split}2017.json").write_text(json.dumps(coco))
+
+    trainer = dense_trainer("maskrcnn", ["--task", "maskrcnn", "--data", str(tmp_path), "--output-dir",
+                                         str(tmp_path / "out"), "--batch-size", "2", "--model", "glnet_mini",
+                                         *SMALL_DETECTOR])
+    clipped = {1: [[10, 10, 40, 30], [20, 40, 100, 70], [50, 5, 80, 80], [0, 20, 10, 30], [99.6, 50, 100, 60]],
+               2: [[0, 0, 60, 90]]}
+    train_set = trainer.task.train_set
+    assert len(train_set) == 2
+    for image, target in (train_set[i] for i in range(len(train_set))):
+        width, expected = image.shape[-1], torch.tensor(clipped[target["image_id"]], dtype=torch.float32)
+        flipped = torch.stack([width - expected[:, 2], expected[:, 1], width - expected[:, 0], expected[:, 3]], 1)
+        assert any(torch.allclose(target["boxes"].float(), e, atol=1e-4) for e in (expected, flipped)), target["boxes"]
+        assert len(target["masks"]) == len(target["labels"]) == len(expected)
+        assert target["masks"][:4].flatten(1).any(1).all()   # the objects' pixels, as the polygons give them
+    loss = trainer.task.loss(trainer.model.train(), trainer.task.collate_fn([train_set[0], train_set[1]]))
+    assert torch.isfinite(loss)   # a box 0.4 px wide trains too
+
+
+def test_detectors_predict_only_the_datasets_categories(tmp_path, scenes, capsys, monkeypatch):
+    """On COCO's 80 categories (ids 1-90 with gaps), the scenes' shapes as person (1), car (3) and toothbrush (90):
+    the heads have a class per category (and Mask R-CNN's background), as the paper's parameter counts assume; the
+    targets carry contiguous labels; evaluation records, --predict and the checkpoint's class names carry the ids."""
+    coco_names = MaskRCNN_ResNet50_FPN_Weights.DEFAULT.meta["categories"]   # index = COCO id, "N/A" = no category
+    categories = [dict(id=i, name=name) for i, name in enumerate(coco_names) if name not in ("__background__", "N/A")]
+    ids = {1: 1, 2: 3, 3: 90}   # the scenes' square, circle, triangle
+    os.makedirs(tmp_path / "coco" / "annotations")
+    for split in ("train", "val"):
+        with open(os.path.join(scenes, "annotations", f"instances_{split}2017.json")) as f:
+            data = json.load(f)
+        data.update(categories=categories, annotations=[dict(a, category_id=ids[a["category_id"]])
+                                                        for a in data["annotations"]])
+        (tmp_path / "coco" / "annotations" / f"instances_{split}2017.json").write_text(json.dumps(data))
+        os.symlink(os.path.join(scenes, f"{split}2017"), tmp_path / "coco" / f"{split}2017")
+    records = []
+
+    class RecordingCOCOeval(COCOeval):
+        def __init__(self, ground_truth, detections, iou_type):
+            records.extend(detections.dataset["annotations"])
+            super().__init__(ground_truth, detections, iou_type)
+
+    monkeypatch.setattr(detect_seg, "COCOeval", RecordingCOCOeval)
+    coco_ids, trainers = {c["id"] for c in categories}, {}
+    for task, first_label in (("maskrcnn", 1), ("retinanet", 0)):
+        trainer = trainers[task] = dense_trainer(task, ["--task", task, "--data", str(tmp_path / "coco"),
+                                                        "--output-dir", str(tmp_path), *SMALL_DETECTOR])
+        model, train_set = trainer.model, trainer.task.train_set
+        assert trainer.task.num_classes == detect_seg.TASKS[task].report_classes == 80 + first_label
+        assert set(trainer.task.classes) == coco_ids
+        heads = (model.roi_heads.box_predictor.cls_score.out_features,
+                 model.roi_heads.mask_predictor.mask_fcn_logits.out_channels) if task == "maskrcnn" else (
+                     model.head.classification_head.num_classes,)
+        assert set(heads) == {80 + first_label}
+        seen = []
+        batch = trainer.task.collate_fn([train_set[i] for i in range(len(train_set))])
+        trainer.task.loss(lambda images, targets: seen.extend(targets) or {"loss": torch.zeros(())}, batch)
+        label = {1: first_label, 3: first_label + 2, 90: first_label + 79}   # the ids' ranks among COCO's 80
+        for target, labelled in zip(batch[1], seen):
+            assert labelled["labels"].tolist() == [label[c] for c in target["labels"].tolist()]
+        assert {c for t in batch[1] for c in t["labels"].tolist()} == {1, 3, 90}
+        records.clear()
+        setattr(model.roi_heads if task == "maskrcnn" else model, "score_thresh", 0.0)   # every label is scored
+        trainer.task.evaluate(model)
+        assert len(records) > 100 and {r["category_id"] for r in records} <= coco_ids
+
+    classifier = trainers["maskrcnn"].model.roi_heads.box_predictor.cls_score
+    with torch.no_grad():   # whatever a proposal is, the box head finds a toothbrush, the last label
+        classifier.weight.zero_()
+        classifier.bias.copy_(20.0 * (torch.arange(81) == 80))
+    trainers["maskrcnn"].save()
+    assert torch.load(tmp_path / "maskrcnn" / "last.pth")["classes"] == {c["id"]: c["name"] for c in categories}
+    image = os.path.join(scenes, "val2017", sorted(os.listdir(os.path.join(scenes, "val2017")))[0])
+    capsys.readouterr()
+    detect_seg.main(["--predict", image, "--checkpoint", str(tmp_path / "maskrcnn" / "last.pth"),
+                     "--predict-output", str(tmp_path / "drawn.png")])
+    captions = capsys.readouterr().out.split(": ")[2].split("; drawn")[0].split(", ")
+    assert len(captions) > 10 and set(captions) == {"toothbrush 1.00"}
+
+
 # --- models ----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("task", ["maskrcnn", "retinanet"])
@@ -1964,8 +2122,9 @@ def test_detector_forward_backward(scenes, cache_dir, tmp_path, task):
     trainer = dense_trainer(task, ["--cache-dir", str(cache_dir), "--output-dir", str(tmp_path), "--batch-size", "2",
                                    *SMALL_DETECTOR])
     images, targets = next(iter(trainer.train_loader))
-    model = trainer.model.train()
-    losses = model(list(images), [{k: v for k, v in t.items() if k != "image_id"} for t in targets])
+    model, categories = trainer.model.train(), detect_seg.label_categories(task, trainer.task.classes)
+    losses = model(list(images), [{k: v for k, v in t.items() if k != "image_id"} | {
+        "labels": torch.searchsorted(categories, t["labels"])} for t in targets])   # category ids -> labels
     expected = {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg"} \
         if task == "maskrcnn" else {"classification", "bbox_regression"}
     assert set(losses) == expected and all(torch.isfinite(v) for v in losses.values())
@@ -2370,7 +2529,8 @@ class FixedDetections(torch.nn.Module):
 def evaluate_fixed(root, output, with_masks=True):
     """detect_seg's COCO evaluation of the validation set of `root` for a detector that outputs `output`."""
     dataset = detect_seg.coco_dataset(root, "val", False, with_masks)
-    return detect_seg.evaluate_detection(FixedDetections(output), dataset, CPU)
+    categories = detect_seg.label_categories("maskrcnn", dataset.coco.cats)   # label = category id for ids 1..K
+    return detect_seg.evaluate_detection(FixedDetections(output), dataset, CPU, categories)
 
 
 def standard_coco_metrics(ann_file, detections):

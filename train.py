@@ -20,6 +20,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 import warnings
 from typing import Callable, get_args
@@ -501,12 +502,14 @@ def load_image(path):  # ImageFolder's loader, with an error that names the file
 
 
 def image_folder(data_dir, split, transform):
-    """ImageFolder of data_dir/split; a missing or empty folder is named, with the layout expected."""
+    """ImageFolder of data_dir/split; a missing, empty or flat folder is named, with the layout expected."""
+    root = os.path.join(data_dir, split)
     try:
-        return datasets.ImageFolder(os.path.join(data_dir, split), transform=transform, loader=load_image)
+        return datasets.ImageFolder(root, transform=transform, loader=load_image)
     except FileNotFoundError as e:
-        raise FileNotFoundError(f"{e}; expected the ImageNet layout, {os.path.join(data_dir, split)}/<class>/<image>") \
-            from None
+        flat = os.path.isdir(root) and not any(entry.is_dir() for entry in os.scandir(root))
+        raise FileNotFoundError(f"{e}; expected the ImageNet layout, {root}/<class>/<image>" + flat * (
+            "; ImageNet's val tarball unpacks flat: sort it into a folder per synset (e.g. valprep.sh)")) from None
 
 
 class RandAugment(v2.RandAugment):
@@ -896,5 +899,12 @@ def main(argv=None):
             dist.destroy_process_group()
 
 
+def run(main):  # a script as a command: an error in the flags, data or checkpoints it was given ends as one line
+    try:
+        main()
+    except (ValueError, OSError) as e:  # the types of this project's input errors (argparse exits on a bad flag)
+        argparse.ArgumentParser().exit(2, f"{os.path.basename(sys.argv[0])}: error: {e}\n")
+
+
 if __name__ == "__main__":
-    main()
+    run(main)
