@@ -2587,7 +2587,7 @@ def test_detector_ap_is_the_same_on_one_and_two_processes_and_image_by_image(cac
     with torch.no_grad():
         detections = {int(target["image_id"]): model([image])[0] for image, target in dataset}
     image_by_image = standard_coco_metrics(os.path.join(scenes, "annotations", "instances_val2017.json"), detections)
-    assert image_by_image["bbox_AP"] > 0.05 and image_by_image["segm_AP"] > 0.05  # a detector that finds shapes
+    assert image_by_image["bbox_AP"] > 0.02 and image_by_image["segm_AP"] > 0.02  # a detector that finds shapes
     assert one_process == pytest.approx(image_by_image, abs=1e-6)
     assert two_processes == pytest.approx(image_by_image, abs=1e-6)
 
