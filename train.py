@@ -43,27 +43,24 @@ import glnet
 # --- Config: the recipes (README.md, "Recipes", gives the source of every value) and the settings ---
 
 # Table 8; where it is silent, the configuration the released checkpoints were trained with.
-IMAGENET = dict(model="glnet_4g", epochs=300, batch_size=128, image_size=224,
-                lr=2e-3,                              # per 2048 images, scaled linearly to the global batch
-                warmup_epochs=5, warmup_factor=5e-4,  # the warm-up starts at 1e-6 at 2048 images
-                min_lr=1e-5, weight_decay=0.05, clip_grad=5.0, randaugment=True, mixup=0.8, cutmix=1.0,
-                label_smoothing=0.1, repeated_aug=3, random_erasing=0.25, interpolation="bicubic",
-                ema_decay=0.9999, print_freq=50)
+IMAGENET = dict(model="glnet_4g", epochs=300, batch_size=128, image_size=224, lr=2e-3,  # lr per 2048 images
+                warmup_epochs=5, warmup_factor=0.0, min_lr=1e-5, weight_decay=0.05, clip_grad=5.0, randaugment=True,
+                mixup=0.8, cutmix=1.0, label_smoothing=0.1, repeated_aug=3, random_erasing=0.25,
+                interpolation="bicubic", ema_decay=0.9999, print_freq=50)
 RECIPES = {"imagenet": IMAGENET,
-           # Table 9, GLNet-4G*/9G*: token labeling, with MixToken instead of mixup and cutmix
-           "imagenet-tklb": IMAGENET | dict(model="glnet_4g_tklb", epochs=310, drop_path=0.1, mixup=0.0, cutmix=0.0),
+           # Table 9, GLNet-4G*/9G*: token labeling, with MixToken instead of mixup and cutmix, as the released run
+           "imagenet-tklb": IMAGENET | dict(model="glnet_4g_tklb", epochs=310, drop_path=0.1, mixup=0.0, cutmix=0.0,
+                                            warmup_factor=5e-4, ema_decay=0.0, repeated_aug=1),
            # glnet_mini at 64x64, 5 epochs of 3000 images: too short for heavy augmentation (the rest: the defaults)
            "builtin": dict(model="glnet_mini", epochs=5, batch_size=32, image_size=64, lr=6.4e-2, warmup_epochs=1,
                            min_lr=1e-5, clip_grad=5.0, ema_decay=0.99)}
 DROP_PATH = {"glnet_stl": 0.1, "glnet_stl_paramslot": 0.1, "glnet_4g": 0.15, "glnet_9g": 0.3, "glnet_16g": 0.4,
              "glnet_4g_tklb": 0.1, "glnet_9g_tklb": 0.1, "glnet_mini": 0.0}
 REFERENCE_BATCH = 2048       # the global batch the paper's learning rate is given for
-RANDAUGMENT = dict(num_ops=2, magnitude=9, magnitude_std=0.5)  # timm's rand-m9-mstd0.5: magnitudes out of 10
 TOKEN_STRIDE = 32            # the last stage's stride: a 224 image has 7 x 7 tokens
 TOKEN_LOSS_WEIGHT = 0.5      # LV-ViT: class loss + 0.5 x the mean token loss
 TOP_K = 5                    # label maps hold the teacher's top-5 logits and classes at every position
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-TO_TENSOR = (v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD))
 DEFAULT_CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "glnet")
 CORES = len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) or 1  # per process
 BENCH_BASELINES = ("swin_t", "convnext_tiny")  # torchvision's models of GLNet-STL's size
@@ -92,7 +89,7 @@ class Settings:
     accum_steps: int = option(1, "micro-batches per step: global batch = batch x processes x this", type=at_least(1))
     lr: float = option(1e-3, "peak learning rate at the task's reference global batch, scaled linearly")
     min_lr: float = option(0.0, "where the decay ends")
-    weight_decay: float = option(0.05, "AdamW's; none on norms, biases, tau, layer-scale gammas and learned slots")
+    weight_decay: float = option(0.05, "AdamW's; none on 1-D parameters (norms), biases and layer-scale gammas")
     lr_schedule: str = option("cosine", "after the warm-up: decay to --min-lr", choices=["cosine", "poly", "step"])
     lr_steps: tuple = option((), "the epochs at which --lr-schedule step drops the lr 10x")
     warmup_epochs: float = option(0.0, "linear warm-up")
@@ -118,7 +115,7 @@ class ClassificationSettings(Settings):
     data: str | None = option(None, "ImageNet-layout folder: train/<class>/*, val/<class>/*; default: built-in")
     cache_dir: str = option(DEFAULT_CACHE, "where the built-in dataset is written once")
     image_size: int = option(224, "training crop; evaluation: resize / 0.875, center crop", type=at_least(32))
-    randaugment: bool = option(False, "RandAugment(9, 0.5), timm's rand-m9-mstd0.5")
+    randaugment: bool = option(False, "RandAugment(9, 0.5), timm's rand-m9-mstd0.5-inc1")
     mixup: float = option(0.0, "MixUp alpha, 0 = off")
     cutmix: float = option(0.0, "CutMix alpha, 0 = off")
     label_smoothing: float = option(0.1, "of the targets (with token labels: of the teacher's)")
@@ -276,8 +273,8 @@ class Trainer:
         self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
         self.lr = s.lr * self.global_batch / task.reference_batch
         groups = [{"params": [], "weight_decay": s.weight_decay}, {"params": [], "weight_decay": 0.0}]
-        for name, p in self.model.named_parameters():  # no decay on norms, biases, tau, layer-scale gammas, slots
-            groups[p.ndim <= 1 or name.endswith((".gamma", ".tau", ".init_slots"))]["params"].append(p)
+        for name, p in self.model.named_parameters():  # the released groups: tau and learned slots are decayed
+            groups[p.ndim == 1 or name.endswith((".bias", ".gamma", ".beta"))]["params"].append(p)
         self.optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=(0.9, 0.999))
         self.warmup = s.warmup_iters if s.warmup_iters is not None else round(s.warmup_epochs * self.steps_per_epoch)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_factor)
@@ -461,8 +458,7 @@ def draw_shape_image(name, size, g):
     uniform = lambda low, high: low + (high - low) * torch.rand((), generator=g).item()  # noqa: E731
     y, x = torch.meshgrid(*[torch.arange(size, dtype=torch.float32)] * 2, indexing="ij")
     cx, cy, r = uniform(0.35, 0.65) * size, uniform(0.35, 0.65) * size, uniform(0.18, 0.3) * size
-    dx, dy = x - cx, y - cy
-    period, phase = uniform(0.12, 0.25) * size, uniform(0, 2 * math.pi)
+    dx, dy, period, phase = x - cx, y - cy, uniform(0.12, 0.25) * size, uniform(0, 2 * math.pi)
     wave = lambda t: torch.sin(2 * math.pi * t / period + phase) > 0  # noqa: E731
     masks = {
         "circle": lambda: dx ** 2 + dy ** 2 < r ** 2,
@@ -470,8 +466,7 @@ def draw_shape_image(name, size, g):
         "square": lambda: torch.maximum(dx.abs(), dy.abs()) < 0.85 * r,
         "triangle": lambda: (dy < 0.8 * r) & (dx.abs() < (dy + r) * 0.6),
         "cross": lambda: ((dx.abs() < 0.25 * r) & (dy.abs() < r)) | ((dy.abs() < 0.25 * r) & (dx.abs() < r)),
-        "horizontal_stripes": lambda: wave(y),
-        "vertical_stripes": lambda: wave(x),
+        "horizontal_stripes": lambda: wave(y), "vertical_stripes": lambda: wave(x),
         "diagonal_stripes": lambda: wave((x + y) / math.sqrt(2) if uniform(0, 1) < 0.5 else (x - y) / math.sqrt(2)),
         "checkerboard": lambda: ((x // (period / 2) + y // (period / 2)) % 2) == 0,
         "dots": lambda: (torch.sin(2 * math.pi * x / period + phase) * torch.sin(2 * math.pi * y / period)) > 0.5,
@@ -495,10 +490,16 @@ def make_shapes_dataset(root, train_per_class=300, val_per_class=50, image_size=
 
 def load_image(path):  # ImageFolder's loader, with an error that names the file
     try:
-        with open(path, "rb") as f:
-            return Image.open(f).convert("RGB")
+        with Image.open(path) as image:
+            image.load()
     except (OSError, ValueError, SyntaxError) as e:
         raise OSError(f"cannot read image {path}: {e}") from e
+    return image if image.mode == "RGB" else image.convert("RGB")  # an RGB image as it is, not copied
+
+
+def to_tensor(image):  # PILToTensor, ToDtype(float32, scale=True), Normalize: 2x faster into (3, H, W) memory order
+    pixels = v2.functional.pil_to_tensor(image).to(torch.float32, memory_format=torch.contiguous_format)
+    return v2.functional.normalize(pixels, [255 * m for m in MEAN], [255 * s for s in STD], inplace=True)
 
 
 def image_folder(data_dir, split, transform):
@@ -512,27 +513,71 @@ def image_folder(data_dir, split, transform):
             "; ImageNet's val tarball unpacks flat: sort it into a folder per synset (e.g. valprep.sh)")) from None
 
 
-class RandAugment(v2.RandAugment):
-    """timm's rand-m9-mstd0.5: magnitudes ~ N(9, 0.5) out of 10 (torchvision's 31 bins make 9 a third as strong)."""
+# timm's RandAugment operations "increasing" in strength with m = magnitude / 10 in [0, 1], of sign s = +-1
+RANDAUGMENT_COLOUR = {
+    "AutoContrast": lambda x, m, s: v2.functional.autocontrast(x),
+    "Equalize": lambda x, m, s: v2.functional.equalize(x), "Invert": lambda x, m, s: v2.functional.invert(x),
+    "PosterizeIncreasing": lambda x, m, s: x.point(lambda v: v & -(1 << (4 + int(m * 4)))),  # 4 - int(4 m) bits left
+    "SolarizeIncreasing": lambda x, m, s: v2.functional.solarize(x, 256 - int(m * 256)),
+    "SolarizeAdd": lambda x, m, s: x.point(lambda v: min(v + int(m * 110), 255) if v < 128 else v),
+    "ColorIncreasing": lambda x, m, s: v2.functional.adjust_saturation(x, 1 + s * m * 0.9),
+    "ContrastIncreasing": lambda x, m, s: v2.functional.adjust_contrast(x, 1 + s * m * 0.9),
+    "BrightnessIncreasing": lambda x, m, s: v2.functional.adjust_brightness(x, 1 + s * m * 0.9),
+    "SharpnessIncreasing": lambda x, m, s: v2.functional.adjust_sharpness(x, 1 + s * m * 0.9)}
+RANDAUGMENT_GEOMETRIC = {  # (a, b, c, d, e, f): a w x h image's pixel (x, y) comes from (ax + by + c, dx + ey + f)
+    "Rotate": lambda t, w, h: rotation(t * 30, w, h),
+    "ShearX": lambda t, w, h: (1, t * 0.3, 0, 0, 1, 0), "ShearY": lambda t, w, h: (1, 0, 0, t * 0.3, 1, 0),
+    "TranslateXRel": lambda t, w, h: (1, 0, t * 0.45 * w, 0, 1, 0),
+    "TranslateYRel": lambda t, w, h: (1, 0, 0, 0, 1, t * 0.45 * h)}
+RANDAUGMENT_OPS = list(RANDAUGMENT_COLOUR) + list(RANDAUGMENT_GEOMETRIC)
 
-    def __init__(self, num_ops, magnitude, magnitude_std, interpolation="bilinear"):
-        super().__init__(num_ops, num_magnitude_bins=101, interpolation=interpolation,
-                         fill=[round(255 * m) for m in MEAN])
-        self.mean, self.std = magnitude, magnitude_std
 
-    def forward(self, *inputs):
-        self.magnitude = round(min(max(self.mean + self.std * torch.randn(()).item(), 0), 10) * 10)  # the bin
-        return super().forward(*inputs)
+def rotation(degrees, w, h):  # PIL's Image.rotate: counter-clockwise about the centre (w / 2, h / 2)
+    cos, sin = math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
+    return cos, -sin, w / 2 * (1 - cos) + h / 2 * sin, sin, cos, h / 2 * (1 - cos) - w / 2 * sin
 
 
-def augment_and_normalize(randaugment=False, interpolation="bilinear", random_erasing=0.0):  # after crop and flip
-    return v2.Compose([*([RandAugment(**RANDAUGMENT, interpolation=interpolation)] if randaugment else []), *TO_TENSOR,
-                       *([v2.RandomErasing(random_erasing, value="random")] if random_erasing else [])])
+class RandAugment:
+    """timm's rand-m9-mstd0.5-inc1 on PIL images: 2 of its 15 operations (drawn with replacement), each applied
+    with probability 0.5 at its own magnitude ~ N(9, 0.5) clipped to [0, 10]; fill: the mean colour."""
+
+    num_ops, magnitude, magnitude_std, fill = 2, 9.0, 0.5, tuple(round(255 * m) for m in MEAN)
+
+    def __init__(self, interpolation="bicubic"):
+        self.interpolation, self.resample = interpolation, getattr(Image.Resampling, interpolation.upper())
+
+    def __call__(self, image, label_map=None):
+        """The augmented image; given the label map (2, 5, h, w) of the image: (image, label map moved with it)."""
+        draws = zip(*torch.rand(3, self.num_ops).tolist(), torch.randn(self.num_ops).tolist())
+        for pick, negate, noise in ((p, n, z) for p, applied, n, z in draws if applied < 0.5):  # probability 0.5
+            name, sign = RANDAUGMENT_OPS[int(pick * len(RANDAUGMENT_OPS))], -1 if negate < 0.5 else 1
+            level = min(max(self.magnitude + self.magnitude_std * noise, 0), 10) / 10
+            if name in RANDAUGMENT_COLOUR:
+                image = RANDAUGMENT_COLOUR[name](image, level, sign)
+            else:
+                matrix = RANDAUGMENT_GEOMETRIC[name](sign * level, *image.size)
+                image = image.transform(image.size, Image.Transform.AFFINE, matrix, self.resample, fillcolor=self.fill)
+                label_map = None if label_map is None else warp_label_map(label_map, matrix, *image.size)
+        return image if label_map is None else (image, label_map)
+
+
+def warp_label_map(label_map, matrix, width, height):
+    """A label map (2, 5, h, w) of an image moved by the image's affine `matrix`: nearest neighbour in the image's
+    own coordinates (whatever shape its cells have); logits 0 (no class preferred) where nothing comes from."""
+    to_unit = torch.tensor([[2 / width, 0, -1], [0, 2 / height, -1], [0, 0, 1]], dtype=torch.float64)  # [-1, 1]
+    theta = to_unit @ torch.tensor([matrix[:3], matrix[3:], (0, 0, 1)], dtype=torch.float64) @ to_unit.inverse()
+    grid = F.affine_grid(theta[None, :2].float(), [1, 1, *label_map.shape[2:]], align_corners=False)
+    return F.grid_sample(label_map.flatten(0, 1)[None].float(), grid, "nearest", align_corners=False).view_as(label_map)
+
+
+def augment_and_normalize(random_erasing=0.0):  # after crop, flip and RandAugment; timm's erasing
+    erasing = [v2.RandomErasing(random_erasing, (0.02, 1 / 3), (0.3, 1 / 0.3), value="random", inplace=True)]
+    return v2.Compose([to_tensor, *(erasing if random_erasing else [])])
 
 
 def eval_transform(image_size, interpolation="bilinear"):  # resize to size / 0.875 (256 for 224), center crop
     return v2.Compose([v2.Resize(round(image_size / 0.875), interpolation=interpolation, antialias=True),
-                       v2.CenterCrop(image_size), *TO_TENSOR])
+                       v2.CenterCrop(image_size), to_tensor])
 
 
 def eval_loader(dataset, batch_size, workers, rank=0, world_size=1):
@@ -576,7 +621,7 @@ def label_map_path(labels_dir, split_dir, image_path):  # LV-ViT's <labels>/<cla
 
 
 def token_label_targets(label_map, box, image_size, grid, num_classes, smoothing=0.0):
-    """(crop label (K,), token labels (K, h, w)) as LV-ViT: the dense map cut out by roi_align, softmaxed."""
+    """(crop label (K,), token labels (h*w, K)) as LV-ViT: the dense map cut out by roi_align, softmaxed."""
     logits, classes = label_map.float()                                          # (5, H, W) each
     dense = torch.zeros(num_classes, *logits.shape[1:]).scatter_(0, classes.long(), logits)
     top, left, height, width = box["top"], box["left"], box["height"], box["width"]
@@ -585,15 +630,15 @@ def token_label_targets(label_map, box, image_size, grid, num_classes, smoothing
     tokens = roi_align(dense[None], roi, output_size=grid, aligned=True)[0]      # (K, h, w)
     crop = roi_align(dense[None], roi, output_size=1, aligned=True)[0, :, 0, 0]  # (K,)
     smooth = lambda scores: (1 - smoothing) * scores.softmax(dim=0) + smoothing / num_classes  # noqa: E731
-    return smooth(crop), smooth(tokens)
+    return smooth(crop), rearrange(smooth(tokens), "k h w -> (h w) k")
 
 
 class TokenLabeledImages(Dataset):
-    """(image, class, crop label (K,), token labels (h*w, K)): the label map follows the crop and the flip;
-    RandAugment's geometric operations move pixels, not labels (torchvision's does not say which it drew)."""
+    """(image, class, crop label (K,), token labels (h*w, K)) in LV-ViT's order: the flip, RandAugment, the
+    random-resized crop, then `augment`; the label map follows the flip, every geometric operation and the crop."""
 
-    def __init__(self, data_dir, labels_dir, crop, augment, label_smoothing=0.1):
-        self.images = image_folder(data_dir, "train", None)
+    def __init__(self, data_dir, labels_dir, crop, augment, label_smoothing=0.1, randaugment=None):
+        self.images, self.randaugment = image_folder(data_dir, "train", None), randaugment
         self.classes, self.labels_dir, self.crop, self.augment = self.images.classes, labels_dir, crop, augment
         self.smoothing, self.grid = label_smoothing, tuple(math.ceil(s / TOKEN_STRIDE) for s in crop.size)
         self.expected = (f"a tensor (2, {TOP_K}, H, W): the teacher's top-{TOP_K} logits and their class indices "
@@ -622,13 +667,13 @@ class TokenLabeledImages(Dataset):
         if not 0 <= label_map[1].min() <= label_map[1].max() < len(self.classes):
             raise ValueError(f"the label map {self.path(path)} of {path} holds class indices {label_map[1].min():.0f}-"
                              f"{label_map[1].max():.0f}; expected {self.expected}")
+        if torch.rand(()) < 0.5:                                                # the horizontal flip
+            image, label_map = v2.functional.horizontal_flip(image), label_map.flip(-1)
+        image, label_map = self.randaugment(image, label_map) if self.randaugment else (image, label_map)
         box = self.crop.make_params([image])                                    # the random-resized crop
         crop_label, token_labels = token_label_targets(label_map, box, (image.height, image.width), self.grid,
                                                        len(self.classes), self.smoothing)
-        image = self.crop.transform(image, box)
-        if torch.rand(()) < 0.5:                                                # the horizontal flip
-            image, token_labels = v2.functional.horizontal_flip(image), token_labels.flip(-1)
-        return self.augment(image), target, crop_label, rearrange(token_labels, "k h w -> (h w) k")
+        return self.augment(self.crop.transform(image, box)), target, crop_label, token_labels
 
 
 class MixToken:
@@ -691,7 +736,7 @@ def make_token_labels(output, teacher_path, given, rank, world_size, device):
         raise FileExistsError(f"{output} is not empty: label maps go into a new folder (choose another or remove it)")
     teacher, s = from_checkpoint(teacher_path, given, device)
     images = image_folder(s.data, "train", v2.Compose([v2.Resize((s.image_size,) * 2, interpolation=s.interpolation,
-                                                                 antialias=True), *TO_TENSOR]))
+                                                                 antialias=True), to_tensor]))
     if not TOP_K <= len(images.classes) <= 2048:  # class indices are exact in half precision up to 2048
         raise ValueError(f"label maps hold the top-{TOP_K} of 5 to 2048 classes; {s.data} has {len(images.classes)}")
     if is_main_process():
@@ -779,7 +824,7 @@ def recipe_defaults(field):
     values = {recipe: values.get(field.name, field.default) for recipe, values in RECIPES.items()}
     special = {"drop_path": "per model", "output_dir": "runs/<model>-<data name>"}
     return special.get(field.name) or (", ".join(f"{recipe} {value}" for recipe, value in values.items())
-                                       if len(set(map(repr, values.values()))) > 1 else field.default)
+                                       if len(set(map(repr, values.values()))) > 1 else values["builtin"])
 
 
 def parse_args(argv=None):
@@ -832,11 +877,11 @@ def build_trainer(s: ClassificationSettings, rank=0, world_size=1, device=torch.
     """What a run trains with: the recipe's data, transforms, model (unless given), loss and evaluation."""
     data_dir = s.data or builtin_dataset(s.cache_dir, SHAPES_VERSION, make_shapes_dataset)
     crop = v2.RandomResizedCrop(s.image_size, interpolation=s.interpolation, antialias=True)
-    augment = augment_and_normalize(s.randaugment, s.interpolation, s.random_erasing)
+    randaugment, finish = [RandAugment(s.interpolation)] * s.randaugment, augment_and_normalize(s.random_erasing)
     if s.token_labels:
-        train_set = TokenLabeledImages(data_dir, s.token_labels, crop, augment, s.label_smoothing)
+        train_set = TokenLabeledImages(data_dir, s.token_labels, crop, finish, s.label_smoothing, *randaugment)
     else:
-        train_set = image_folder(data_dir, "train", v2.Compose([crop, v2.RandomHorizontalFlip(), augment]))
+        train_set = image_folder(data_dir, "train", v2.Compose([crop, v2.RandomHorizontalFlip(), *randaugment, finish]))
     val_set = image_folder(data_dir, "val", eval_transform(s.image_size, s.interpolation))
     if train_set.classes != val_set.classes:
         differ = sorted(set(train_set.classes) ^ set(val_set.classes))[:5]
