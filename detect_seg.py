@@ -232,6 +232,7 @@ def build_model(settings, num_classes, load_pretrained=False):
                          f"written by detect_seg.py")
     body = glnet.create_model(settings["model"], checkpoint=settings["pretrained"] if load_pretrained else None,
                               num_classes=0, drop_path_rate=settings["drop_path"] or 0.0)
+    body.set_grad_checkpointing(settings.get("grad_checkpointing", False))
     body.norm = nn.Identity()   # the classifier's BatchNorm: unused, and DDP wants every parameter used
     if task == "semfpn":
         return SemanticFPN(body, num_classes, width)

@@ -12,6 +12,7 @@ released variants, checkpoints, and the parameters/FLOPs report of `python glnet
 """
 
 import argparse
+import base64
 import math
 import os
 import pickle
@@ -87,6 +88,12 @@ def norm_pixels(norm, x):
     return rearrange(norm(rearrange(x, "b c h w -> b h w c")), "b h w c -> b c h w")
 
 
+def pooling_matrix(size, x):  # (8, size): F.adaptive_avg_pool2d's windows as averaging weights
+    i, j = torch.arange(SLOT_GRID, device=x.device).unsqueeze(1), torch.arange(size, device=x.device)
+    window = (i * size < SLOT_GRID * (j + 1)) & ((i + 1) * size > SLOT_GRID * j)  # i*size/8 - 1 < j < (i+1)*size/8
+    return (window / window.sum(dim=1, keepdim=True)).to(x.dtype)
+
+
 class ConvFFN(nn.Sequential):
     """The per-pixel FFN on the grid: Conv1x1 -> [z + DWConv3x3(z)] -> GELU -> Conv1x1."""
 
@@ -125,10 +132,15 @@ class GLMixBlock(nn.Module):
         self.drop_path = StochasticDepth(drop_path, "row")
 
     def initial_slots(self, x):
-        """Eq. 1: S_init = Flatten(AvgPool(X)), or learned slots shared by all images."""
+        """Eq. 1: S_init = Flatten(AvgPool(X)), or learned slots shared by all images. Exported graphs (ONNX) pool
+        by products with matrices computed from the size: adaptive_avg_pool2d's ONNX form keeps the example's size."""
         if self.init_slots is not None:
             return self.init_slots.expand(x.shape[0], -1, -1)
-        return rearrange(F.adaptive_avg_pool2d(x, SLOT_GRID), "b c h w -> b (h w) c")
+        if not torch.compiler.is_exporting():
+            return rearrange(F.adaptive_avg_pool2d(x, SLOT_GRID), "b c h w -> b (h w) c")
+        B, C, H, W = x.shape  # pooled over H, then over W; reshaped through 1-D, which torch.export does at any W
+        rows = (pooling_matrix(H, x) @ rearrange(x, "b c h w -> b h (w c)")).flatten().view(-1, C)  # (B * 8 * W, C)
+        return (pooling_matrix(W, x) @ rows.view(B * SLOT_GRID, W, C)).view(B, NUM_SLOTS, C)
 
     def correspondence_logits(self, slots_init, pixels):
         """Eq. 2: A = tau * CosineSimilarity(S_init, X), shape (B, 64, HW). The pixel norms divide
@@ -236,9 +248,12 @@ class Stage(nn.Module):
     def __init__(self, blocks):
         super().__init__()
         self.blocks = nn.Sequential(*blocks)
+        self.checkpointing = False  # GLNet.set_grad_checkpointing
 
     def forward(self, x):
-        return self.blocks(x)
+        for block in self.blocks:  # checkpointing: its activations are recomputed in the backward pass
+            x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False) if self.checkpointing else block(x)
+        return x
 
 
 @torch.fx.wrap
@@ -269,7 +284,6 @@ class GLNet(nn.Module):
                  num_classes=1000, drop_path_rate=0.0, in_chans=3, token_head=False):
         super().__init__()
         self.in_chans = in_chans
-        self.num_classes = num_classes
         self.stage_channels = tuple(dims)   # channels of the four stage outputs
         self.stage_strides = (4, 8, 16, 32)
         self.num_features = dims[-1]
@@ -294,8 +308,7 @@ class GLNet(nn.Module):
         self.stages = nn.ModuleList(stages)
 
         self.norm = nn.BatchNorm2d(dims[-1])
-        self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
-        self.token_head = nn.Linear(dims[-1], num_classes) if token_head and num_classes > 0 else None
+        self.reset_classifier(num_classes, token_head)
         self.apply(self._init_weights)
 
     @staticmethod
@@ -307,6 +320,20 @@ class GLNet(nn.Module):
         elif isinstance(m, nn.LayerNorm):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
+
+    def get_classifier(self):
+        return self.head
+
+    def reset_classifier(self, num_classes, token_head=None):
+        """Fine-tuning: new classifiers as timm's (0: none, pooled features); token_head: one too (None: as now)."""
+        self.num_classes, self.has_token_head = num_classes, self.has_token_head if token_head is None else token_head
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.token_head = nn.Linear(self.num_features, num_classes) if self.has_token_head and num_classes > 0 else None
+
+    def set_grad_checkpointing(self, enable=True):
+        """Recompute each block's activations in the backward pass (torch.utils.checkpoint): less memory, more time."""
+        for stage in self.stages:
+            stage.checkpointing = enable
 
     def forward_features(self, x):
         """The four stage outputs at strides 4, 8, 16, 32: (B, C_i, ceil(H / s_i), ceil(W / s_i)).
@@ -411,14 +438,22 @@ RELEASED = tuple(MODELS)[:-1]  # all but glnet_mini
 PAPER = {"glnet_stl": (30.3, 4.4, 82.5), "glnet_stl_paramslot": (30.5, 4.4, 82.1), "glnet_4g": (27.0, 4.5, 83.7),
          "glnet_9g": (60.0, 9.7, 84.5), "glnet_16g": (106.1, 16.7, 85.0), "glnet_4g_tklb": (27.5, 4.5, 84.4),
          "glnet_9g_tklb": (60.8, 9.7, 85.3)}
+CHECKPOINT_LINKS = {name: "https://1drv.ms/u/s!AkBbczdRlZvC" + share for name, share in dict(  # the released code's
+    glnet_stl="yBFaAILEMu_dtbbV?e=9Ghhi3", glnet_stl_paramslot="yG0eat5zCE9upcQR?e=vmbmo1",
+    glnet_4g="yG9DjS_AMqnJQiX1?e=tOkhHP", glnet_9g="yEGFQ6kfWV-wVZei?e=wWwR8z", glnet_16g="yjaBxC3h-B8CHWMm?e=GfR0kg",
+    glnet_4g_tklb="yAWcOdlTUa2J3vsX?e=wE4ch1", glnet_9g_tklb="ynPEcg-fC7ZDCMEt?e=bwufeR").items()}
 
 
-def create_model(name, checkpoint=None, checkpoint_key=None, **kwargs):
-    """create_model("glnet_4g", num_classes=10, drop_path_rate=0.1); a `checkpoint` (a path or a dict) is loaded
-    strictly by load_checkpoint, so num_classes (default 1000) must be its own, or 0 for a backbone."""
+def create_model(name, pretrained=False, checkpoint=None, checkpoint_key=None, **kwargs):
+    """create_model("glnet_4g", num_classes=10, drop_path_rate=0.1); weights (pretrained=True: the released ImageNet
+    ones; or a `checkpoint`, a path or a dict) load strictly, so num_classes (default 1000) must be theirs, or 0."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(MODELS)}")
+    if pretrained and (name not in CHECKPOINT_LINKS or checkpoint is not None):
+        raise ValueError(f"pretrained=True takes no checkpoint and one of {', '.join(CHECKPOINT_LINKS)}, got {name!r}")
     model = MODELS[name](**kwargs)
+    if pretrained:  # as the released code: <torch hub dir>/checkpoints/<name>.pth; glnet_16g's weights are its EMA
+        checkpoint, checkpoint_key = released_checkpoint(name), "model_ema" if name == "glnet_16g" else "model"
     if checkpoint is not None:
         load_checkpoint(model, checkpoint, key=checkpoint_key)
     return model
@@ -430,12 +465,8 @@ def create_model(name, checkpoint=None, checkpoint_key=None, **kwargs):
 
 # The released checkpoints use other names for some modules; one renaming step converts them.
 RELEASED_NAMES = [
-    (r"\.slot_scale$", ".tau"),
-    (r"\.relation_mha\.", ".slot_mhsa."),
-    (r"\.feature_conv\.", ".local_branch."),
-    (r"\.mha_op\.", ".mhsa."),
-    (r"^tklb_aux_head\.", "token_head."),
-]
+    (r"\.slot_scale$", ".tau"), (r"\.relation_mha\.", ".slot_mhsa."), (r"\.feature_conv\.", ".local_branch."),
+    (r"\.mha_op\.", ".mhsa."), (r"^tklb_aux_head\.", "token_head.")]
 # The released overlapped stem has a parameter-free module first, so its layers sit one index later.
 RELEASED_OVERLAPPED_STEM = (r"^downsample_layers\.0\.([1245])\.", lambda m: f"downsample_layers.0.{int(m[1]) - 1}.")
 
@@ -458,6 +489,16 @@ def unwrap_state_dict(checkpoint, key=None):
             name = re.sub(pattern, replacement, name)
         converted[name] = value
     return converted
+
+
+def released_checkpoint(name):  # a file already in the hub folder is used as it is, else downloaded there
+    share = base64.urlsafe_b64encode(CHECKPOINT_LINKS[name].encode()).decode().rstrip("=")
+    try:
+        return torch.hub.load_state_dict_from_url(f"https://api.onedrive.com/v1.0/shares/u!{share}/root/content",
+                                                  map_location="cpu", file_name=f"{name}.pth", weights_only=True)
+    except Exception as error:  # OneDrive no longer serves scripts: the file is put there by hand
+        raise RuntimeError(f"{name}'s released checkpoint could not be downloaded or read ({error}); download it from "
+                           f"{CHECKPOINT_LINKS[name]} to {torch.hub.get_dir()}/checkpoints/{name}.pth") from error
 
 
 def guess_variant(state_dict):

@@ -24,6 +24,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import warnings
 
 import numpy as np
@@ -577,6 +578,152 @@ def test_residual_dwconv_is_z_plus_dwconv():
     assert list(conv.state_dict()) == ["weight", "bias"]
 
 
+# --- deployment and fine-tuning: ONNX, released weights by name, torch.hub, classifiers, checkpointing --
+
+@pytest.mark.parametrize("variant", ["glnet_stl", "glnet_mini"])  # non-overlapped and overlapped stems
+def test_onnx_export_runs_at_other_sizes_in_onnxruntime(variant, tmp_path):
+    """torch.onnx.export (dynamo) at 64x64 with a dynamic height and width: onnxruntime gives eager's output at other
+    sizes (glnet_mini with a token head: GLNet-4G*'s eval rule, a max over the tokens, is in the graph too)."""
+    import onnxruntime
+    torch.manual_seed(0)
+    model = glnet.create_model(variant, num_classes=10, token_head=variant == "glnet_mini").eval()
+    path = tmp_path / f"{variant}.onnx"
+    dynamic = {"x": {2: torch.export.Dim("height", min=33), 3: torch.export.Dim("width", min=33)}}
+    torch.onnx.export(model, (torch.randn(2, 3, 64, 64),), path, dynamo=True, dynamic_shapes=dynamic)
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    for size in ((97, 130), (224, 320), (33, 47)):
+        x = torch.randn(2, 3, *size)
+        with torch.no_grad():
+            expected = model(x)
+        (logits,) = session.run(None, {"x": x.numpy()})
+        torch.testing.assert_close(torch.from_numpy(logits), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_exported_slot_initialisation_pools_as_adaptive_average_pooling_at_every_size():
+    """Exported graphs pool the grid to the 64 initial slots (Eq. 1) with matrices computed from the size: a block
+    exported with a dynamic grid gives the eager block's output (F.adaptive_avg_pool2d) where the grid is not a
+    multiple of 8 or is smaller than 8 (overlapping windows)."""
+    torch.manual_seed(0)
+    block = glnet.GLMixBlock(dim=32, mlp_ratio=3).eval()
+    dynamic = {"x": {2: torch.export.Dim("height", min=2), 3: torch.export.Dim("width", min=2)}}
+    exported = torch.export.export(block, (torch.randn(2, 32, 16, 24),), dynamic_shapes=dynamic).module()
+    for height, width in itertools.product((2, 3, 7, 9, 14, 57), (5, 8, 12, 17, 64)):
+        x = torch.randn(2, 32, height, width).contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            torch.testing.assert_close(exported(x), block(x))
+
+
+RELEASED_4G_URL = ("https://api.onedrive.com/v1.0/shares/u!aHR0cHM6Ly8xZHJ2Lm1zL3UvcyFBa0JiY3pkUmxadkN5RzlEalNfQU1xbkpR"
+                   "aVgxP2U9dE9raEhQ/root/content")  # the released code's URL of glnet_4g.pth
+
+
+@pytest.fixture
+def torch_home(tmp_path, monkeypatch):
+    """An empty TORCH_HOME whose downloads fail as OneDrive's do for scripts; {url: file} records the attempts."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    attempts = {}
+
+    def download(url, dst, *args, **kwargs):
+        attempts[url] = dst
+        raise urllib.error.HTTPError(url, 403, "Forbidden", None, None)
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", download)
+    os.makedirs(tmp_path / "torch" / "hub" / "checkpoints")
+    return tmp_path / "torch" / "hub" / "checkpoints", attempts
+
+
+def test_pretrained_loads_the_released_file_in_the_hub_folder(torch_home):
+    """As the released code: <torch hub dir>/checkpoints/<name>.pth is loaded as it is ('model'; glnet_16g: its
+    EMA, 'model_ema'), strictly; without it the error names the file to put there and the link to download it."""
+    folder, attempts = torch_home
+    released = deterministic_state_dict("glnet_stl")
+    torch.save({"model": released, "model_ema": {"head.weight": torch.zeros(1)}}, folder / "glnet_stl.pth")
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = glnet.create_model("glnet_stl", checkpoint={"model": released}).eval()(x)
+        torch.testing.assert_close(glnet.create_model("glnet_stl", pretrained=True).eval()(x), expected, rtol=0, atol=0)
+    assert not attempts
+    torch.save({"model": {}}, folder / "glnet_16g.pth")
+    with pytest.raises(KeyError, match="no 'model_ema' entry"):
+        glnet.create_model("glnet_16g", pretrained=True)
+
+    with pytest.raises(RuntimeError) as error:
+        glnet.create_model("glnet_4g", pretrained=True)
+    assert list(attempts) == [RELEASED_4G_URL]
+    assert f"download it from {glnet.CHECKPOINT_LINKS['glnet_4g']} to {folder / 'glnet_4g.pth'}" in str(error.value)
+    assert "HTTP Error 403" in str(error.value) and not (folder / "glnet_4g.pth").exists()
+    (folder / "glnet_9g.pth").write_text("<!DOCTYPE html>")  # what a browser may save instead of the file
+    with pytest.raises(RuntimeError) as error:
+        glnet.create_model("glnet_9g", pretrained=True)
+    assert "could not be downloaded or read" in str(error.value) and str(folder / "glnet_9g.pth") in str(error.value)
+    with pytest.raises(ValueError, match="pretrained=True takes no checkpoint and one of glnet_stl, .*, got 'glnet_mini'"):
+        glnet.create_model("glnet_mini", pretrained=True)
+
+
+def test_torch_hub_loads_every_released_variant(torch_home):
+    folder, attempts = torch_home
+    with torch.device("meta"):
+        for name in glnet.RELEASED:
+            model = torch.hub.load(HERE, name, source="local", num_classes=10)
+            assert glnet.count_params(model) == glnet.count_params(glnet.create_model(name, num_classes=10))
+    released = deterministic_state_dict("glnet_stl_paramslot")
+    torch.save({"model": released}, folder / "glnet_stl_paramslot.pth")
+    model = torch.hub.load(HERE, "glnet_stl_paramslot", source="local", pretrained=True)
+    assert all(torch.equal(model.state_dict()[glnet_name], released[released_name]) for glnet_name, released_name in
+               (("stages.0.blocks.0.init_slots", "stages.0.blocks.0.init_slots"), ("head.weight", "head.weight")))
+    assert not attempts
+
+
+def test_reset_classifier_for_fine_tuning():
+    """reset_classifier(K) gives new classifiers (the token head too) on the same features; 0 gives the features."""
+    model = mini_with_token_head()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        features = model.forward_features(x)[-1]
+        model.reset_classifier(3)
+        assert model.get_classifier() is model.head and model.head.out_features == model.token_head.out_features == 3
+        assert model.num_classes == 3 and model(x).shape == (2, 3)
+        model.reset_classifier(0)
+        assert model.token_head is None and isinstance(model.get_classifier(), nn.Identity)
+        torch.testing.assert_close(model(x), model.norm(features).mean(dim=(2, 3)), rtol=0, atol=0)
+        model.reset_classifier(5)  # built with a token head: it comes back
+        class_logits, token_logits = model.train()(x)
+    assert class_logits.shape == (2, 5) and token_logits.shape == (2, 4, 5)
+
+
+def saved_bytes_and_gradients(model, x):
+    """Logits, gradients and the bytes autograd keeps for the backward pass of one training step."""
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor.numel() * tensor.element_size())
+        return tensor
+
+    torch.manual_seed(1)  # the same drop path draws
+    model.zero_grad()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        logits = model(x)
+    logits.logsumexp(dim=1).sum().backward()
+    return logits, {k: p.grad.clone() for k, p in model.named_parameters()}, sum(saved)
+
+
+def test_grad_checkpointing_gives_the_same_outputs_and_gradients_keeping_fewer_activations():
+    torch.manual_seed(0)
+    model = glnet.create_model("glnet_mini", num_classes=7, drop_path_rate=0.3).train()
+    x = torch.randn(2, 3, 64, 96)
+    logits, gradients, saved = saved_bytes_and_gradients(model, x)
+    model.set_grad_checkpointing(True)
+    logits_checkpointed, gradients_checkpointed, saved_checkpointed = saved_bytes_and_gradients(model, x)
+    torch.testing.assert_close(logits_checkpointed, logits, rtol=0, atol=0)
+    for name, gradient in gradients.items():
+        torch.testing.assert_close(gradients_checkpointed[name], gradient, rtol=1e-5, atol=1e-6, msg=name)
+    assert saved_checkpointed < saved / 3  # the blocks keep only their inputs
+    model.set_grad_checkpointing(False)
+    assert saved_bytes_and_gradients(model, x)[2] == saved
+
+
 # --- parameters, FLOPs, the report ---------------------------------------------------------------
 
 def test_attention_flops_are_counted():
@@ -1048,6 +1195,28 @@ def test_eval_of_the_best_checkpoint_matches_its_record(tmp_path, data):
     metrics = train.main(["--eval", "--checkpoint", str(out / "best.pth")])
     assert metrics["images"] == 15
     assert metrics["top1"] == pytest.approx(max(best["val_top1"], best["ema_top1"]))
+
+
+@pytest.fixture
+def checkpointed_blocks(monkeypatch):
+    """Every call of torch.utils.checkpoint.checkpoint (a GLNet block whose activations the backward recomputes):
+    whether gradients were on."""
+    calls, checkpoint = [], torch.utils.checkpoint.checkpoint
+
+    def record(function, *args, **kwargs):
+        calls.append(torch.is_grad_enabled())
+        return checkpoint(function, *args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", record)
+    return calls
+
+
+def test_grad_checkpointing_flag_checkpoints_every_block_and_is_recorded(tmp_path, data, checkpointed_blocks):
+    train.main(["--data", data, "--output-dir", str(tmp_path / "plain"), "--iters", "1", *TINY])
+    assert not checkpointed_blocks
+    train.main(["--data", data, "--output-dir", str(tmp_path / "out"), "--iters", "1", "--grad-checkpointing", *TINY])
+    assert checkpointed_blocks.count(True) == 6  # glnet_mini's 6 blocks in the one training step
+    assert glnet.read_checkpoint(str(tmp_path / "out" / "last.pth"))["args"]["grad_checkpointing"] is True
 
 
 def test_eval_of_a_checkpoint_from_elsewhere(tmp_path, data):
@@ -2267,6 +2436,13 @@ def small_model(task, num_classes, **settings):
     """The model of the synthetic recipe of `task`, as build_model makes it from a run's settings."""
     args, given, _ = detect_seg.parse_args(QUIET)
     return detect_seg.build_model(dataclasses.asdict(detect_seg.make_settings(task, given)) | settings, num_classes)
+
+
+def test_grad_checkpointing_flag_of_the_dense_tasks(cache_dir, tmp_path, checkpointed_blocks):
+    detect_seg.main([*SEGMENTATION, "--cache-dir", str(cache_dir), "--output-dir", str(tmp_path), "--batch-size", "4",
+                     "--iters", "1", "--grad-checkpointing"])
+    assert checkpointed_blocks.count(True) == 6  # glnet_mini's 6 blocks in the one training step
+    assert glnet.read_checkpoint(str(tmp_path / "semfpn" / "last.pth"))["args"]["grad_checkpointing"] is True
 
 
 def test_semantic_fpn_forward_backward():

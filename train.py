@@ -97,6 +97,7 @@ class Settings:
     warmup_factor: float = option(1e-3, "the warm-up starts at this fraction of the peak lr")
     clip_grad: float = option(0.0, "max gradient norm, 0 = off")
     drop_path: float | None = option(None, "GLNet's stochastic depth rate")
+    grad_checkpointing: bool = option(False, "recompute each GLNet block in the backward pass: less memory, more time")
     ema_decay: float = option(0.0, "EMA of the weights, 0 = off")
     amp: str = option("auto", "mixed precision: bf16 on GPU, none on CPU", choices=["auto", "bf16", "fp16", "none"])
     compile: bool = option(False, "torch.compile the model")
@@ -869,8 +870,10 @@ def make_settings(given, trained=None):
 
 def build_classifier(args, num_classes):
     """The GLNet a classification run trains (or a checkpoint holds): a token head with token labels."""
-    return glnet.create_model(args["model"], num_classes=num_classes, drop_path_rate=args.get("drop_path") or 0.0,
-                              **({"token_head": True} if args.get("token_labels") else {}))
+    model = glnet.create_model(args["model"], num_classes=num_classes, drop_path_rate=args.get("drop_path") or 0.0,
+                               **({"token_head": True} if args.get("token_labels") else {}))
+    model.set_grad_checkpointing(args.get("grad_checkpointing", False))
+    return model
 
 
 def build_trainer(s: ClassificationSettings, rank=0, world_size=1, device=torch.device("cpu"), model=None):
