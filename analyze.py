@@ -78,8 +78,13 @@ def load(args):
     """(model on --device, settings): those the checkpoint was written with, then the command line's."""
     given = {k: v for k, v in vars(args).items() if k in ("model", "data", "image_size")}  # only the flags given
     model, checkpoint = train.load_trained(args.checkpoint, build, **given)
-    defaults = dict(image_size=224, interpolation="bicubic", cache_dir=train.DEFAULT_CACHE, approximated=[])
+    defaults = dict(image_size=224, interpolation="bicubic", crop_pct=0.875, cache_dir=train.DEFAULT_CACHE,
+                    approximated=[])
     return model.to(args.device), defaults | checkpoint.get("args", {}) | given  # defaults: for released ones
+
+
+def eval_transform(settings):  # as train.py evaluates the checkpoint
+    return train.eval_transform(settings["image_size"], settings["interpolation"], settings["crop_pct"])
 
 
 def dataset(settings, split):
@@ -89,7 +94,7 @@ def dataset(settings, split):
                          "for: pass --data")
     folder = settings["data"] or train.builtin_dataset(settings["cache_dir"], train.SHAPES_VERSION,
                                                        train.make_shapes_dataset)
-    return train.image_folder(folder, split, train.eval_transform(settings["image_size"], settings["interpolation"]))
+    return train.image_folder(folder, split, eval_transform(settings))
 
 
 # --- Semantic slots (GLNet paper, Sec. 4.4, Figures 5 and 6) ----------------------------------------
@@ -162,7 +167,7 @@ def slots(args):
     if set(args.block) - set(blocks):
         raise ValueError(f"--block {' '.join(sorted(set(args.block) - set(blocks)))}: not a GLMix block of "
                          f"{settings['model']}; its GLMix blocks (STAGE.BLOCK): {', '.join(blocks)}")
-    transform = train.eval_transform(settings["image_size"], settings["interpolation"])
+    transform = eval_transform(settings)
     x = torch.stack([transform(train.load_image(path)) for path in args.image])
     weights = model.clustering_weights(x.to(args.device))
     weights = {block: weights[blocks[block]].cpu() for block in args.block}

@@ -228,8 +228,7 @@ def build_model(settings, num_classes, load_pretrained=False):
     started from ImageNet weights they freeze GLNet's BatchNorms, since 2 images per GPU give useless statistics."""
     task, width = settings.get("task"), settings.get("fpn_channels")
     if task not in TASKS:
-        raise ValueError(f"the checkpoint names the task {task!r}, not one of {', '.join(TASKS)}: it was not "
-                         f"written by detect_seg.py")
+        raise ValueError(f"the checkpoint names the task {task!r}, not one of {', '.join(TASKS)}: not detect_seg.py's")
     body = glnet.create_model(settings["model"], checkpoint=settings["pretrained"] if load_pretrained else None,
                               num_classes=0, drop_path_rate=settings["drop_path"] or 0.0)
     body.set_grad_checkpointing(settings.get("grad_checkpointing", False))

@@ -463,8 +463,7 @@ def create_model(name, pretrained=False, checkpoint=None, checkpoint_key=None, *
 # Checkpoints
 # ---------------------------------------------------------------------------------------------
 
-# The released checkpoints use other names for some modules; one renaming step converts them.
-RELEASED_NAMES = [
+RELEASED_NAMES = [  # the released checkpoints name some modules otherwise: one renaming step converts them
     (r"\.slot_scale$", ".tau"), (r"\.relation_mha\.", ".slot_mhsa."), (r"\.feature_conv\.", ".local_branch."),
     (r"\.mha_op\.", ".mhsa."), (r"^tklb_aux_head\.", "token_head.")]
 # The released overlapped stem has a parameter-free module first, so its layers sit one index later.

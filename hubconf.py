@@ -1,4 +1,4 @@
-"""torch.hub entry points, one per released variant: torch.hub.load("<this repository>", "glnet_4g", pretrained=True)."""
+"""torch.hub entry points, one per released variant: torch.hub.load("<repository>", "glnet_4g", pretrained=True)."""
 import functools
 
 import glnet

@@ -1251,19 +1251,41 @@ def glnet_inputs(monkeypatch):
 
 
 def test_eval_flags_override_the_checkpoints_settings(checkpoint, tiny_data, monkeypatch):
-    """A checkpoint whose settings say 64x64, bilinear, 32 per batch, evaluated with --image-size 48 --interpolation
-    bicubic --batch-size 3: its 20 validation images reach the model in batches of 3 (and 2), resized bicubically
-    to 55 and center-cropped to 48."""
+    """A checkpoint whose settings say 64x64, bilinear, 32 per batch, crop 0.875, evaluated with --image-size 48
+    --interpolation bicubic --batch-size 3 --crop-pct 0.8: its 20 validation images reach the model in batches of 3
+    (and 2), resized bicubically to 60 and center-cropped to 48."""
     trained = torch.load(checkpoint)["args"]
-    assert (trained["image_size"], trained["interpolation"], trained["batch_size"]) == (64, "bilinear", 32)
+    assert (trained["image_size"], trained["interpolation"], trained["batch_size"], trained["crop_pct"]) == \
+        (64, "bilinear", 32, 0.875)
     inputs = glnet_inputs(monkeypatch)
     metrics = train.main(["--eval", "--checkpoint", checkpoint, "--image-size", "48", "--interpolation", "bicubic",
-                          "--batch-size", "3", "--workers", "0"])
+                          "--batch-size", "3", "--crop-pct", "0.8", "--workers", "0"])
     assert metrics["images"] == 20 and [len(x) for x in inputs] == [3] * 6 + [2]
-    expected, bilinear = (torch.stack([image for image, _ in train.image_folder(tiny_data, "val", transform)])
-                          for transform in (train.eval_transform(48, "bicubic"), train.eval_transform(48, "bilinear")))
-    assert not torch.allclose(expected, bilinear, atol=1e-3)
+    transforms = [train.eval_transform(48, "bicubic", 0.8), train.eval_transform(48, "bilinear", 0.8),
+                  train.eval_transform(48, "bicubic")]
+    expected, *others = (torch.stack([image for image, _ in train.image_folder(tiny_data, "val", transform)])
+                         for transform in transforms)
+    assert not any(torch.allclose(expected, other, atol=1e-3) for other in others)
     torch.testing.assert_close(torch.cat(inputs), expected)
+
+
+def test_eval_of_a_released_token_labeling_checkpoint_crops_as_released(tmp_path, data, monkeypatch):
+    """A released-style GLNet-4G* checkpoint is evaluated as the released token-labeling run evaluated it: resized
+    bicubically to size / 0.96 (timm's floor: 33 for 32), center-cropped; its eval rule adds the token logits."""
+    model = glnet.create_model("glnet_4g_tklb", num_classes=3).eval()
+    path = str(tmp_path / "glnet_4g_tklb.pth")
+    torch.save({"model": model.state_dict()}, path)
+    inputs = glnet_inputs(monkeypatch)
+    metrics = train.main(["--eval", "--checkpoint", path, "--model", "glnet_4g_tklb", "--data", data,
+                          "--image-size", "32", "--workers", "0"])
+    (expected, labels), (at_0875, _) = (torch.utils.data.default_collate(list(train.image_folder(data, "val", t)))
+                                        for t in (train.eval_transform(32, "bicubic", 0.96),
+                                                  train.eval_transform(32, "bicubic")))
+    assert not torch.allclose(expected, at_0875, atol=1e-3)
+    torch.testing.assert_close(torch.cat(inputs), expected)
+    with torch.no_grad():
+        correct = (model(expected).argmax(1) == labels).sum().item()
+    assert metrics["top1"] == pytest.approx(100 * correct / len(labels))
 
 
 # --- training runs: resume, DDP, the README's command ---------------------------------------------
@@ -1425,7 +1447,7 @@ RECIPE_TABLE = {
                           weight_decay=0.05, warmup_epochs=5, warmup_factor=5e-4, min_lr=1e-5, clip_grad=5.0,
                           drop_path=0.1, randaugment=(2, 9, 0.5), label_smoothing=0.1, mixup_cutmix=None,
                           repeated_aug=1, random_erasing=0.25, interpolation="bicubic", ema_decay=0.0,
-                          eval_resize=256, token_labels=True),
+                          eval_resize=233, token_labels=True),
 }
 
 
@@ -2259,7 +2281,7 @@ def test_bad_dense_data_and_flags_are_named_before_training(tmp_path, scenes, ca
     classifier = tmp_path / "classifier.pth"
     torch.save({"model": glnet.create_model("glnet_mini", num_classes=3).state_dict(), "task": "classification",
                 "args": {"model": "glnet_mini"}, "num_classes": 3}, classifier)
-    with pytest.raises(ValueError, match="names the task None, not one of maskrcnn, .*: it was not written by"):
+    with pytest.raises(ValueError, match="names the task None, not one of maskrcnn, .*: not detect_seg.py's"):
         detect_seg.main(["--eval", "--checkpoint", str(classifier)])
     assert not (tmp_path / "out").exists()
     for argv, message in ((["--data", str(coco)], "--task is required with --data"), (["--task", "yolo"], "invalid choice"),

@@ -50,7 +50,7 @@ IMAGENET = dict(model="glnet_4g", epochs=300, batch_size=128, image_size=224, lr
 RECIPES = {"imagenet": IMAGENET,
            # Table 9, GLNet-4G*/9G*: token labeling, with MixToken instead of mixup and cutmix, as the released run
            "imagenet-tklb": IMAGENET | dict(model="glnet_4g_tklb", epochs=310, drop_path=0.1, mixup=0.0, cutmix=0.0,
-                                            warmup_factor=5e-4, ema_decay=0.0, repeated_aug=1),
+                                            warmup_factor=5e-4, ema_decay=0.0, repeated_aug=1, crop_pct=0.96),
            # glnet_mini at 64x64, 5 epochs of 3000 images: too short for heavy augmentation (the rest: the defaults)
            "builtin": dict(model="glnet_mini", epochs=5, batch_size=32, image_size=64, lr=6.4e-2, warmup_epochs=1,
                            min_lr=1e-5, clip_grad=5.0, ema_decay=0.99)}
@@ -115,7 +115,8 @@ class ClassificationSettings(Settings):
                          choices=list(RECIPES))
     data: str | None = option(None, "ImageNet-layout folder: train/<class>/*, val/<class>/*; default: built-in")
     cache_dir: str = option(DEFAULT_CACHE, "where the built-in dataset is written once")
-    image_size: int = option(224, "training crop; evaluation: resize / 0.875, center crop", type=at_least(32))
+    image_size: int = option(224, "training crop; evaluation: resize / --crop-pct, center crop", type=at_least(32))
+    crop_pct: float = option(0.875, "evaluation: the center crop's share of the resized image (0.875: 256 for 224)")
     randaugment: bool = option(False, "RandAugment(9, 0.5), timm's rand-m9-mstd0.5-inc1")
     mixup: float = option(0.0, "MixUp alpha, 0 = off")
     cutmix: float = option(0.0, "CutMix alpha, 0 = off")
@@ -576,8 +577,8 @@ def augment_and_normalize(random_erasing=0.0):  # after crop, flip and RandAugme
     return v2.Compose([to_tensor, *(erasing if random_erasing else [])])
 
 
-def eval_transform(image_size, interpolation="bilinear"):  # resize to size / 0.875 (256 for 224), center crop
-    return v2.Compose([v2.Resize(round(image_size / 0.875), interpolation=interpolation, antialias=True),
+def eval_transform(image_size, interpolation="bilinear", crop_pct=0.875):  # resize to size / crop_pct (as timm's)
+    return v2.Compose([v2.Resize(int(image_size / crop_pct), interpolation=interpolation, antialias=True),
                        v2.CenterCrop(image_size), to_tensor])
 
 
@@ -885,7 +886,7 @@ def build_trainer(s: ClassificationSettings, rank=0, world_size=1, device=torch.
         train_set = TokenLabeledImages(data_dir, s.token_labels, crop, finish, s.label_smoothing, *randaugment)
     else:
         train_set = image_folder(data_dir, "train", v2.Compose([crop, v2.RandomHorizontalFlip(), *randaugment, finish]))
-    val_set = image_folder(data_dir, "val", eval_transform(s.image_size, s.interpolation))
+    val_set = image_folder(data_dir, "val", eval_transform(s.image_size, s.interpolation, s.crop_pct))
     if train_set.classes != val_set.classes:
         differ = sorted(set(train_set.classes) ^ set(val_set.classes))[:5]
         raise ValueError(f"the class folders of {data_dir}/train and {data_dir}/val differ in {differ}")
@@ -910,7 +911,8 @@ def from_checkpoint(path, given, device):
     model, checkpoint = load_trained(path, build_classifier, **given)
     if "data" not in checkpoint.get("args", {}) and "data" not in given:
         raise ValueError(f"{path} was not written by train.py, so it does not say which data it is for: pass --data")
-    s = make_settings(given, checkpoint.get("args", {"recipe": "imagenet"}))
+    released = {"recipe": "imagenet-tklb" if given.get("model", "").endswith("_tklb") else "imagenet"}
+    s = make_settings(given, checkpoint.get("args", released))
     data = s.data or builtin_dataset(s.cache_dir, SHAPES_VERSION, make_shapes_dataset)
     return model.to(device), dataclasses.replace(s, data=data)
 
@@ -922,7 +924,7 @@ def main(argv=None):
     try:
         if "eval" in args:
             model, s = from_checkpoint(args.checkpoint, given, device)
-            val_set = image_folder(s.data, "val", eval_transform(s.image_size, s.interpolation))
+            val_set = image_folder(s.data, "val", eval_transform(s.image_size, s.interpolation, s.crop_pct))
             with autocast(device, s.amp):
                 metrics = evaluate(model, eval_loader(val_set, s.batch_size, s.workers, rank, world_size), device)
             log(f"{args.checkpoint} ({s.model}, {s.image_size}x{s.image_size}) on {metrics['images']} images of "
