@@ -1089,7 +1089,7 @@ def test_usage_errors_of_the_three_scripts_are_one_line_with_status_2(tmp_path, 
     for i in (1, 2):
         Image.new("RGB", (40, 40)).save(flat / "val" / f"ILSVRC2012_val_{i:08d}.JPEG", format="JPEG")
     runs = {("train.py", "--data", str(flat), "--output-dir", str(tmp_path / "out"), *TINY):
-            f"train.py: error: Couldn't find any class folder in {flat}/val.; expected the ImageNet layout, "
+            f"train.py: error: Couldn't find any class folder in {flat}/val; expected the ImageNet layout, "
             f"{flat}/val/<class>/<image>; ImageNet's val tarball unpacks flat: sort it into a folder per synset",
             ("detect_seg.py", "--eval", "--checkpoint", str(checkpoint)): f"detect_seg.py: {truncated}",
             ("analyze.py", "evaluate", "--checkpoint", str(checkpoint)): f"analyze.py: {truncated}",

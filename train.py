@@ -511,7 +511,7 @@ def image_folder(data_dir, split, transform):
         return datasets.ImageFolder(root, transform=transform, loader=load_image)
     except FileNotFoundError as e:
         flat = os.path.isdir(root) and not any(entry.is_dir() for entry in os.scandir(root))
-        raise FileNotFoundError(f"{e}; expected the ImageNet layout, {root}/<class>/<image>" + flat * (
+        raise FileNotFoundError(f"{str(e).rstrip('.')}; expected the ImageNet layout, {root}/<class>/<image>" + flat * (
             "; ImageNet's val tarball unpacks flat: sort it into a folder per synset (e.g. valprep.sh)")) from None
 
 
