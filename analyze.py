@@ -1,35 +1,47 @@
-"""Look inside a trained GLNet: its semantic slots, and its redundant blocks.
+"""Look inside a vision backbone: GLNet's semantic slots, and the redundant blocks of any backbone.
 
     python analyze.py slots --checkpoint runs/glnet_mini-builtin/best.pth --image a.jpg b.jpg --block 2.1 3.1
     python analyze.py redundancy --checkpoint runs/glnet_mini-builtin/best.pth
     python analyze.py approximate --checkpoint runs/glnet_mini-builtin/best.pth --blocks 3:1-3 --translator mlp resmlp
-    python analyze.py approximate --checkpoint runs/glnet_mini-builtin/best.pth --search 9
+    python analyze.py approximate --model vit_b_16 --weights DEFAULT --data cifar10 --search 5
     python analyze.py evaluate --checkpoint analysis/approximated.pth
 
 `slots` draws Figure 5 of the GLNet paper (Figure 6 with several blocks): the soft clustering
 weights softmax(A) (Eq. 3) of GLMix blocks, a map per semantic slot, 4 representative slots by k-medoids.
 
 `redundancy` and `approximate` follow "Detecting and Approximating Redundant Computational Blocks in
-Neural Networks". Stages and blocks are numbered from 1; h_0 is a stage's input, h_i the output of
-its block i. Block Redundancy (Eq. 1): BR(i, j) = -E_{x, p} ||h_i(x)_p - h_j(x)_p||^2 over calibration
-images x and positions p. Redundant Blocks Approximation (RBA) replaces blocks i+1..j by a linear map
-T, h_j ~ T(h_i), fitted in closed form. BR is small wherever the features are small, so `--search`
-ranks runs by the relative residual of that fit unless `--rank-by br`.
+Neural Networks" on any backbone made of stages of same-shaped blocks: GLNet, torchvision's ViT, Swin,
+ResNet and ConvNeXt, and the ViTs of timm and DINOv2. Stages and blocks are numbered from 1; h_0 is a
+stage's input, h_i the output of its block i. Block Redundancy (Eq. 1): BR(i, j) = -E_x ||h_i(x) - h_j(x)||^2
+over calibration images x and the representation's positions ([CLS] of a ViT, every position of a grid).
+Redundant Blocks Approximation (RBA) replaces blocks i+1..j by a linear map T, h_j ~ T(h_i), fitted in
+closed form on every position. Accuracy is the model's own classifier's where it knows the data's classes,
+else that of the paper's probe trained on the frozen features. BR is small wherever features are small,
+so `--search` ranks runs by the relative residual of the fit unless `--rank-by br`.
 """
 
 import argparse
-import copy
+import contextlib
+import dataclasses
+import datetime
+import functools
+import importlib
 import json
 import math
 import os
+import pickle
 import re
+import tempfile
 import time
+from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from einops import rearrange
-from torch.utils.data import Subset
+import torchvision
+from torch.utils.data import DataLoader, Subset, TensorDataset
+from torchvision import datasets
+from torchvision.transforms import v2
 from torchvision.utils import make_grid
 
 import glnet
@@ -39,8 +51,9 @@ import train
 
 CALIBRATION_IMAGES = 3000      # the BR paper's calibration subset of the training set
 BATCH_SIZE, LATENCY_ROUNDS = 64, 20
-PRINT_FREQ = 10                # a progress line every N calibration batches
+PRINT_FREQ = 10                # a progress line every N batches
 OUTPUT_DIR = "analysis"
+DATA_DIR = os.path.join(train.DEFAULT_CACHE, "datasets")
 SLOT_BLOCK = "3.1"             # Figure 5: the first block of stage 3
 REPRESENTATIVE_SLOTS = 4
 PANEL_INCHES, CELL_INCHES, DPI = 2.4, 0.5, 120        # a panel of the slot figure, a cell of a heatmap
@@ -50,51 +63,291 @@ TRANSLATORS = ("linear", "mlp", "resmlp")
 TRANSLATOR_STEPS, TRANSLATOR_LR = 300, 1e-3           # the BR paper's Table 4: Adam, 300 steps, lr 1e-3
 TRANSLATOR_BATCH = 1024        # calibration positions per step
 TRANSLATOR_POSITIONS = 32768   # calibration positions kept, at random, for the MLP translators
+# The BR paper's probes on the frozen features, as its code trains them: Adam, batch 256, the last epoch's top-1
+PROBES = {"linear": dict(lr=0.01, epochs=5, weight_decay=0.0), "mlp": dict(lr=1e-3, epochs=50, weight_decay=1e-5)}
+PROBE_BATCH = 256
+DATASETS = {"mnist": datasets.MNIST, "fashion-mnist": datasets.FashionMNIST, "cifar10": datasets.CIFAR10,
+            "cifar100": datasets.CIFAR100, "cifar100-coarse": datasets.CIFAR100}
 
 
-# --- Models: train.py's checkpoints, released ones, approximated ones -------------------------------
+# --- Backbones: stages of same-shaped blocks, and a small adapter per family -----------------------
 
-def replace_blocks(model, run, replacement=None):
-    """Blocks i+1..j of the run's stage become `replacement` (T) and identities, or identities only
-    (skipped). The block count stays, so every other parameter keeps its name."""
-    stage, i, j = run
-    blocks = model.stages[stage - 1].blocks
-    for k in range(i, j):
-        blocks[k] = replacement if k == i and replacement is not None else nn.Identity()
-    return model
+def children(model, name):  # the qualified names of a container's blocks
+    return [f"{name}.{child}" for child, _ in model.get_submodule(name).named_children()]
+
+
+def features_stages(model):  # torchvision's Swin and ConvNeXt: features = [stem, stage, downsampling, stage, ...]
+    return [([f"features.{i - 1}"], children(model, f"features.{i}")) for i in range(1, len(model.features), 2)]
+
+
+def resnet_stages(model):  # a layer's first block may downsample or widen: the blocks after it keep the shape
+    stages = []
+    for layer in ("layer1", "layer2", "layer3", "layer4"):
+        names = children(model, layer)
+        changing = sum(getattr(model.get_submodule(name), "downsample", None) is not None for name in names)
+        stages.append((names[:changing], names[changing:]))
+    return stages
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """Where a family's blocks are and what it represents an image by. stages(model): per stage, the modules
+    between the previous stage and its blocks (stage 1: the model's own forward up to its first block) and
+    its blocks; features(model, h): what a probe reads of the last block's output h; logits(model, h): the
+    model's own classifier; channel_dim of h; cls: the representation is the first token, [CLS], alone."""
+    stages: Callable
+    features: Callable
+    logits: Callable
+    channel_dim: int = 1
+    cls: bool = False
+
+
+def vit_family(blocks, norm, head):  # [CLS] first, after the final norm
+    return Family(lambda m: [([], children(m, blocks))], lambda m, h: m.get_submodule(norm)(h)[:, 0],
+                  lambda m, h: m.get_submodule(head)(m.get_submodule(norm)(h)[:, 0]), channel_dim=-1, cls=True)
+
+
+FAMILIES = {
+    glnet.GLNet: Family(lambda m: [([f"downsample_layers.{s}"], children(m, f"stages.{s}.blocks")) for s in range(4)],
+                        lambda m, h: m.norm(h).mean((2, 3)), lambda m, h: m.forward_head(h)),
+    torchvision.models.VisionTransformer: vit_family("encoder.layers", "encoder.ln", "heads"),
+    torchvision.models.SwinTransformer: Family(
+        features_stages, lambda m, h: m.flatten(m.avgpool(m.permute(m.norm(h)))),
+        lambda m, h: m.head(m.flatten(m.avgpool(m.permute(m.norm(h))))), channel_dim=-1),
+    torchvision.models.ConvNeXt: Family(features_stages, lambda m, h: m.classifier[:-1](m.avgpool(h)),
+                                        lambda m, h: m.classifier(m.avgpool(h))),
+    torchvision.models.ResNet: Family(resnet_stages, lambda m, h: m.avgpool(h).flatten(1),
+                                      lambda m, h: m.fc(m.avgpool(h).flatten(1))),
+}
+VIT_LAYOUT = vit_family("blocks", "norm", "head")   # timm's and DINOv2's ViTs: blocks, norm, cls_token, head
+
+
+def family_of(model):
+    family = next((f for kind, f in FAMILIES.items() if isinstance(model, kind)), None)
+    if family is None and all(hasattr(model, name) for name in ("blocks", "norm", "cls_token", "head")):
+        family = VIT_LAYOUT
+    if family is None:
+        raise ValueError(f"{type(model).__name__} is not a backbone analyze.py knows: GLNet, torchvision's "
+                         f"VisionTransformer, SwinTransformer, ResNet, ConvNeXt, or a ViT with blocks, norm, "
+                         f"cls_token and head (timm's, DINOv2's)")
+    return family
+
+
+class Reached(Exception):
+    """Raised at the first block: the model's own forward has computed h_0 of stage 1."""
+
+
+def stop(block, inputs):  # a forward pre-hook
+    raise Reached(inputs[0])
+
+
+class Backbone:
+    """A model as a list of steps (transitions and blocks) after its embedding, each h_{s,i} after
+    position[s, i] of them. A variant replaces some blocks in a copy of the list, so it can run from
+    the original's h_i without recomputing it."""
+
+    def __init__(self, model, image_size):
+        self.model, self.family, self.image_size = model.eval(), family_of(model), image_size
+        self.steps, self.blocks, self.position = [], [], {}
+        for s, (transition, blocks) in enumerate(self.family.stages(model), 1):
+            self.steps += [model.get_submodule(name) for name in transition] * (s > 1)
+            self.position[s, 0] = len(self.steps)
+            for i, name in enumerate(blocks, 1):
+                self.steps.append(model.get_submodule(name))
+                self.position[s, i] = len(self.steps)
+            self.blocks.append(blocks)
+        with torch.no_grad():  # the channels of every stage, and the classifier's outputs
+            h = self.representations(torch.zeros(1, 3, image_size, image_size), range(1, len(self.blocks) + 1))
+            self.channels = [hs[0].shape[self.family.channel_dim] for hs in h.values()]
+            self.num_outputs = self.family.logits(model, h[len(self.blocks)][-1]).shape[-1]
+
+    def embed(self, x):
+        """h_0 of stage 1: the model's own forward up to its first block, whatever it does before."""
+        hook = self.steps[0].register_forward_pre_hook(stop)
+        try:
+            self.model(x)
+        except Reached as reached:
+            return reached.args[0]
+        finally:
+            hook.remove()
+        raise RuntimeError(f"{type(self.model).__name__}'s forward never reached its first block")
+
+    def representations(self, x, stages):
+        """{stage: [h_0, ..., h_n]} of the images x, for the stages given."""
+        positions = {p: (s, i) for (s, i), p in self.position.items() if s in stages}
+        h, out = self.embed(x), {s: [] for s in stages}
+        for p, step in enumerate([*self.steps[:max(positions)], None]):
+            if p in positions:
+                out[positions[p][0]].append(h)
+            h = step(h) if step else h
+        return out
+
+    def run(self, h, steps):  # h through the steps
+        for step in steps:
+            h = step(h)
+        return h
+
+    def rows(self, h):  # (positions, channels): the tokens or grid positions of a representation
+        return h.movedim(self.family.channel_dim, -1).flatten(0, -2)
+
+    def names(self, run):  # the blocks a run replaces
+        return self.blocks[run[0] - 1][run[1]:run[2]] if run else []
+
+    def variant(self, run=None, replacement=None):
+        """(start, steps): the steps with the run's blocks replaced by T (None: removed), equal before `start`."""
+        if run is None:
+            return len(self.steps), self.steps
+        start = self.position[run[0], run[1]]
+        return start, self.steps[:start] + [replacement] * (replacement is not None) + self.steps[
+            self.position[run[0], run[2]]:]
+
+    def output(self, h, probe):  # the logits of the model's classifier (probe "head") or the features a probe reads
+        return (self.family.logits if probe == "head" else self.family.features)(self.model, h)
+
+
+def replace_blocks(model, names, replacement=None):
+    """Blocks `names` become `replacement` (T) and identities, or identities only (skipped). The block
+    count stays, so every other parameter keeps its name. Returns the blocks replaced."""
+    replaced = [model.get_submodule(name) for name in names]
+    for k, name in enumerate(names):
+        model.set_submodule(name, replacement if k == 0 and replacement is not None else nn.Identity())
+    return replaced
+
+
+@contextlib.contextmanager
+def replaced_blocks(model, names, replacement=None):  # the model with blocks replaced, as it was afterwards
+    originals = replace_blocks(model, names, replacement)
+    try:
+        yield model
+    finally:
+        for name, block in zip(names, originals):
+            model.set_submodule(name, block)
+
+
+def linear_map(channels, channel_dim):  # T on the channels: a 1x1 convolution of a grid, a linear layer of tokens
+    return nn.Conv2d(channels, channels, 1) if channel_dim == 1 else nn.Linear(channels, channels)
+
+
+def create(name, weights=None, pretrained=False):
+    """A torchvision classifier with its --weights, timm's (timm:NAME) or a torch.hub entry (REPO:ENTRY)."""
+    try:
+        if name in torchvision.models.list_models(module=torchvision.models):
+            return torchvision.models.get_model(name, weights=weights)
+        source, entry = name.split(":", 1)
+        if source == "timm":
+            return importlib.import_module("timm").create_model(entry, pretrained=pretrained)
+        return torch.hub.load(source, entry, source="local" if os.path.isdir(source) else "github",
+                              trust_repo=True, pretrained=pretrained)
+    except ModuleNotFoundError as e:
+        raise ValueError(f"{name} needs {e.name}: pip install {e.name}") from e
+    except OSError as e:  # offline: urllib's errors
+        where = weights and f"{weights.url} into {torch.hub.get_dir()}/checkpoints/"
+        raise ValueError(f"cannot download {name}'s {'weights' if where else 'code or weights'} ({e}); "
+                         f"download {where or 'the repository and pass its folder as --model FOLDER:ENTRY'}") from e
 
 
 def build(settings, num_classes):
-    """train.load_trained's builder: a classification GLNet, with the runs an approximated
-    checkpoint replaced rebuilt, so that its weights load strictly."""
-    model = train.build_classifier(settings, num_classes)
-    for run in settings.get("approximated", []):
-        channels = model.stage_channels[run[0] - 1]
-        replace_blocks(model, run, nn.Conv2d(channels, channels, 1))
+    """train.load_trained's builder for every backbone (a GLNet as train.py builds it), with the runs an
+    approximated checkpoint replaced rebuilt, so that its weights load strictly."""
+    if settings["model"] in glnet.MODELS:
+        model = train.build_classifier(settings, num_classes)
+    else:
+        model = create(settings["model"])
+    if settings.get("approximated"):
+        backbone = Backbone(model, settings["image_size"])
+        for run in settings["approximated"]:
+            replace_blocks(model, backbone.names(run),
+                           linear_map(backbone.channels[run[0] - 1], backbone.family.channel_dim))
     return model
 
 
+def weights_of(model, name):
+    """torchvision's weights of `model` named `name` (DEFAULT, IMAGENET1K_V1, ...), or None."""
+    if name is None:
+        return None
+    if model not in torchvision.models.list_models(module=torchvision.models):
+        raise ValueError(f"--weights takes torchvision's weights; {model} loads its own pretrained weights, or "
+                         f"--checkpoint's")
+    members = torchvision.models.get_model_weights(model).__members__
+    if name not in members:
+        raise ValueError(f"--weights {name}: {model}'s weights are {', '.join(members)}")
+    return members[name]
+
+
 def load(args):
-    """(model on --device, settings): those the checkpoint was written with, then the command line's."""
-    given = {k: v for k, v in vars(args).items() if k in ("model", "data", "image_size")}  # only the flags given
-    model, checkpoint = train.load_trained(args.checkpoint, build, **given)
-    defaults = dict(image_size=224, interpolation="bicubic", crop_pct=0.875, cache_dir=train.DEFAULT_CACHE,
-                    approximated=[])
-    return model.to(args.device), defaults | checkpoint.get("args", {}) | given  # defaults: for released ones
+    """(backbone, settings, eval transform, class names or None): a GLNet with its settings through train.py's
+    one path, or a torchvision, timm or torch.hub backbone; `settings` are what its approximations keep."""
+    given = {k: v for k, v in vars(args).items() if k in ("model", "data", "image_size") and v is not None}
+    if args.checkpoint:
+        model, checkpoint = train.load_trained(args.checkpoint, build, **given)
+    elif given.get("model", "glnet") not in glnet.MODELS:
+        model = create(args.model, weights_of(args.model, args.weights), pretrained=True)
+        checkpoint = {}
+    else:
+        raise ValueError("pass --checkpoint (a GLNet's, or weights of --model), or --model of torchvision, timm or "
+                         "torch.hub (see --help)")
+    saved = checkpoint.get("args", {}) | given
+    if isinstance(model, glnet.GLNet):
+        s = train.checkpoint_settings(checkpoint, given)
+        settings = dataclasses.asdict(s)
+        transform = train.eval_transform(s.image_size, s.interpolation, s.crop_pct)
+    else:
+        weights = weights_of(saved["model"], args.weights or saved.get("weights"))
+        size = weights.transforms().crop_size[0] if weights else saved.get("image_size", getattr(model, "image_size",
+                                                                                                  224))
+        transform = weights.transforms() if weights else train.eval_transform(size, "bicubic")
+        settings = {"model": saved["model"], "weights": weights and weights.name, "image_size": size}
+    settings |= {"data": saved.get("data"), "approximated": saved.get("approximated", [])}
+    if "data" in args and not settings["data"]:  # a command that reads data; train.py's runs name theirs
+        if not (isinstance(model, glnet.GLNet) and checkpoint.get("args")):
+            raise ValueError(f"{args.checkpoint or args.model} does not say which data it is for: pass --data")
+        settings["data"] = train.builtin_dataset(s.cache_dir, train.SHAPES_VERSION, train.make_shapes_dataset)
+    backbone = Backbone(model, settings["image_size"])
+    backbone.model.to(args.device)
+    return backbone, settings, transform, checkpoint.get("classes")
 
 
-def eval_transform(settings):  # as train.py evaluates the checkpoint
-    return train.eval_transform(settings["image_size"], settings["interpolation"], settings["crop_pct"])
+# --- Data: torchvision's datasets by name, or an ImageNet-layout folder ----------------------------------
+
+def rgb(image):  # grayscale datasets (MNIST) as 3 channels
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def dataset(settings, split):
-    """A split of the checkpoint's data (None: the built-in shapes), transformed as for evaluation."""
-    if "data" not in settings:
-        raise ValueError("the checkpoint was not written by this project, so it does not say which data it is "
-                         "for: pass --data")
-    folder = settings["data"] or train.builtin_dataset(settings["cache_dir"], train.SHAPES_VERSION,
-                                                       train.make_shapes_dataset)
-    return train.image_folder(folder, split, eval_transform(settings))
+def dataset(name, split, transform, data_dir):
+    """The "train" or "val" split of a dataset of DATASETS in data_dir (downloaded there when missing) or of an
+    ImageNet-layout folder, transformed for evaluation."""
+    if name not in DATASETS:
+        return train.image_folder(name, split, v2.Compose([rgb, transform]))
+    kind = DATASETS[name]
+    try:
+        images = kind(data_dir, train=split == "train", transform=v2.Compose([rgb, transform]), download=True)
+    except (OSError, RuntimeError) as e:  # offline: urllib's errors, or MNIST's after its mirrors
+        files = (f"{', '.join(file for file, _ in kind.resources)} into {os.path.join(data_dir, kind.__name__, 'raw')}"
+                 if hasattr(kind, "resources") else f"{kind.filename} ({kind.url}) into {data_dir}")
+        raise ValueError(f"{name} is not in {data_dir} and cannot be downloaded ({' '.join(str(e).split())}); put "
+                         f"{files}") from e
+    if name == "cifar100-coarse":  # the same files' 20 superclasses
+        folder = os.path.join(data_dir, images.base_folder)
+        entries = [unpickle(os.path.join(folder, file)) for file, _ in (images.train_list if split == "train"
+                                                                         else images.test_list)]
+        images.targets = [label for entry in entries for label in entry["coarse_labels"]]
+        images.classes = unpickle(os.path.join(folder, images.meta["filename"]))["coarse_label_names"]
+    return images
+
+
+def unpickle(path):  # CIFAR's files, as torchvision reads them
+    with open(path, "rb") as f:
+        return pickle.load(f, encoding="latin1")
+
+
+def progress(loader, what):
+    """The batches of `loader`, with a progress line every PRINT_FREQ batches and at the last."""
+    start = time.perf_counter()
+    for step, batch in enumerate(loader, 1):
+        yield batch
+        if step % PRINT_FREQ == 0 or step == len(loader):
+            left = (time.perf_counter() - start) / step * (len(loader) - step)
+            train.log(f"{what}  batch {step}/{len(loader)}  eta {datetime.timedelta(seconds=round(left))}")
 
 
 # --- Semantic slots (GLNet paper, Sec. 4.4, Figures 5 and 6) ----------------------------------------
@@ -161,13 +414,15 @@ def slot_figure(images, weights, names, k=REPRESENTATIVE_SLOTS):
 
 @torch.no_grad()
 def slots(args):
-    model, settings = load(args)
+    backbone, settings, transform, _ = load(args)
+    model = backbone.model
+    if not isinstance(model, glnet.GLNet):
+        raise ValueError(f"slots are GLNet's; {settings['model']} has none")
     blocks = {f"{int(name.split('.')[1]) + 1}.{int(name.split('.')[3]) + 1}": name  # '3.1': 'stages.2.blocks.0'
               for name, m in model.named_modules() if isinstance(m, glnet.GLMixBlock)}
     if set(args.block) - set(blocks):
         raise ValueError(f"--block {' '.join(sorted(set(args.block) - set(blocks)))}: not a GLMix block of "
                          f"{settings['model']}; its GLMix blocks (STAGE.BLOCK): {', '.join(blocks)}")
-    transform = eval_transform(settings)
     x = torch.stack([transform(train.load_image(path)) for path in args.image])
     weights = model.clustering_weights(x.to(args.device))
     weights = {block: weights[blocks[block]].cpu() for block in args.block}
@@ -197,8 +452,9 @@ class StageStatistics:
         self.kept, self.generator = [], torch.Generator().manual_seed(0)
 
     def update(self, representations):
-        h = torch.stack([rearrange(r, "b c h w -> (b h w) c") for r in representations]).double()  # (n, N, C)
-        stacked = rearrange(h, "n N c -> N (n c)")
+        """representations: h_0..h_n, each (N, C): the same N positions (tokens, grid positions) of each."""
+        h = torch.stack(representations).double()                                              # (n, N, C)
+        stacked = h.transpose(0, 1).flatten(1)                                    # (N, n C)
         self.gram += stacked.T @ stacked
         self.sums += stacked.sum(0)
         unit = F.normalize(h, dim=2)
@@ -249,41 +505,35 @@ class StageStatistics:
                 residual[i, j] = self.least_squares(i, j)[1]
         return residual
 
-    def fit(self, i, j):
+    def fit(self, i, j, channel_dim=1):
         """RBA's T, the least-squares fit h_j ~ T(h_i): a linear map with a bias shared by all positions."""
         solution = self.least_squares(i, j)[0].float()
-        conv = nn.Conv2d(self.channels, self.channels, 1)
+        linear = linear_map(self.channels, channel_dim)
         with torch.no_grad():
-            conv.weight.copy_(solution[:self.channels].T[:, :, None, None])
-            conv.bias.copy_(solution[self.channels])
-        return conv
+            linear.weight.copy_(solution[:self.channels].T.reshape(linear.weight.shape))
+            linear.bias.copy_(solution[self.channels])
+        return linear
 
 
 @torch.no_grad()
-def calibrate(args, model, settings, stages, positions=0):
-    """({stage: StageStatistics}, image count) of the first --calibration-images of a fixed shuffle of the
-    training set; h_0 is the downsampling layer's output. About `positions` positions are kept per stage."""
-    images = dataset(settings, "train")
+def calibrate(args, backbone, images, stages, positions=0):
+    """{stage: (similarity statistics, fit statistics)} of the first --calibration-images of a fixed shuffle of
+    `images`: similarities on the representation's positions ([CLS] of a ViT), fits on every position (for a grid
+    both are every position: one object). About `positions` positions are kept per stage for the MLPs."""
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:args.calibration_images]
     loader = train.eval_loader(Subset(images, order.tolist()), args.batch_size, args.workers)
-    print(f"{settings['model']} at {settings['image_size']}x{settings['image_size']}: calibration on "
-          f"{len(order)} training images of {images.root}")
-    outputs = {s: [] for s in stages}
-    hooks = [m.register_forward_hook(lambda module, inputs, output, s=s: outputs[s].append(output))
-             for s in stages for m in (model.downsample_layers[s - 1], *model.stages[s - 1].blocks)]
-    statistics = {s: StageStatistics(len(model.stages[s - 1].blocks) + 1, model.stage_channels[s - 1], args.device,
-                                     math.ceil(positions / len(loader))) for s in stages}
-    try:
-        for step, (x, _) in enumerate(loader, 1):
-            model.forward_features(x.to(args.device))
-            for s, representations in outputs.items():
-                statistics[s].update(representations)
-                representations.clear()
-            if step % PRINT_FREQ == 0 or step == len(loader):
-                print(f"calibration  batch {step}/{len(loader)}", flush=True)
-    finally:
-        for hook in hooks:
-            hook.remove()
+    train.log(f"calibration on {len(order)} training images at {backbone.image_size}x{backbone.image_size}")
+    statistics, keep = {}, math.ceil(positions / len(loader))
+    for x, _ in progress(loader, "calibration"):
+        for s, hs in backbone.representations(x.to(args.device), stages).items():
+            if s not in statistics:
+                fit = StageStatistics(len(hs), backbone.channels[s - 1], args.device, keep)
+                statistics[s] = (StageStatistics(len(hs), fit.channels, args.device) if backbone.family.cls else fit,
+                                 fit)
+            similarity, fit = statistics[s]
+            fit.update([backbone.rows(h) for h in hs])
+            if similarity is not fit:
+                similarity.update([h[:, 0] for h in hs])
     return statistics, len(order)
 
 
@@ -322,17 +572,18 @@ def redundancy_figure(matrices, title=""):
 
 
 def redundancy(args):
-    model, settings = load(args)
-    statistics, images = calibrate(args, model, settings, stages=(1, 2, 3, 4))
-    matrices = {metric: {s: getattr(stats, method)() for s, stats in statistics.items()}
+    backbone, settings, transform, _ = load(args)
+    statistics, images = calibrate(args, backbone, dataset(settings["data"], "train", transform, args.data_dir),
+                                   range(1, len(backbone.blocks) + 1))
+    matrices = {metric: {s: getattr(stats[0], method)() for s, stats in statistics.items()}
                 for metric, method in zip(METRICS, ("block_redundancy", "linear_cka", "cosine"))}
     for metric, per_stage in matrices.items():
         for s, matrix in per_stage.items():
             print(f"\n{metric}, stage {s} (h0 = stage input, hi = output of block i)\n{format_matrix(matrix)}")
     os.makedirs(args.output_dir, exist_ok=True)
     png, table = os.path.join(args.output_dir, "redundancy.png"), os.path.join(args.output_dir, "redundancy.json")
-    title = (f"{settings['model']}: similarity of the representations of each stage on {images} calibration "
-             f"images (h0 = stage input, hi = output of block i)")
+    title = (f"{settings['model']}: similarity of the representations of each stage on {images} calibration images "
+             f"({'[CLS] tokens' if backbone.family.cls else 'all positions'}; h0 = stage input, hi = output of block i)")
     redundancy_figure(matrices, title).savefig(png, dpi=DPI)
     with open(table, "w") as f:
         json.dump({metric: {s: m.tolist() for s, m in per_stage.items()} for metric, per_stage in matrices.items()}, f)
@@ -340,7 +591,7 @@ def redundancy(args):
     return matrices
 
 
-# --- Redundant Blocks Approximation (the BR paper's Table 2: original / approximated / skipped) ----
+# --- Redundant Blocks Approximation (the BR paper's Tables 2-4: original / skipped / approximated) ---
 
 def run_argument(text):
     """An argparse type: '3:1-3' -> (3, 1, 3), replace blocks 2..3 of stage 3 by a map from h_1 to h_3."""
@@ -351,41 +602,45 @@ def run_argument(text):
     return tuple(int(v) for v in match.groups())
 
 
-def replaceable(model, run):
+def replaceable(backbone, run):
     """Whether the run's blocks exist and are all still real blocks."""
     stage, i, j = run
-    blocks = model.stages[stage - 1].blocks if stage <= len(model.stages) else []
-    return j <= len(blocks) and not any(isinstance(b, (nn.Identity, nn.Conv2d, Translator)) for b in blocks[i:j])
+    blocks = backbone.blocks[stage - 1] if stage <= len(backbone.blocks) else []
+    return j <= len(blocks) and not any(isinstance(backbone.model.get_submodule(name), (
+        nn.Identity, nn.Conv2d, nn.Linear, Translator)) for name in blocks[i:j])
 
 
 def label(run):
-    return f"{run[0]}:{run[1]}-{run[2]}"
+    return f"{run[0]}:{run[1]}-{run[2]}" if run else "-"
 
 
 class Translator(nn.Module):
-    """The BR paper's Table 4 baselines for T, on the grid: an MLP, Conv1x1 -> GELU -> Conv1x1 with
-    hidden width = channels, and a residual MLP, h + MLP(LayerNorm(h))."""
+    """The BR paper's Table 4 baselines for T, on the channels of each position: an MLP, Linear -> GELU ->
+    Linear with hidden width = channels, and a residual MLP, h + MLP(LayerNorm(h))."""
 
-    def __init__(self, channels, residual):
+    def __init__(self, channels, residual, channel_dim=-1):
         super().__init__()
-        self.norm = nn.LayerNorm(channels) if residual else None
-        self.mlp = nn.Sequential(nn.Conv2d(channels, channels, 1), nn.GELU(), nn.Conv2d(channels, channels, 1))
+        self.norm, self.channel_dim = nn.LayerNorm(channels) if residual else None, channel_dim
+        self.mlp = nn.Sequential(nn.Linear(channels, channels), nn.GELU(), nn.Linear(channels, channels))
 
-    def forward(self, h):  # (B, C, H, W)
-        return self.mlp(h) if self.norm is None else h + self.mlp(glnet.norm_pixels(self.norm, h))
+    def forward(self, h):
+        h = h.movedim(self.channel_dim, -1)
+        h = self.mlp(h) if self.norm is None else h + self.mlp(self.norm(h))
+        return h.movedim(-1, self.channel_dim)
 
 
-def train_translator(kind, x, y, steps=TRANSLATOR_STEPS, lr=TRANSLATOR_LR, batch_size=TRANSLATOR_BATCH):
-    """(translator, losses): 'mlp' or 'resmlp' trained with Adam on the squared error against y = h_j (N, C)
-    on batches of positions x = h_i; a 1x1 convolution sees each position alone, so they are 1x1 grids."""
+def train_translator(kind, x, y, channel_dim=-1, steps=TRANSLATOR_STEPS, lr=TRANSLATOR_LR,
+                     batch_size=TRANSLATOR_BATCH):
+    """(translator of h's `channel_dim`, losses): 'mlp' or 'resmlp' trained with Adam on the squared error against
+    y = h_j (N, C) on batches of the positions x = h_i (rows: channel dimension 1 and -1 alike)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        translator = Translator(x.shape[1], residual=kind == "resmlp").to(x.device)
+        translator = Translator(x.shape[1], kind == "resmlp", channel_dim).to(x.device)
         order = torch.randint(len(x), (steps, batch_size))
     optimizer = torch.optim.Adam(translator.parameters(), lr=lr)
     losses = []
     for index in order:
-        loss = F.mse_loss(translator(x[index, :, None, None]), y[index, :, None, None])
+        loss = F.mse_loss(translator(x[index]), y[index])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -393,90 +648,171 @@ def train_translator(kind, x, y, steps=TRANSLATOR_STEPS, lr=TRANSLATOR_LR, batch
     return translator.eval(), losses
 
 
-def variants(model, statistics, run, translators):
-    """{mode: (a copy of `model` with the run's blocks replaced, seconds to fit the replacement)}, a
-    mode per translator, and 'skip' (nothing to fit: None)."""
-    stats, copies = statistics[run[0]], {}
-    for kind in translators:
+def translate(backbone, statistics, run, kinds):
+    """{mode: (T, seconds to fit it)}, a mode per translator, and 'skip' (nothing to fit: (None, None))."""
+    translators = {}
+    for kind in kinds:
         start = time.perf_counter()
         if kind == "linear":
-            replacement = stats.fit(run[1], run[2])
+            translator = statistics.fit(run[1], run[2], backbone.family.channel_dim)
         else:
-            kept = torch.cat(stats.kept).view(-1, stats.n, stats.channels)  # the kept positions of every h
-            replacement = train_translator(kind, kept[:, run[1]], kept[:, run[2]])[0]
-        copies[kind] = replace_blocks(copy.deepcopy(model), run, replacement), time.perf_counter() - start
-    copies["skip"] = replace_blocks(copy.deepcopy(model), run), None
-    return copies
+            kept = torch.cat(statistics.kept).view(-1, statistics.n, statistics.channels)  # the kept positions of every h
+            translator = train_translator(kind, kept[:, run[1]], kept[:, run[2]], backbone.family.channel_dim)[0]
+        translators[kind] = translator.to(next(backbone.model.parameters()).device), time.perf_counter() - start
+    return translators | {"skip": (None, None)}
 
 
-def measure(models, val_loader, image_size, device, rounds):
-    """{key: dict(top1, params, gflops, ms)}; latency: one image, the median of rounds that
-    interleave the models, so that a shared machine's noise hits them alike."""
-    flops = {key: glnet.count_flops(m.cpu(), image_size) for key, m in models.items()}
-    models = {key: m.to(device).eval() for key, m in models.items()}
-    x = torch.randn(1, 3, image_size, image_size, device=device)
+@torch.no_grad()
+def encode(backbone, variants, loader, probe, device):
+    """({variant: outputs (N, D)}, labels (N,)) of a split: per batch the original's pass once, each variant only
+    from the h_i where it departs; outputs: the logits (probe 'head') or the features a probe reads."""
+    starts = {backbone.variant(*v)[0] for v in variants.values()}
+    outputs, labels = {key: [] for key in variants}, []
+    for x, y in progress(loader, f"encoding {len(loader.dataset)} images"):
+        h, kept = backbone.embed(x.to(device)), {}
+        for p, step in enumerate([*backbone.steps, None]):
+            kept |= {p: h} if p in starts else {}
+            h = step(h) if step else h
+        for key, (run, replacement) in variants.items():
+            start, steps = backbone.variant(run, replacement)
+            outputs[key].append(backbone.output(backbone.run(kept[start], steps[start:]), probe).float().cpu())
+        labels.append(y)
+    return {key: torch.cat(v) for key, v in outputs.items()}, torch.cat(labels)
+
+
+def train_probe(kind, features, labels, test, classes, seed, device):
+    """{top1, loss} of the BR paper's probe on frozen features, trained by train.py's Trainer (Adam = AdamW
+    without decay), at its last epoch on the `test` features; seeded: the same features give the same top-1."""
+    torch.manual_seed(seed)
+    c, k = features.shape[1], len(classes)
+    probe = nn.Linear(c, k) if kind == "linear" else nn.Sequential(
+        nn.Linear(c, c), nn.Dropout(0.5), nn.LayerNorm(c), nn.SiLU(), nn.Linear(c, k))
+    batch = min(PROBE_BATCH, len(features))
+    loss = lambda model, b: F.cross_entropy(model(b[0].to(device)), b[1].to(device))  # noqa: E731
+    evaluate = functools.partial(train.evaluate, loader=DataLoader(TensorDataset(*test), PROBE_BATCH), device=device)
+    task = train.Task("probe", TensorDataset(features, labels), loss, evaluate, "top1", batch, k, list(classes))
+    with tempfile.TemporaryDirectory() as tmp:  # its checkpoints are not kept
+        settings = train.Settings(model=f"{kind} probe", output_dir=tmp, batch_size=batch, workers=0, seed=seed,
+                                  amp="none", lr_schedule="step", eval_interval=PROBES[kind]["epochs"],
+                                  print_freq=10 ** 9, **PROBES[kind])
+        record = train.Trainer(settings, probe.to(device), task, device=device).fit()
+    return {key: record[f"val_{key}"] for key in ("top1", "loss", "images")}
+
+
+def accuracy(args, backbone, settings, transform, classes, variants):
+    """{variant: {top1, loss}} on the validation split of --data: by the model's own classifier, or by a probe
+    trained on the frozen features of the training split (--probe; by default the classifier where it knows
+    the data's classes)."""
+    test = dataset(settings["data"], "val", transform, args.data_dir)
+    probe = args.probe or ("head" if backbone.num_outputs == len(test.classes) and classes in (None, test.classes)
+                           else "linear")
+    splits = {"val": test} | ({} if probe == "head" else {"train": dataset(settings["data"], "train", transform,
+                                                                             args.data_dir)})
+    train.log(f"top-1 by {'the model' + chr(39) + 's classifier' if probe == 'head' else 'a ' + probe + ' probe'}")
+    encoded = {split: encode(backbone, variants, train.eval_loader(images, args.batch_size, args.workers), probe,
+                             args.device) for split, images in splits.items()}
+    (outputs, labels), device = encoded["val"], args.device
+    if probe == "head":
+        return {key: train.evaluate(nn.Identity(), DataLoader(TensorDataset(v, labels), args.batch_size), device)
+                for key, v in outputs.items()}
+    train_outputs, train_labels = encoded["train"]
+    return {key: train_probe(probe, train_outputs[key], train_labels, (v, labels), test.classes, args.seed, device)
+            for key, v in outputs.items()}
+
+
+def measure(backbone, variants, rounds, device):
+    """{variant: dict(params (M), gflops, ms)} of one image; latency: the median of rounds that interleave the
+    variants, so that a shared machine's noise hits them alike."""
+    x = torch.zeros(1, 3, backbone.image_size, backbone.image_size, device=device)
+    costs, calls = {}, {}
+    for key, (run, translator) in variants.items():
+        with replaced_blocks(backbone.model, backbone.names(run), translator) as model:
+            costs[key] = dict(params=glnet.count_params(model) / 1e6, gflops=glnet.flop_analysis(model, x).total() / 1e9)
+        steps = backbone.variant(run, translator)[1]
+        calls[key] = lambda steps=steps: backbone.output(backbone.run(backbone.embed(x), steps), "head")
     with torch.inference_mode():
-        seconds = train.interleaved_medians({key: (lambda m=m: m(x)) for key, m in models.items()}, rounds, device)
-    return {key: dict(top1=train.evaluate(m, val_loader, device)["top1"], params=glnet.count_params(m) / 1e6,
-                      gflops=flops[key], ms=1000 * seconds[key]) for key, m in models.items()}
+        seconds = train.interleaved_medians(calls, rounds, device)
+    return {key: cost | {"ms": 1000 * seconds[key]} for key, cost in costs.items()}
 
 
-def print_table(results, scores, rank_by):
-    """The BR paper's Table 2, a line per (run, mode), with the run's score and the seconds to fit T."""
-    print(f"\n{'run':<8}{SCORES[rank_by]:>13}{'mode':>9}{'top-1':>8}{'params (M)':>12}{'GFLOPs':>9}{'ms':>8}"
-          f"{'fit (s)':>9}")
+def print_table(results, rank_by):
+    """The BR paper's tables, a line per (run, mode), with the run's score and the seconds to fit T."""
+    print(f"\n{'run':<8}{SCORES[rank_by]:>13}{'mode':>9}{'top-1':>8}{'delta':>8}{'params (M)':>12}{'GFLOPs':>9}"
+          f"{'ms':>8}{'fit (s)':>9}")
     for (run, mode), r in results.items():
-        score = f"{float(scores[run[0]][run[1], run[2]]):.4g}" if run else "-"
-        fit = "-" if r["fit_s"] is None else f"{r['fit_s']:.3f}"
-        print(f"{label(run) if run else '-':<8}{score:>13}{mode:>9}{r['top1']:>8.2f}{r['params']:>12.3f}"
+        score, fit = ("-" if v is None else f"{v:{spec}}" for v, spec in ((r["score"], ".4g"), (r["fit_s"], ".3f")))
+        print(f"{label(run):<8}{score:>13}{mode:>9}{r['top1']:>8.2f}{r['delta']:>+8.2f}{r['params']:>12.3f}"
               f"{r['gflops']:>9.4f}{r['ms']:>8.2f}{fit:>9}")
 
 
 def approximate(args):
-    model, settings = load(args)
-    if args.blocks and not replaceable(model, args.blocks):
+    backbone, settings, transform, classes = load(args)
+    if args.blocks and not replaceable(backbone, args.blocks):
         raise ValueError(f"--blocks {label(args.blocks)}: this model has no such blocks, or some were already "
-                         f"replaced (its stages have {', '.join(str(len(s.blocks)) for s in model.stages)} blocks)")
+                         f"replaced (its stages have {', '.join(str(len(b)) for b in backbone.blocks)} blocks)")
     translators = list(dict.fromkeys(["linear", *args.translator]))
-    statistics = calibrate(args, model, settings, [args.blocks[0]] if args.blocks else [1, 2, 3, 4],
-                           TRANSLATOR_POSITIONS if len(translators) > 1 else 0)[0]
-    score = StageStatistics.fit_residual if args.rank_by == "residual" else lambda s: -s.block_redundancy()
-    scores = {s: score(stats) for s, stats in statistics.items()}
+    stages = [args.blocks[0]] if args.blocks else range(1, len(backbone.blocks) + 1)
+    statistics = calibrate(args, backbone, dataset(args.fit_on or settings["data"], "train", transform, args.data_dir),
+                           stages, TRANSLATOR_POSITIONS if len(translators) > 1 else 0)[0]
+    scores = {s: fit.fit_residual() if args.rank_by == "residual" else -similarity.block_redundancy()
+              for s, (similarity, fit) in statistics.items()}
     runs = [(s, i, j) for s, m in scores.items() for i in range(len(m)) for j in range(i + 1, len(m))]
     runs = [args.blocks] if args.blocks else sorted(  # the K most redundant runs of real blocks
-        filter(lambda run: replaceable(model, run), runs), key=lambda run: float(scores[run[0]][run[1:]]))[:args.search]
-    models, fit_seconds = {(None, "original"): model}, {}
-    for run in runs:
-        for mode, (variant, seconds) in variants(model, statistics, run, translators).items():
-            models[run, mode], fit_seconds[run, mode] = variant, seconds
-    if args.blocks:
+        filter(functools.partial(replaceable, backbone), runs), key=lambda run: float(scores[run[0]][run[1:]]))
+    variants, fit_seconds = {(None, "original"): (None, None)}, {}
+    for run in runs[:args.search]:
+        for mode, (translator, seconds) in translate(backbone, statistics[run[0]][1], run, translators).items():
+            variants[run, mode], fit_seconds[run, mode] = (run, translator), seconds
+    if args.blocks:  # the linear approximation, as `build` rebuilds it
         path = os.path.join(args.output_dir, "approximated.pth")
-        saved = settings | {"approximated": [*settings["approximated"], args.blocks]}  # what `build` rebuilds
-        train.save_checkpoint({"model": models[args.blocks, "linear"].state_dict(), "args": saved}, path)
+        with replaced_blocks(backbone.model, backbone.names(args.blocks), variants[args.blocks, "linear"][1]) as model:
+            train.save_checkpoint({"model": model.state_dict(), "classes": classes, "args": settings | {
+                "approximated": [*settings["approximated"], list(args.blocks)]}}, path)
         print(f"saved the linear approximation to {path}; evaluate it with\n"
               f"    python analyze.py evaluate --checkpoint {path}")
-    val_loader = train.eval_loader(dataset(settings, "val"), args.batch_size, args.workers)
-    results = measure(models, val_loader, settings["image_size"], torch.device(args.device), args.latency_rounds)
-    for key, r in results.items():
-        r["fit_s"] = fit_seconds.get(key)
-    print_table(results, scores, args.rank_by)
-    print(f"top-1 on {len(val_loader.dataset)} validation images; GFLOPs and ms (on {args.device}, median of "
-          f"{args.latency_rounds} interleaved rounds) of one image; fit: seconds after the shared calibration pass")
+    results = accuracy(args, backbone, settings, transform, classes, variants)
+    for (run, mode), r in measure(backbone, variants, args.latency_rounds, args.device).items():
+        results[run, mode] |= r | {"delta": results[run, mode]["top1"] - results[None, "original"]["top1"],
+                                   "fit_s": fit_seconds.get((run, mode)),
+                                   "score": float(scores[run[0]][run[1:]]) if run else None}
+    print_table(results, args.rank_by)
+    with open(os.path.join(args.output_dir, "approximate.json"), "w") as f:
+        json.dump([{"run": run and label(run), "mode": mode} | r for (run, mode), r in results.items()], f, indent=1)
+    print(f"top-1 on {settings['data']}'s validation split; GFLOPs and ms (on {args.device}, median of "
+          f"{args.latency_rounds} interleaved rounds) of one image; fit: seconds after the shared calibration pass; "
+          f"saved {os.path.join(args.output_dir, 'approximate.json')}")
     return results
 
 
 def evaluate(args):
-    model, settings = load(args)
-    val_set = dataset(settings, "val")
-    loader = train.eval_loader(val_set, args.batch_size, args.workers)
-    metrics = train.evaluate(model, loader, torch.device(args.device))
-    print(f"{args.checkpoint} ({settings['model']}, approximated runs: "
-          f"{', '.join(map(label, settings['approximated'])) or 'none'}; {glnet.count_params(model) / 1e6:.3f} M "
-          f"params) on {metrics['images']} images of {val_set.root}: {train.format_metrics(metrics)}")
+    backbone, settings, transform, classes = load(args)
+    metrics = accuracy(args, backbone, settings, transform, classes, {(None, "original"): (None, None)})
+    metrics = metrics[None, "original"]
+    print(f"{args.checkpoint or args.model} ({settings['model']}, approximated runs: "
+          f"{', '.join(map(label, settings['approximated'])) or 'none'}; {glnet.count_params(backbone.model) / 1e6:.3f}"
+          f" M params) on {metrics['images']} images of {settings['data']}: {train.format_metrics(metrics)}")
     return metrics
 
 
 # --- Command line --------------------------------------------------------------------------------
+
+def model_name(text):  # an argparse type: the backbones `create` and GLNet's checkpoints know
+    if text in glnet.MODELS or text in torchvision.models.list_models(module=torchvision.models) or ":" in text:
+        return text
+    raise argparse.ArgumentTypeError(f"expected a GLNet ({', '.join(glnet.MODELS)}), a torchvision classifier "
+                                     f"(vit_b_16, swin_t, resnet50, convnext_tiny, ...), timm:NAME or torch.hub's "
+                                     f"REPO:ENTRY; got {text!r}")
+
+
+def add_data_flags(command):
+    command.add_argument("--data", help=f"{', '.join(DATASETS)} (from --data-dir) or an ImageNet-layout folder; "
+                                        f"default: the checkpoint's")
+    command.add_argument("--data-dir", default=DATA_DIR, help="where the named datasets are, downloaded there when "
+                                                               "missing (default: %(default)s)")
+    command.add_argument("--batch-size", type=train.at_least(1), default=BATCH_SIZE, help="default: %(default)s")
+    command.add_argument("--workers", type=train.at_least(0), default=train.Settings.workers,
+                         help="data loading processes (default: %(default)s)")
+
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -485,22 +821,25 @@ def parse_args(argv=None):
         ("slots", "Figures 5 and 6: the slots of GLMix blocks"),
         ("redundancy", "BR, linear CKA and cosine matrices of every stage"),
         ("approximate", "replace redundant blocks by a linear map (or an MLP)"),
-        ("evaluate", "top-1 of any checkpoint, approximated ones too"))}
-    unset = argparse.SUPPRESS  # --model, --data and --image-size override the checkpoint's only when given
+        ("evaluate", "top-1 of any backbone, approximated ones too"))}
     for name, command in p.items():
-        command.add_argument("--checkpoint", required=True, help="of train.py, of approximate, or a released one "
-                                                                 "(then --model, and --data to read data)")
-        command.add_argument("--model", choices=list(glnet.MODELS), default=unset, help="default: the checkpoint's")
-        command.add_argument("--image-size", type=train.at_least(32), default=unset,
-                             help="default: the checkpoint's, 224 for a released one")
-        command.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+        command.add_argument("--model", type=model_name, help="a GLNet (default: the checkpoint's), a torchvision "
+                             "classifier (vit_b_16, swin_t, resnet50, convnext_tiny, ...), timm:NAME, or REPO:ENTRY "
+                             "of torch.hub (facebookresearch/dinov2:dinov2_vits14, or a folder with a hubconf.py)")
+        command.add_argument("--checkpoint", help="of train.py or approximate, a released GLNet's (with --model), or a "
+                                                  "state_dict of --model")
+        command.add_argument("--weights", help="torchvision's weights of --model: DEFAULT, IMAGENET1K_V1, ...")
+        command.add_argument("--image-size", type=train.at_least(32), help="default: the checkpoint's or the "
+                                                                           "weights', else 224")
+        command.add_argument("--device", type=torch.device, default="cuda" if torch.cuda.is_available() else "cpu",
                              help="default: %(default)s")
         if name != "slots":
-            command.add_argument("--data", default=unset, help="ImageNet-layout folder; default: the checkpoint's")
-            command.add_argument("--batch-size", type=train.at_least(1), default=BATCH_SIZE,
-                                 help="default: %(default)s")
-            command.add_argument("--workers", type=train.at_least(0), default=train.Settings.workers,
-                                 help="data loading processes (default: %(default)s)")
+            add_data_flags(command)
+        if name in ("approximate", "evaluate"):
+            command.add_argument("--probe", choices=["head", "linear", "mlp"], help="top-1 by the model's classifier, "
+                                 "or by the BR paper's probe on the frozen features (default: head if the classifier "
+                                 "has the data's classes, else linear)")
+            command.add_argument("--seed", type=int, default=0, help="of the probe (default: %(default)s)")
         if name in ("redundancy", "approximate"):
             command.add_argument("--calibration-images", type=train.at_least(1), default=CALIBRATION_IMAGES,
                                  help="training images the statistics are computed on (default: %(default)s)")
@@ -518,6 +857,8 @@ def parse_args(argv=None):
     p["approximate"].add_argument("--translator", nargs="+", default=["linear"], choices=TRANSLATORS,
                                   help=f"fit these beside linear (the BR paper's Table 4; Adam, {TRANSLATOR_STEPS} "
                                        f"steps, lr {TRANSLATOR_LR})")
+    p["approximate"].add_argument("--fit-on", help="fit T on this dataset's training images (the BR paper's Table 3); "
+                                                   "default: --data")
     p["approximate"].add_argument("--latency-rounds", type=train.at_least(1), default=LATENCY_ROUNDS,
                                   help="default: %(default)s")
     return parser.parse_args(argv)

@@ -17,6 +17,7 @@ import itertools
 import json
 import math
 import os
+import pickle
 import re
 import runpy
 import shutil
@@ -31,6 +32,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torchvision
 from PIL import Image, ImageEnhance, ImageOps
 from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
@@ -1271,7 +1273,8 @@ def test_eval_flags_override_the_checkpoints_settings(checkpoint, tiny_data, mon
 
 def test_eval_of_a_released_token_labeling_checkpoint_crops_as_released(tmp_path, data, monkeypatch):
     """A released-style GLNet-4G* checkpoint is evaluated as the released token-labeling run evaluated it: resized
-    bicubically to size / 0.96 (timm's floor: 33 for 32), center-cropped; its eval rule adds the token logits."""
+    bicubically to size / 0.96 (timm's floor: 33 for 32), center-cropped; its eval rule adds the token logits.
+    analyze.py evaluates it so too."""
     model = glnet.create_model("glnet_4g_tklb", num_classes=3).eval()
     path = str(tmp_path / "glnet_4g_tklb.pth")
     torch.save({"model": model.state_dict()}, path)
@@ -1286,6 +1289,9 @@ def test_eval_of_a_released_token_labeling_checkpoint_crops_as_released(tmp_path
     with torch.no_grad():
         correct = (model(expected).argmax(1) == labels).sum().item()
     assert metrics["top1"] == pytest.approx(100 * correct / len(labels))
+    analyzed = analyze.main(["evaluate", "--checkpoint", path, "--model", "glnet_4g_tklb", "--data", data,
+                             "--image-size", "32", "--workers", "0"])                 # train.py's settings too
+    assert analyzed["top1"] == metrics["top1"] and analyzed["loss"] == pytest.approx(metrics["loss"], rel=1e-5)
 
 
 # --- training runs: resume, DDP, the README's command ---------------------------------------------
@@ -1962,7 +1968,7 @@ def test_fit_recovers_an_exactly_linear_map_and_the_residual_of_any_other():
     exact = nn.Conv2d(8, 8, 1)
     stats = analyze.StageStatistics(3, 8, torch.device("cpu"))
     with torch.no_grad():
-        stats.update([h, exact(h), other])
+        stats.update([positions(h), positions(exact(h)), positions(other)])
     fitted = stats.fit(0, 1)
     torch.testing.assert_close(fitted.weight, exact.weight, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(fitted.bias, exact.bias, atol=1e-4, rtol=1e-4)
@@ -1975,7 +1981,7 @@ def test_similarities_of_identical_and_scaled_representations():
     h = torch.randn(3, 16, 4, 5)
     other = torch.randn(3, 16, 4, 5)
     stats = analyze.StageStatistics(4, 16, torch.device("cpu"))
-    stats.update([h, h.clone(), 2 * h, other])
+    stats.update([positions(h), positions(h.clone()), positions(2 * h), positions(other)])
     br, cka, cosine = stats.block_redundancy(), stats.linear_cka(), stats.cosine()
     assert br[0, 1] == 0 and (br.diagonal() == 0).all()
     torch.testing.assert_close(br[0, 2], -(positions(h) ** 2).sum(1).mean())
@@ -1993,10 +1999,10 @@ def test_similarities_of_identical_and_scaled_representations():
 def test_statistics_accumulate_batch_by_batch():
     reps = [torch.randn(6, 8, 3, 3) for _ in range(3)]
     whole = analyze.StageStatistics(3, 8, torch.device("cpu"))
-    whole.update(reps)
+    whole.update([positions(r) for r in reps])
     parts = analyze.StageStatistics(3, 8, torch.device("cpu"))
-    parts.update([r[:2] for r in reps])
-    parts.update([r[2:] for r in reps])
+    parts.update([positions(r[:2]) for r in reps])
+    parts.update([positions(r[2:]) for r in reps])
     for method in ("block_redundancy", "linear_cka", "cosine", "fit_residual"):
         torch.testing.assert_close(getattr(parts, method)(), getattr(whole, method)(), equal_nan=True)
 
@@ -2004,8 +2010,8 @@ def test_statistics_accumulate_batch_by_batch():
 def test_kept_positions_are_the_same_positions_of_every_representation():
     h = torch.randn(4, 8, 3, 3)
     stats = analyze.StageStatistics(2, 8, torch.device("cpu"), keep=5)
-    stats.update([h, 2 * h])
-    stats.update([h, 2 * h])
+    stats.update([positions(h), positions(2 * h)])
+    stats.update([positions(h), positions(2 * h)])
     kept = torch.cat(stats.kept).view(-1, 2, 8)                           # (positions, representation, channel)
     assert kept.shape == (10, 2, 8) and torch.equal(kept[:, 1], 2 * kept[:, 0])
     assert all((positions(h).float() == row).all(1).any() for row in kept[:, 0])
@@ -2071,7 +2077,7 @@ def test_mlp_translators_reduce_their_training_loss(kind):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4096, 16, generator=g)
     y = torch.tanh(x @ torch.randn(16, 16, generator=g) / 4) + 0.5 * x
-    translator, losses = analyze.train_translator(kind, x, y, steps=50, lr=1e-2, batch_size=128)
+    translator, losses = analyze.train_translator(kind, x, y, 1, steps=50, lr=1e-2, batch_size=128)
     assert len(losses) == 50 and sum(losses[-10:]) / 10 < 0.5 * losses[0]
     grid = torch.randn(2, 16, 3, 5, generator=g)                          # 1x1 convolutions: each position alone
     with torch.no_grad():
@@ -2126,7 +2132,7 @@ def test_slots_figure_rows_and_panels(checkpoint, tiny_data, tmp_path):
     (["approximate", "--blocks", "0:0-1"], "argument --blocks: expected STAGE:I-J"),
     (["redundancy", "--workers", "-1"], "argument --workers: must be at least 0, got -1"),
     (["evaluate", "--image-size", "16"], "argument --image-size: must be at least 32, got 16"),
-    (["slots", "--image", "a.png", "--model", "glnet_99g"], "argument --model: invalid choice: 'glnet_99g'"),
+    (["slots", "--image", "a.png", "--model", "glnet_99g"], "argument --model: expected a GLNet"),
 ])
 def test_bad_analyze_flags_are_usage_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -2163,6 +2169,290 @@ def test_released_checkpoint_needs_model_and_data(tiny_data, tmp_path):
     metrics = analyze.main(["evaluate", "--checkpoint", path, "--model", "glnet_mini", "--data", tiny_data,
                             "--image-size", "32", *FAST])
     assert metrics["images"] == 2 * len(train.SHAPES_CLASSES)
+
+
+
+# --- any backbone: torchvision's and timm's layouts, named datasets, the BR paper's probe --------------
+
+HUBCONF = """dependencies = ["torch", "torchvision"]
+import torch
+import torch.nn as nn
+from torchvision import models
+from torchvision.models.vision_transformer import EncoderBlock
+
+
+def tiny_vit(pretrained=False, identity_blocks=()):  # image 32, patch 8: [CLS] and 16 tokens
+    torch.manual_seed(0)
+    model = models.VisionTransformer(32, 8, num_layers=4, num_heads=2, hidden_dim=64, mlp_dim=128)
+    for i in identity_blocks:  # x + 0 + 0: the block is an exact identity
+        block = model.encoder.layers[i]
+        for linear in (block.self_attention.out_proj, block.mlp[3]):
+            nn.init.zeros_(linear.weight)
+            nn.init.zeros_(linear.bias)
+    return model
+
+
+def identity_vit(pretrained=False):  # blocks 2 and 3 (numbered from 1) are identities
+    return tiny_vit(identity_blocks=(1, 2))
+
+
+class TimmLayoutViT(nn.Module):  # timm's and DINOv2's layout: patch_embed, cls_token, pos_embed, blocks, norm, head
+    def __init__(self, dim=64, depth=3):
+        super().__init__()
+        self.patch_embed = nn.Conv2d(3, dim, 8, stride=8)
+        self.cls_token, self.pos_embed = nn.Parameter(torch.randn(1, 1, dim)), nn.Parameter(torch.randn(1, 17, dim))
+        self.blocks = nn.Sequential(*[EncoderBlock(2, dim, 2 * dim, 0.0, 0.0) for _ in range(depth)])
+        self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, 10)
+
+    def forward(self, x):
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], dim=1) + self.pos_embed
+        return self.head(self.norm(self.blocks(x))[:, 0])
+
+
+def timm_layout_vit(pretrained=False):
+    torch.manual_seed(0)
+    return TimmLayoutViT()
+
+
+def tiny_swin(pretrained=False, v2=False):
+    torch.manual_seed(0)
+    extra = dict(block=models.swin_transformer.SwinTransformerBlockV2,
+                 downsample_layer=models.swin_transformer.PatchMergingV2) if v2 else {}
+    return models.SwinTransformer([4, 4], 16, [2, 2, 2, 2], [1, 1, 2, 2], [2, 2], **extra)
+
+
+def tiny_swin_v2(pretrained=False):
+    return tiny_swin(v2=True)
+
+
+def tiny_convnext(pretrained=False):
+    torch.manual_seed(0)
+    C = models.convnext.CNBlockConfig
+    return models.ConvNeXt([C(16, 32, 2), C(32, 64, 2), C(64, None, 3)])
+"""
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory):
+    """A local torch.hub repository (as DINOv2's) of small backbones of every family analyze.py knows."""
+    folder = tmp_path_factory.mktemp("hub")
+    (folder / "hubconf.py").write_text(HUBCONF)
+    return str(folder)
+
+
+def write_mnist(root, name="MNIST", train_images=300, test_images=60, seed=0):
+    """MNIST's raw idx files in torchvision's layout, root/<name>/raw: a bright bar per class on noise."""
+    g, raw = torch.Generator().manual_seed(seed), os.path.join(root, name, "raw")
+    os.makedirs(raw, exist_ok=True)
+    for prefix, count in (("train", train_images), ("t10k", test_images)):
+        labels = torch.arange(count) % 10
+        images = torch.rand(count, 28, 28, generator=g) * 80
+        for image, label in zip(images, labels.tolist()):
+            image[2 + 2 * label:6 + 2 * label, 4:24] = 255
+        for kind, array in (("images-idx3", images), ("labels-idx1", labels)):
+            with open(os.path.join(raw, f"{prefix}-{kind}-ubyte"), "wb") as f:  # big-endian magic and sizes
+                f.write(bytes([0, 0, 8, array.dim()]) + b"".join(s.to_bytes(4, "big") for s in array.shape))
+                f.write(array.to(torch.uint8).numpy().tobytes())
+
+
+def write_cifar(root, hundred=False, train_images=50, test_images=20, seed=1):
+    """CIFAR-10's pickled batches (CIFAR-100's files, with fine and coarse labels) in torchvision's layout."""
+    kind = torchvision.datasets.CIFAR100 if hundred else torchvision.datasets.CIFAR10
+    g, folder = torch.Generator().manual_seed(seed), os.path.join(root, kind.base_folder)
+    os.makedirs(folder, exist_ok=True)
+    files = [(name, train_images // len(kind.train_list)) for name, _ in kind.train_list] + [(kind.test_list[0][0],
+                                                                                             test_images)]
+    for name, count in files:
+        labels = torch.randint(100 if hundred else 10, (count,), generator=g)
+        colours = torch.stack([labels % 3, labels % 5, labels % 7]).T[:, :, None] * 30.0   # a colour per class
+        data = (colours + 60 * torch.rand(count, 3, 1024, generator=g)).clamp(0, 255).to(torch.uint8)
+        entry = {"data": data.flatten(1).numpy()} | ({"fine_labels": labels.tolist(), "coarse_labels": (
+            labels // 5).tolist()} if hundred else {"labels": labels.tolist()})
+        with open(os.path.join(folder, name), "wb") as f:
+            pickle.dump(entry, f)
+    names = {"fine_label_names": [f"fine{i}" for i in range(100)], "coarse_label_names": [f"coarse{i}" for i in
+                                                                                           range(20)]} if hundred \
+        else {"label_names": [f"class{i}" for i in range(10)]}
+    with open(os.path.join(folder, kind.meta["filename"]), "wb") as f:
+        pickle.dump(names, f)
+
+
+@pytest.fixture(scope="module")
+def named_data(tmp_path_factory):
+    """A --data-dir with MNIST, Fashion-MNIST, CIFAR-10 and CIFAR-100 files as torchvision's downloads lay them out."""
+    root = str(tmp_path_factory.mktemp("datasets"))
+    write_mnist(root)
+    write_mnist(root, "FashionMNIST", train_images=40, test_images=20, seed=1)
+    write_cifar(root)
+    write_cifar(root, hundred=True)
+    return root
+
+
+@pytest.fixture
+def cifar_files(monkeypatch):
+    """CIFAR's files written here lack the downloads' checksums, which torchvision checks before reading them."""
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *args: True)
+
+
+def approximate_json(folder):
+    with open(os.path.join(folder, "approximate.json")) as f:
+        return {(record["run"], record["mode"]): record for record in json.load(f)}
+
+
+@torch.no_grad()
+def vit_tokens(model, images):
+    """By hand, with hooks: [h_0, ..., h_n] of a torchvision ViT's encoder on a batch, each (B, tokens, C)."""
+    layers, outputs = model.encoder.layers, []
+    hooks = [layers[0].register_forward_pre_hook(lambda module, inputs: outputs.append(inputs[0]))]
+    hooks += [layer.register_forward_hook(lambda module, inputs, output: outputs.append(output)) for layer in layers]
+    model.eval()(images)
+    for hook in hooks:
+        hook.remove()
+    return outputs
+
+
+def mnist_images(root, split="train"):
+    """By hand: MNIST as analyze.py reads it for a model without weights: RGB, resized to 32 / 0.875, cropped to 32."""
+    images = torchvision.datasets.MNIST(root, train=split == "train")
+    transform = train.eval_transform(32, "bicubic")
+    return torch.stack([transform(image.convert("RGB")) for image, _ in images]), images.targets
+
+
+@pytest.mark.parametrize("model, stages", [
+    ("tiny_vit", [5]), ("timm_layout_vit", [4]), ("tiny_swin", [3, 3, 3, 3]), ("tiny_swin_v2", [3, 3, 3, 3]),
+    ("tiny_convnext", [3, 3, 4]), ("resnet18", [3, 2, 2, 2]),   # ResNet: a layer's first block may downsample
+])
+def test_every_family_is_stages_of_same_shaped_blocks_and_keeps_its_classifier(model, stages, hub, tiny_data,
+                                                                                 tmp_path):
+    """Each family's stages (h_0..h_n of same-shaped blocks) and its own classifier, run from its blocks: the
+    top-1 and loss of `evaluate --probe head` are those of the model's own forward on the same images."""
+    spec = model if model == "resnet18" else f"{hub}:{model}"
+    common = ["--model", spec, "--data", tiny_data, "--image-size", "32", *FAST, "--batch-size", "8"]
+    matrices = analyze.main(["redundancy", *common, "--calibration-images", "8", "--output-dir", str(tmp_path)])
+    assert [len(m) for m in matrices["BR"].values()] == stages
+    assert all((m.diagonal() == 0).all() and (m <= 0).all() for m in matrices["BR"].values())
+    torch.manual_seed(0)                                                  # resnet18's random weights
+    metrics = analyze.main(["evaluate", *common, "--probe", "head"])
+    torch.manual_seed(0)
+    network = analyze.create(spec).eval()
+    images, labels = torch.utils.data.default_collate(list(train.image_folder(
+        tiny_data, "val", train.eval_transform(32, "bicubic"))))
+    with torch.no_grad():
+        logits = network(images)
+    assert metrics["top1"] == 100 * (logits.argmax(1) == labels).sum().item() / len(labels)
+    assert metrics["loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, labels).item(), rel=1e-5)
+
+
+def test_block_redundancy_of_a_vit_compares_its_cls_tokens(hub, named_data, tmp_path):
+    """BR, linear CKA and cosine of a ViT are those of its [CLS] tokens (first, before the final norm), over the
+    calibration images: here all 300 MNIST training images, grayscale read as 3 channels."""
+    matrices = analyze.main(["redundancy", "--model", f"{hub}:tiny_vit", "--data", "mnist", "--data-dir", named_data,
+                             *FAST, "--output-dir", str(tmp_path)])
+    images, _ = mnist_images(named_data)
+    cls = [h[:, 0].double() for h in vit_tokens(analyze.create(f"{hub}:tiny_vit"), images)]
+    br, cka, cosine = (matrices[metric][1] for metric in analyze.METRICS)
+    for a, b in itertools.combinations(range(5), 2):
+        torch.testing.assert_close(br[a, b], -((cls[a] - cls[b]) ** 2).sum(1).mean())
+        torch.testing.assert_close(cosine[a, b], torch.nn.functional.cosine_similarity(cls[a], cls[b]).mean())
+        if a == 0:  # h_0's [CLS] is the same for every image: no covariance
+            continue
+        x, y = cls[a] - cls[a].mean(0), cls[b] - cls[b].mean(0)
+        torch.testing.assert_close(cka[a, b], (y.T @ x).norm() ** 2 / ((x.T @ x).norm() * (y.T @ y).norm()))
+
+
+def test_identity_blocks_are_redundant_and_approximating_exactly_them_keeps_the_accuracy(hub, named_data, tmp_path):
+    """Blocks 2 and 3 of the ViT are identities: BR(h1, h3) = 0 and the fit h1 -> h3 is exact, so replacing exactly
+    those blocks (1:1-3) keeps the probe's accuracy and loss, skipping them too; replacing blocks 1-2 from h_0 does
+    not. The saved approximation evaluates as the run did."""
+    common = ["--model", f"{hub}:identity_vit", "--data", "mnist", "--data-dir", named_data, *FAST,
+              "--output-dir", str(tmp_path)]
+    br = analyze.main(["redundancy", *common])["BR"][1]
+    assert br[1, 2] == br[1, 3] == br[2, 3] == 0 and br[0, 1] < 0 and br[3, 4] < 0
+    results = analyze.main(["approximate", *common, "--blocks", "1:1-3", "--latency-rounds", "1"])
+    records = approximate_json(tmp_path)
+    assert set(records) == {(None, "original"), ("1:1-3", "linear"), ("1:1-3", "skip")}
+    original, linear = records[None, "original"], records["1:1-3", "linear"]
+    assert linear["score"] < 1e-9 and 10 < original["top1"] < 100                           # the fit residual
+    for mode in ("linear", "skip"):
+        assert records["1:1-3", mode]["top1"] == original["top1"] and records["1:1-3", mode]["delta"] == 0
+        assert records["1:1-3", mode]["loss"] == pytest.approx(original["loss"], rel=1e-5)
+    block, translator = 4 * 64 * 64 + 4 * 64 + 2 * 64 * 128 + 128 + 64 + 4 * 64, 64 * 64 + 64  # two blocks out, T in
+    assert linear["params"] == pytest.approx(original["params"] - (2 * block - translator) / 1e6, abs=1e-9)
+    assert results[(1, 1, 3), "linear"]["top1"] == linear["top1"]
+    metrics = analyze.main(["evaluate", "--checkpoint", str(tmp_path / "approximated.pth"), "--data-dir", named_data,
+                            *FAST])
+    assert metrics["top1"] == linear["top1"] and metrics["loss"] == pytest.approx(linear["loss"], rel=1e-6)
+    analyze.main(["approximate", *common, "--blocks", "1:0-2", "--latency-rounds", "1"])
+    assert approximate_json(tmp_path)["1:0-2", "linear"]["loss"] != pytest.approx(original["loss"], rel=1e-3)
+
+
+def test_the_probe_is_the_papers_and_seeded(hub, named_data, capsys):
+    """The linear probe trains by train.py's Trainer as the BR paper's: Adam at lr 0.01, 5 epochs of batch 256 (the
+    MLP probe: lr 1e-3, 50 epochs); the same features and seed give the same top-1 and loss, another seed not."""
+    common = ["evaluate", "--model", f"{hub}:tiny_vit", "--data", "mnist", "--data-dir", named_data, *FAST]
+    first, again = analyze.main(common), analyze.main(common)
+    printed = capsys.readouterr().out
+    assert first == again and first["images"] == 60
+    assert "global batch 256 = 256 per process" in printed and "peak lr 1.00e-02" in printed
+    assert "1 steps per epoch, 5 in all" in printed
+    assert analyze.main([*common, "--seed", "1"])["loss"] != first["loss"]
+    analyze.main([*common, "--probe", "mlp"])
+    printed = capsys.readouterr().out
+    assert "peak lr 1.00e-03" in printed and "1 steps per epoch, 50 in all" in printed
+
+
+def test_fit_on_fits_the_map_on_another_datasets_training_images(hub, named_data, tmp_path, cifar_files):
+    """The BR paper's Table 3: with --fit-on cifar10, T is the least-squares map h_1 -> h_3 of every token of
+    CIFAR-10's training images, not of MNIST's; the probe still trains and evaluates on MNIST."""
+    analyze.main(["approximate", "--model", f"{hub}:tiny_vit", "--data", "mnist", "--fit-on", "cifar10",
+                  "--data-dir", named_data, "--blocks", "1:1-3", *FAST, "--output-dir", str(tmp_path),
+                  "--latency-rounds", "1"])
+    saved = torch.load(tmp_path / "approximated.pth")["model"]
+    transform = train.eval_transform(32, "bicubic")
+    cifar = torch.stack([transform(image) for image, _ in torchvision.datasets.CIFAR10(named_data)])
+    model = analyze.create(f"{hub}:tiny_vit")
+    for images, fitted in ((cifar, True), (mnist_images(named_data)[0], False)):
+        h = [t.flatten(0, 1).double() for t in vit_tokens(model, images)]
+        expected, _ = least_squares_by_hand(h[1], h[3])
+        with torch.no_grad():
+            mapped = torch.nn.functional.linear(h[1].float(), saved["encoder.layers.encoder_layer_1.weight"],
+                                                saved["encoder.layers.encoder_layer_1.bias"]).double()
+        assert torch.allclose(mapped, expected, atol=1e-3 * float(expected.abs().max())) == fitted
+    assert approximate_json(tmp_path)[None, "original"]["loss"] == pytest.approx(analyze.main([
+        "evaluate", "--model", f"{hub}:tiny_vit", "--data", "mnist", "--data-dir", named_data, *FAST])["loss"])
+
+
+def test_named_datasets_are_read_in_torchvisions_layouts(named_data, cifar_files):
+    """MNIST's idx files, Fashion-MNIST's, CIFAR's pickles; cifar100-coarse: the same files' 20 superclasses."""
+    read = lambda name, split="train": analyze.dataset(name, split, v2.Identity(), named_data)  # noqa: E731
+    assert len(read("mnist")) == 300 and len(read("mnist", "val")) == 60 and len(read("fashion-mnist")) == 40
+    image, label = read("fashion-mnist")[3]
+    assert image.mode == "RGB" and image.size == (28, 28) and label == 3
+    fine, coarse = read("cifar100"), read("cifar100-coarse")
+    assert len(fine.classes) == 100 and coarse.classes == [f"coarse{i}" for i in range(20)]
+    assert coarse.targets == [label // 5 for label in fine.targets] and len(read("cifar10", "val")) == 20
+
+
+def test_downloads_that_fail_offline_name_what_to_put_where(hub, tmp_path, monkeypatch):
+    """Offline, a named dataset that is not in --data-dir, or torchvision weights not in the hub cache, end in one
+    line naming the files and where they go; unknown weights name torchvision's."""
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    empty = str(tmp_path / "empty")
+    expected = {"mnist": f"train-images-idx3-ubyte.gz, .* into {empty}/MNIST/raw",
+                "cifar100": f"cifar-100-python.tar.gz \\(https://www.cs.toronto.edu/.*\\) into {empty}$"}
+    for name, files in expected.items():
+        with pytest.raises(ValueError, match=f"{name} is not in {empty} and cannot be downloaded .*; put {files}") as e:
+            analyze.main(["evaluate", "--model", f"{hub}:tiny_vit", "--data", name, "--data-dir", empty, *FAST])
+        assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match=r"cannot download resnet18's weights .*; download https://download\.pytorch"
+                                         rf"\.org/models/resnet18-.*\.pth into {tmp_path}/torch/hub/checkpoints/"):
+        analyze.main(["evaluate", "--model", "resnet18", "--weights", "DEFAULT", "--data", "x", *FAST])
+    with pytest.raises(ValueError, match="--weights V9: resnet18's weights are IMAGENET1K_V1, DEFAULT"):
+        analyze.main(["evaluate", "--model", "resnet18", "--weights", "V9", "--data", "x", *FAST])
 
 
 # =================================================================================================

@@ -906,13 +906,18 @@ def build_trainer(s: ClassificationSettings, rank=0, world_size=1, device=torch.
     return Trainer(s, model, task, rank, world_size, device)
 
 
+def checkpoint_settings(checkpoint, given):
+    """The settings a checkpoint was trained with (a released one: as its recipe), the command line's over them."""
+    released = {"recipe": "imagenet-tklb" if given.get("model", "").endswith("_tklb") else "imagenet"}
+    return make_settings(given, checkpoint.get("args", released))
+
+
 def from_checkpoint(path, given, device):
     """(model, settings it was trained with and the command line's) of a checkpoint to evaluate or teach."""
     model, checkpoint = load_trained(path, build_classifier, **given)
     if "data" not in checkpoint.get("args", {}) and "data" not in given:
         raise ValueError(f"{path} was not written by train.py, so it does not say which data it is for: pass --data")
-    released = {"recipe": "imagenet-tklb" if given.get("model", "").endswith("_tklb") else "imagenet"}
-    s = make_settings(given, checkpoint.get("args", released))
+    s = checkpoint_settings(checkpoint, given)
     data = s.data or builtin_dataset(s.cache_dir, SHAPES_VERSION, make_shapes_dataset)
     return model.to(device), dataclasses.replace(s, data=data)
 
