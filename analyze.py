@@ -10,14 +10,14 @@
 weights softmax(A) (Eq. 3) of GLMix blocks, a map per semantic slot, 4 representative slots by k-medoids.
 
 `redundancy` and `approximate` follow "Detecting and Approximating Redundant Computational Blocks in
-Neural Networks" on any backbone made of stages of same-shaped blocks: GLNet, torchvision's ViT, Swin,
-ResNet and ConvNeXt, and the ViTs of timm and DINOv2. Stages and blocks are numbered from 1; h_0 is a
-stage's input, h_i the output of its block i. Block Redundancy (Eq. 1): BR(i, j) = -E_x ||h_i(x) - h_j(x)||^2
-over calibration images x and the representation's positions ([CLS] of a ViT, every position of a grid).
-Redundant Blocks Approximation (RBA) replaces blocks i+1..j by a linear map T, h_j ~ T(h_i), fitted in
-closed form on every position. Accuracy is the model's own classifier's where it knows the data's classes,
-else that of the paper's probe trained on the frozen features. BR is small wherever features are small,
-so `--search` ranks runs by the relative residual of the fit unless `--rank-by br`.
+Neural Networks" on any backbone of stages of same-shaped blocks (GLNet; torchvision's ViT, Swin, ResNet,
+ConvNeXt; timm's and DINOv2's ViTs). Stages and blocks count from 1; h_0 is a stage's input, h_i the output
+of its block i. Block Redundancy (Eq. 1): BR(i, j) = -E_x ||h_i(x) - h_j(x)||^2 over calibration images x
+and the representation's positions ([CLS] of a ViT, every position of a grid). Redundant Blocks
+Approximation (RBA) replaces blocks i+1..j by a linear map T, h_j ~ T(h_i), fitted in closed form on every
+position. Top-1 is the model's own classifier's where it knows the data's classes, else that of the
+paper's probe on the frozen features. BR is small wherever features are small, so `--search` ranks runs
+by the relative residual of the fit unless `--rank-by br`.
 """
 
 import argparse
@@ -26,6 +26,7 @@ import dataclasses
 import datetime
 import functools
 import importlib
+import itertools
 import json
 import math
 import os
@@ -63,7 +64,7 @@ TRANSLATORS = ("linear", "mlp", "resmlp")
 TRANSLATOR_STEPS, TRANSLATOR_LR = 300, 1e-3           # the BR paper's Table 4: Adam, 300 steps, lr 1e-3
 TRANSLATOR_BATCH = 1024        # calibration positions per step
 TRANSLATOR_POSITIONS = 32768   # calibration positions kept, at random, for the MLP translators
-# The BR paper's probes on the frozen features, as its code trains them: Adam, batch 256, the last epoch's top-1
+# The BR paper's probes on frozen features, as its code trains them: Adam, batch 256, the last epoch's top-1
 PROBES = {"linear": dict(lr=0.01, epochs=5, weight_decay=0.0), "mlp": dict(lr=1e-3, epochs=50, weight_decay=1e-5)}
 PROBE_BATCH = 256
 DATASETS = {"mnist": datasets.MNIST, "fashion-mnist": datasets.FashionMNIST, "cifar10": datasets.CIFAR10,
@@ -81,20 +82,17 @@ def features_stages(model):  # torchvision's Swin and ConvNeXt: features = [stem
 
 
 def resnet_stages(model):  # a layer's first block may downsample or widen: the blocks after it keep the shape
-    stages = []
-    for layer in ("layer1", "layer2", "layer3", "layer4"):
-        names = children(model, layer)
-        changing = sum(getattr(model.get_submodule(name), "downsample", None) is not None for name in names)
-        stages.append((names[:changing], names[changing:]))
-    return stages
+    layers = [children(model, f"layer{i}") for i in range(1, 5)]
+    split = [sum(model.get_submodule(name).downsample is not None for name in names) for names in layers]
+    return [(names[:k], names[k:]) for names, k in zip(layers, split)]
 
 
 @dataclasses.dataclass(frozen=True)
 class Family:
-    """Where a family's blocks are and what it represents an image by. stages(model): per stage, the modules
-    between the previous stage and its blocks (stage 1: the model's own forward up to its first block) and
-    its blocks; features(model, h): what a probe reads of the last block's output h; logits(model, h): the
-    model's own classifier; channel_dim of h; cls: the representation is the first token, [CLS], alone."""
+    """Where a family's blocks are, and what represents an image. stages(model): per stage, the modules between
+    the previous stage and its blocks (stage 1: the model's own forward up to its first block), and its
+    blocks; features(model, h): what a probe reads of the last block's output; logits(model, h): the model's
+    own classifier; the channel dimension of h; cls: the representation is the first token, [CLS], alone."""
     stages: Callable
     features: Callable
     logits: Callable
@@ -103,34 +101,26 @@ class Family:
 
 
 def vit_family(blocks, norm, head):  # [CLS] first, after the final norm
-    return Family(lambda m: [([], children(m, blocks))], lambda m, h: m.get_submodule(norm)(h)[:, 0],
-                  lambda m, h: m.get_submodule(head)(m.get_submodule(norm)(h)[:, 0]), channel_dim=-1, cls=True)
+    cls = lambda m, h: m.get_submodule(norm)(h)[:, 0]  # noqa: E731
+    return Family(lambda m: [([], children(m, blocks))], cls, lambda m, h: m.get_submodule(head)(cls(m, h)), -1, True)
+
+
+def swin_features(model, h):
+    return model.flatten(model.avgpool(model.permute(model.norm(h))))
 
 
 FAMILIES = {
     glnet.GLNet: Family(lambda m: [([f"downsample_layers.{s}"], children(m, f"stages.{s}.blocks")) for s in range(4)],
                         lambda m, h: m.norm(h).mean((2, 3)), lambda m, h: m.forward_head(h)),
     torchvision.models.VisionTransformer: vit_family("encoder.layers", "encoder.ln", "heads"),
-    torchvision.models.SwinTransformer: Family(
-        features_stages, lambda m, h: m.flatten(m.avgpool(m.permute(m.norm(h)))),
-        lambda m, h: m.head(m.flatten(m.avgpool(m.permute(m.norm(h))))), channel_dim=-1),
+    torchvision.models.SwinTransformer: Family(features_stages, swin_features,
+                                               lambda m, h: m.head(swin_features(m, h)), channel_dim=-1),
     torchvision.models.ConvNeXt: Family(features_stages, lambda m, h: m.classifier[:-1](m.avgpool(h)),
                                         lambda m, h: m.classifier(m.avgpool(h))),
     torchvision.models.ResNet: Family(resnet_stages, lambda m, h: m.avgpool(h).flatten(1),
                                       lambda m, h: m.fc(m.avgpool(h).flatten(1))),
+    nn.Module: vit_family("blocks", "norm", "head"),  # timm's and DINOv2's ViTs: blocks, norm, cls_token, head
 }
-VIT_LAYOUT = vit_family("blocks", "norm", "head")   # timm's and DINOv2's ViTs: blocks, norm, cls_token, head
-
-
-def family_of(model):
-    family = next((f for kind, f in FAMILIES.items() if isinstance(model, kind)), None)
-    if family is None and all(hasattr(model, name) for name in ("blocks", "norm", "cls_token", "head")):
-        family = VIT_LAYOUT
-    if family is None:
-        raise ValueError(f"{type(model).__name__} is not a backbone analyze.py knows: GLNet, torchvision's "
-                         f"VisionTransformer, SwinTransformer, ResNet, ConvNeXt, or a ViT with blocks, norm, "
-                         f"cls_token and head (timm's, DINOv2's)")
-    return family
 
 
 class Reached(Exception):
@@ -142,24 +132,26 @@ def stop(block, inputs):  # a forward pre-hook
 
 
 class Backbone:
-    """A model as a list of steps (transitions and blocks) after its embedding, each h_{s,i} after
-    position[s, i] of them. A variant replaces some blocks in a copy of the list, so it can run from
-    the original's h_i without recomputing it."""
+    """A model as steps (transitions and blocks) after its embedding, h_{s,i} after position[s, i] of them. A
+    variant's steps replace some blocks, so it can run from the original's h_i without recomputing it."""
 
     def __init__(self, model, image_size):
-        self.model, self.family, self.image_size = model.eval(), family_of(model), image_size
+        self.model, self.image_size = model.eval(), image_size
+        self.family = next(f for kind, f in FAMILIES.items() if isinstance(model, kind))
+        if self.family is FAMILIES[nn.Module] and not all(hasattr(model, a) for a in ("blocks", "norm", "cls_token")):
+            raise ValueError(f"{type(model).__name__} is not a backbone analyze.py knows: GLNet, torchvision's ViT, "
+                             f"Swin, ResNet, ConvNeXt, or a ViT with blocks, norm, cls_token, head (timm's, DINOv2's)")
         self.steps, self.blocks, self.position = [], [], {}
         for s, (transition, blocks) in enumerate(self.family.stages(model), 1):
             self.steps += [model.get_submodule(name) for name in transition] * (s > 1)
-            self.position[s, 0] = len(self.steps)
-            for i, name in enumerate(blocks, 1):
-                self.steps.append(model.get_submodule(name))
+            for i, name in enumerate([None, *blocks]):
+                self.steps += [model.get_submodule(name)] if name else []
                 self.position[s, i] = len(self.steps)
             self.blocks.append(blocks)
         with torch.no_grad():  # the channels of every stage, and the classifier's outputs
             h = self.representations(torch.zeros(1, 3, image_size, image_size), range(1, len(self.blocks) + 1))
-            self.channels = [hs[0].shape[self.family.channel_dim] for hs in h.values()]
-            self.num_outputs = self.family.logits(model, h[len(self.blocks)][-1]).shape[-1]
+        self.channels = [hs[0].shape[self.family.channel_dim] for hs in h.values()]
+        self.num_outputs = self.output(h[len(self.blocks)][-1], "head").shape[-1]
 
     def embed(self, x):
         """h_0 of stage 1: the model's own forward up to its first block, whatever it does before."""
@@ -174,49 +166,53 @@ class Backbone:
 
     def representations(self, x, stages):
         """{stage: [h_0, ..., h_n]} of the images x, for the stages given."""
-        positions = {p: (s, i) for (s, i), p in self.position.items() if s in stages}
+        positions = {p: s for (s, i), p in self.position.items() if s in stages}
         h, out = self.embed(x), {s: [] for s in stages}
         for p, step in enumerate([*self.steps[:max(positions)], None]):
             if p in positions:
-                out[positions[p][0]].append(h)
+                out[positions[p]].append(h)
             h = step(h) if step else h
         return out
 
-    def run(self, h, steps):  # h through the steps
+    def run(self, h, steps):
         for step in steps:
             h = step(h)
         return h
 
+    def output(self, h, probe):  # of the last block's output: the model's logits (probe "head"), or the features
+        return (self.family.logits if probe == "head" else self.family.features)(self.model, h)
+
     def rows(self, h):  # (positions, channels): the tokens or grid positions of a representation
         return h.movedim(self.family.channel_dim, -1).flatten(0, -2)
 
-    def names(self, run):  # the blocks a run replaces
+    def names(self, run):  # the blocks a run (stage, i, j) replaces: i+1..j
         return self.blocks[run[0] - 1][run[1]:run[2]] if run else []
 
-    def variant(self, run=None, replacement=None):
-        """(start, steps): the steps with the run's blocks replaced by T (None: removed), equal before `start`."""
-        if run is None:
-            return len(self.steps), self.steps
-        start = self.position[run[0], run[1]]
-        return start, self.steps[:start] + [replacement] * (replacement is not None) + self.steps[
-            self.position[run[0], run[2]]:]
+    def variant(self, run=None, translator=None):
+        """(start, steps): the steps with the run's blocks replaced by T (None: removed), the same before start."""
+        start = self.position[run[0], run[1]] if run else len(self.steps)
+        end = self.position[run[0], run[2]] if run else start
+        return start, self.steps[:start] + [translator] * (translator is not None) + self.steps[end:]
 
-    def output(self, h, probe):  # the logits of the model's classifier (probe "head") or the features a probe reads
-        return (self.family.logits if probe == "head" else self.family.features)(self.model, h)
+    def replaceable(self, run):
+        """Whether the run's blocks exist and are all still real blocks."""
+        names = self.blocks[run[0] - 1][run[1]:run[2]] if run[0] <= len(self.blocks) else []
+        return len(names) == run[2] - run[1] and not any(isinstance(self.model.get_submodule(name), (
+            nn.Identity, nn.Conv2d, nn.Linear, Translator)) for name in names)
 
 
-def replace_blocks(model, names, replacement=None):
-    """Blocks `names` become `replacement` (T) and identities, or identities only (skipped). The block
-    count stays, so every other parameter keeps its name. Returns the blocks replaced."""
+def replace_blocks(model, names, translator=None):
+    """Blocks `names` become the translator T and identities, or identities only (skipped). The block count stays,
+    so every other parameter keeps its name. Returns the blocks replaced."""
     replaced = [model.get_submodule(name) for name in names]
     for k, name in enumerate(names):
-        model.set_submodule(name, replacement if k == 0 and replacement is not None else nn.Identity())
+        model.set_submodule(name, translator if k == 0 and translator is not None else nn.Identity())
     return replaced
 
 
 @contextlib.contextmanager
-def replaced_blocks(model, names, replacement=None):  # the model with blocks replaced, as it was afterwards
-    originals = replace_blocks(model, names, replacement)
+def replaced_blocks(model, names, translator=None):  # the model with blocks replaced, restored afterwards
+    originals = replace_blocks(model, names, translator)
     try:
         yield model
     finally:
@@ -228,8 +224,10 @@ def linear_map(channels, channel_dim):  # T on the channels: a 1x1 convolution o
     return nn.Conv2d(channels, channels, 1) if channel_dim == 1 else nn.Linear(channels, channels)
 
 
+# --- Models and data: GLNet's checkpoints, torchvision's, timm's and torch.hub's backbones, datasets --
+
 def create(name, weights=None, pretrained=False):
-    """A torchvision classifier with its --weights, timm's (timm:NAME) or a torch.hub entry (REPO:ENTRY)."""
+    """A torchvision classifier with its weights, timm's (timm:NAME) or a torch.hub entry (REPO:ENTRY)."""
     try:
         if name in torchvision.models.list_models(module=torchvision.models):
             return torchvision.models.get_model(name, weights=weights)
@@ -242,55 +240,48 @@ def create(name, weights=None, pretrained=False):
         raise ValueError(f"{name} needs {e.name}: pip install {e.name}") from e
     except OSError as e:  # offline: urllib's errors
         where = weights and f"{weights.url} into {torch.hub.get_dir()}/checkpoints/"
-        raise ValueError(f"cannot download {name}'s {'weights' if where else 'code or weights'} ({e}); "
-                         f"download {where or 'the repository and pass its folder as --model FOLDER:ENTRY'}") from e
-
-
-def build(settings, num_classes):
-    """train.load_trained's builder for every backbone (a GLNet as train.py builds it), with the runs an
-    approximated checkpoint replaced rebuilt, so that its weights load strictly."""
-    if settings["model"] in glnet.MODELS:
-        model = train.build_classifier(settings, num_classes)
-    else:
-        model = create(settings["model"])
-    if settings.get("approximated"):
-        backbone = Backbone(model, settings["image_size"])
-        for run in settings["approximated"]:
-            replace_blocks(model, backbone.names(run),
-                           linear_map(backbone.channels[run[0] - 1], backbone.family.channel_dim))
-    return model
+        raise ValueError(f"cannot download {name}'s {'weights' if where else 'code or weights'} ({e}); download "
+                         f"{where or 'the repository and pass its folder as --model FOLDER:ENTRY'}") from e
 
 
 def weights_of(model, name):
     """torchvision's weights of `model` named `name` (DEFAULT, IMAGENET1K_V1, ...), or None."""
-    if name is None:
-        return None
-    if model not in torchvision.models.list_models(module=torchvision.models):
-        raise ValueError(f"--weights takes torchvision's weights; {model} loads its own pretrained weights, or "
-                         f"--checkpoint's")
-    members = torchvision.models.get_model_weights(model).__members__
+    if name and model not in torchvision.models.list_models(module=torchvision.models):
+        raise ValueError(f"--weights takes torchvision's weights; {model} loads its own, or --checkpoint's")
+    members = torchvision.models.get_model_weights(model).__members__ if name else {None: None}
     if name not in members:
         raise ValueError(f"--weights {name}: {model}'s weights are {', '.join(members)}")
     return members[name]
 
 
+def build(settings, num_classes):
+    """train.load_trained's builder for every backbone (a GLNet as train.py builds it), with the runs an
+    approximated checkpoint replaced rebuilt, so that its weights load strictly."""
+    glnet_model = settings["model"] in glnet.MODELS
+    model = train.build_classifier(settings, num_classes) if glnet_model else create(settings["model"])
+    if settings.get("approximated"):
+        backbone = Backbone(model, settings["image_size"])
+        for run in settings["approximated"]:
+            replace_blocks(model, backbone.names(run), linear_map(backbone.channels[run[0] - 1],
+                                                                  backbone.family.channel_dim))
+    return model
+
+
 def load(args):
-    """(backbone, settings, eval transform, class names or None): a GLNet with its settings through train.py's
-    one path, or a torchvision, timm or torch.hub backbone; `settings` are what its approximations keep."""
+    """(backbone, settings, eval transform, its classifier's classes or None): a GLNet with its settings through
+    train.py's one path, or a torchvision, timm or torch.hub backbone; its approximations keep `settings`."""
     given = {k: v for k, v in vars(args).items() if k in ("model", "data", "image_size") and v is not None}
     if args.checkpoint:
         model, checkpoint = train.load_trained(args.checkpoint, build, **given)
-    elif given.get("model", "glnet") not in glnet.MODELS:
-        model = create(args.model, weights_of(args.model, args.weights), pretrained=True)
-        checkpoint = {}
+    elif given.get("model", "glnet_mini") in glnet.MODELS:
+        raise ValueError("pass --checkpoint (a GLNet's, or weights of --model), or a --model of torchvision, timm "
+                         "or torch.hub")
     else:
-        raise ValueError("pass --checkpoint (a GLNet's, or weights of --model), or --model of torchvision, timm or "
-                         "torch.hub (see --help)")
+        model, checkpoint = create(args.model, weights_of(args.model, args.weights), pretrained=True), {}
     saved = checkpoint.get("args", {}) | given
     if isinstance(model, glnet.GLNet):
         s = train.checkpoint_settings(checkpoint, given)
-        settings = dataclasses.asdict(s)
-        transform = train.eval_transform(s.image_size, s.interpolation, s.crop_pct)
+        settings, transform = dataclasses.asdict(s), train.eval_transform(s.image_size, s.interpolation, s.crop_pct)
     else:
         weights = weights_of(saved["model"], args.weights or saved.get("weights"))
         size = weights.transforms().crop_size[0] if weights else saved.get("image_size", getattr(model, "image_size",
@@ -302,20 +293,16 @@ def load(args):
         if not (isinstance(model, glnet.GLNet) and checkpoint.get("args")):
             raise ValueError(f"{args.checkpoint or args.model} does not say which data it is for: pass --data")
         settings["data"] = train.builtin_dataset(s.cache_dir, train.SHAPES_VERSION, train.make_shapes_dataset)
-    backbone = Backbone(model, settings["image_size"])
-    backbone.model.to(args.device)
-    return backbone, settings, transform, checkpoint.get("classes")
+    return Backbone(model.to(args.device), settings["image_size"]), settings, transform, checkpoint.get("classes")
 
-
-# --- Data: torchvision's datasets by name, or an ImageNet-layout folder ----------------------------------
 
 def rgb(image):  # grayscale datasets (MNIST) as 3 channels
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def dataset(name, split, transform, data_dir):
-    """The "train" or "val" split of a dataset of DATASETS in data_dir (downloaded there when missing) or of an
-    ImageNet-layout folder, transformed for evaluation."""
+    """The "train" or "val" split of a dataset of DATASETS in data_dir (downloaded there when missing), or of
+    an ImageNet-layout folder, transformed for evaluation."""
     if name not in DATASETS:
         return train.image_folder(name, split, v2.Compose([rgb, transform]))
     kind = DATASETS[name]
@@ -328,8 +315,8 @@ def dataset(name, split, transform, data_dir):
                          f"{files}") from e
     if name == "cifar100-coarse":  # the same files' 20 superclasses
         folder = os.path.join(data_dir, images.base_folder)
-        entries = [unpickle(os.path.join(folder, file)) for file, _ in (images.train_list if split == "train"
-                                                                         else images.test_list)]
+        files = images.train_list if split == "train" else images.test_list
+        entries = [unpickle(os.path.join(folder, file)) for file, _ in files]
         images.targets = [label for entry in entries for label in entry["coarse_labels"]]
         images.classes = unpickle(os.path.join(folder, images.meta["filename"]))["coarse_label_names"]
     return images
@@ -517,9 +504,9 @@ class StageStatistics:
 
 @torch.no_grad()
 def calibrate(args, backbone, images, stages, positions=0):
-    """{stage: (similarity statistics, fit statistics)} of the first --calibration-images of a fixed shuffle of
-    `images`: similarities on the representation's positions ([CLS] of a ViT), fits on every position (for a grid
-    both are every position: one object). About `positions` positions are kept per stage for the MLPs."""
+    """({stage: (similarity statistics, fit statistics)}, image count) over the first --calibration-images of a
+    fixed shuffle of `images`: similarities on the representation's positions ([CLS] of a ViT), fits on every
+    position (one object for grids); about `positions` positions are kept per stage for the MLPs."""
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:args.calibration_images]
     loader = train.eval_loader(Subset(images, order.tolist()), args.batch_size, args.workers)
     train.log(f"calibration on {len(order)} training images at {backbone.image_size}x{backbone.image_size}")
@@ -528,12 +515,10 @@ def calibrate(args, backbone, images, stages, positions=0):
         for s, hs in backbone.representations(x.to(args.device), stages).items():
             if s not in statistics:
                 fit = StageStatistics(len(hs), backbone.channels[s - 1], args.device, keep)
-                statistics[s] = (StageStatistics(len(hs), fit.channels, args.device) if backbone.family.cls else fit,
-                                 fit)
-            similarity, fit = statistics[s]
-            fit.update([backbone.rows(h) for h in hs])
-            if similarity is not fit:
-                similarity.update([h[:, 0] for h in hs])
+                statistics[s] = StageStatistics(len(hs), fit.channels, args.device) if backbone.family.cls else fit, fit
+            statistics[s][1].update([backbone.rows(h) for h in hs])
+            if backbone.family.cls:
+                statistics[s][0].update([h[:, 0] for h in hs])
     return statistics, len(order)
 
 
@@ -591,7 +576,7 @@ def redundancy(args):
     return matrices
 
 
-# --- Redundant Blocks Approximation (the BR paper's Tables 2-4: original / skipped / approximated) ---
+# --- Redundant Blocks Approximation (the BR paper's Tables 2-4: original / skipped / approximated) ----
 
 def run_argument(text):
     """An argparse type: '3:1-3' -> (3, 1, 3), replace blocks 2..3 of stage 3 by a map from h_1 to h_3."""
@@ -602,16 +587,8 @@ def run_argument(text):
     return tuple(int(v) for v in match.groups())
 
 
-def replaceable(backbone, run):
-    """Whether the run's blocks exist and are all still real blocks."""
-    stage, i, j = run
-    blocks = backbone.blocks[stage - 1] if stage <= len(backbone.blocks) else []
-    return j <= len(blocks) and not any(isinstance(backbone.model.get_submodule(name), (
-        nn.Identity, nn.Conv2d, nn.Linear, Translator)) for name in blocks[i:j])
-
-
 def label(run):
-    return f"{run[0]}:{run[1]}-{run[2]}" if run else "-"
+    return f"{run[0]}:{run[1]}-{run[2]}" if run else None
 
 
 class Translator(nn.Module):
@@ -625,12 +602,10 @@ class Translator(nn.Module):
 
     def forward(self, h):
         h = h.movedim(self.channel_dim, -1)
-        h = self.mlp(h) if self.norm is None else h + self.mlp(self.norm(h))
-        return h.movedim(-1, self.channel_dim)
+        return (self.mlp(h) if self.norm is None else h + self.mlp(self.norm(h))).movedim(-1, self.channel_dim)
 
 
-def train_translator(kind, x, y, channel_dim=-1, steps=TRANSLATOR_STEPS, lr=TRANSLATOR_LR,
-                     batch_size=TRANSLATOR_BATCH):
+def train_translator(kind, x, y, channel_dim=-1, steps=TRANSLATOR_STEPS, lr=TRANSLATOR_LR, batch_size=TRANSLATOR_BATCH):
     """(translator of h's `channel_dim`, losses): 'mlp' or 'resmlp' trained with Adam on the squared error against
     y = h_j (N, C) on batches of the positions x = h_i (rows: channel dimension 1 and -1 alike)."""
     with torch.random.fork_rng(devices=[]):
@@ -648,46 +623,38 @@ def train_translator(kind, x, y, channel_dim=-1, steps=TRANSLATOR_STEPS, lr=TRAN
     return translator.eval(), losses
 
 
-def translate(backbone, statistics, run, kinds):
-    """{mode: (T, seconds to fit it)}, a mode per translator, and 'skip' (nothing to fit: (None, None))."""
-    translators = {}
-    for kind in kinds:
-        start = time.perf_counter()
-        if kind == "linear":
-            translator = statistics.fit(run[1], run[2], backbone.family.channel_dim)
-        else:
-            kept = torch.cat(statistics.kept).view(-1, statistics.n, statistics.channels)  # the kept positions of every h
-            translator = train_translator(kind, kept[:, run[1]], kept[:, run[2]], backbone.family.channel_dim)[0]
-        translators[kind] = translator.to(next(backbone.model.parameters()).device), time.perf_counter() - start
-    return translators | {"skip": (None, None)}
+def translate(backbone, statistics, run, kind):
+    """RBA's least-squares T of the run (`linear`), or an MLP baseline trained on the kept positions."""
+    if kind == "linear":
+        return statistics.fit(run[1], run[2], backbone.family.channel_dim)
+    kept = torch.cat(statistics.kept).view(-1, statistics.n, statistics.channels)  # the kept positions of every h
+    return train_translator(kind, kept[:, run[1]], kept[:, run[2]], backbone.family.channel_dim)[0]
 
 
 @torch.no_grad()
 def encode(backbone, variants, loader, probe, device):
-    """({variant: outputs (N, D)}, labels (N,)) of a split: per batch the original's pass once, each variant only
-    from the h_i where it departs; outputs: the logits (probe 'head') or the features a probe reads."""
-    starts = {backbone.variant(*v)[0] for v in variants.values()}
+    """({variant: outputs (N, D)}, labels) of a split: per batch the original's pass once, each variant from the h_i
+    where it departs; outputs: the logits (probe "head") or the features a probe reads."""
+    variants = {key: backbone.variant(*v) for key, v in variants.items()}
     outputs, labels = {key: [] for key in variants}, []
     for x, y in progress(loader, f"encoding {len(loader.dataset)} images"):
         h, kept = backbone.embed(x.to(device)), {}
         for p, step in enumerate([*backbone.steps, None]):
-            kept |= {p: h} if p in starts else {}
+            kept[p] = h
             h = step(h) if step else h
-        for key, (run, replacement) in variants.items():
-            start, steps = backbone.variant(run, replacement)
+        for key, (start, steps) in variants.items():
             outputs[key].append(backbone.output(backbone.run(kept[start], steps[start:]), probe).float().cpu())
         labels.append(y)
     return {key: torch.cat(v) for key, v in outputs.items()}, torch.cat(labels)
 
 
 def train_probe(kind, features, labels, test, classes, seed, device):
-    """{top1, loss} of the BR paper's probe on frozen features, trained by train.py's Trainer (Adam = AdamW
-    without decay), at its last epoch on the `test` features; seeded: the same features give the same top-1."""
+    """{top1, loss, images} of the BR paper's probe on frozen features after its last epoch, trained by train.py's
+    Trainer (Adam: AdamW without decay); seeded: the same features give the same top-1."""
     torch.manual_seed(seed)
-    c, k = features.shape[1], len(classes)
+    c, k, batch = features.shape[1], len(classes), min(PROBE_BATCH, len(features))
     probe = nn.Linear(c, k) if kind == "linear" else nn.Sequential(
         nn.Linear(c, c), nn.Dropout(0.5), nn.LayerNorm(c), nn.SiLU(), nn.Linear(c, k))
-    batch = min(PROBE_BATCH, len(features))
     loss = lambda model, b: F.cross_entropy(model(b[0].to(device)), b[1].to(device))  # noqa: E731
     evaluate = functools.partial(train.evaluate, loader=DataLoader(TensorDataset(*test), PROBE_BATCH), device=device)
     task = train.Task("probe", TensorDataset(features, labels), loss, evaluate, "top1", batch, k, list(classes))
@@ -700,31 +667,27 @@ def train_probe(kind, features, labels, test, classes, seed, device):
 
 
 def accuracy(args, backbone, settings, transform, classes, variants):
-    """{variant: {top1, loss}} on the validation split of --data: by the model's own classifier, or by a probe
-    trained on the frozen features of the training split (--probe; by default the classifier where it knows
-    the data's classes)."""
+    """{variant: {top1, loss, ...}} on the validation split of --data, by the model's classifier or by a probe
+    trained on the frozen features of the training split (--probe; default: the classifier if it knows the
+    data's classes)."""
     test = dataset(settings["data"], "val", transform, args.data_dir)
     probe = args.probe or ("head" if backbone.num_outputs == len(test.classes) and classes in (None, test.classes)
                            else "linear")
-    splits = {"val": test} | ({} if probe == "head" else {"train": dataset(settings["data"], "train", transform,
-                                                                             args.data_dir)})
-    train.log(f"top-1 by {'the model' + chr(39) + 's classifier' if probe == 'head' else 'a ' + probe + ' probe'}")
-    encoded = {split: encode(backbone, variants, train.eval_loader(images, args.batch_size, args.workers), probe,
-                             args.device) for split, images in splits.items()}
-    (outputs, labels), device = encoded["val"], args.device
+    train.log(f"top-1 by {'the classifier' if probe == 'head' else f'a {probe} probe'} of each model")
+    splits = [test] if probe == "head" else [test, dataset(settings["data"], "train", transform, args.data_dir)]
+    (outputs, labels), *trained = [encode(backbone, variants, train.eval_loader(images, args.batch_size, args.workers),
+                                          probe, args.device) for images in splits]
     if probe == "head":
-        return {key: train.evaluate(nn.Identity(), DataLoader(TensorDataset(v, labels), args.batch_size), device)
+        return {key: train.evaluate(nn.Identity(), DataLoader(TensorDataset(v, labels), args.batch_size), args.device)
                 for key, v in outputs.items()}
-    train_outputs, train_labels = encoded["train"]
-    return {key: train_probe(probe, train_outputs[key], train_labels, (v, labels), test.classes, args.seed, device)
-            for key, v in outputs.items()}
+    return {key: train_probe(probe, trained[0][0][key], trained[0][1], (v, labels), test.classes, args.seed,
+                             args.device) for key, v in outputs.items()}
 
 
 def measure(backbone, variants, rounds, device):
     """{variant: dict(params (M), gflops, ms)} of one image; latency: the median of rounds that interleave the
     variants, so that a shared machine's noise hits them alike."""
-    x = torch.zeros(1, 3, backbone.image_size, backbone.image_size, device=device)
-    costs, calls = {}, {}
+    x, costs, calls = torch.zeros(1, 3, backbone.image_size, backbone.image_size, device=device), {}, {}
     for key, (run, translator) in variants.items():
         with replaced_blocks(backbone.model, backbone.names(run), translator) as model:
             costs[key] = dict(params=glnet.count_params(model) / 1e6, gflops=glnet.flop_analysis(model, x).total() / 1e9)
@@ -735,53 +698,55 @@ def measure(backbone, variants, rounds, device):
     return {key: cost | {"ms": 1000 * seconds[key]} for key, cost in costs.items()}
 
 
-def print_table(results, rank_by):
-    """The BR paper's tables, a line per (run, mode), with the run's score and the seconds to fit T."""
-    print(f"\n{'run':<8}{SCORES[rank_by]:>13}{'mode':>9}{'top-1':>8}{'delta':>8}{'params (M)':>12}{'GFLOPs':>9}"
-          f"{'ms':>8}{'fit (s)':>9}")
-    for (run, mode), r in results.items():
-        score, fit = ("-" if v is None else f"{v:{spec}}" for v, spec in ((r["score"], ".4g"), (r["fit_s"], ".3f")))
-        print(f"{label(run):<8}{score:>13}{mode:>9}{r['top1']:>8.2f}{r['delta']:>+8.2f}{r['params']:>12.3f}"
-              f"{r['gflops']:>9.4f}{r['ms']:>8.2f}{fit:>9}")
-
-
 def approximate(args):
     backbone, settings, transform, classes = load(args)
-    if args.blocks and not replaceable(backbone, args.blocks):
+    if args.blocks and not backbone.replaceable(args.blocks):
         raise ValueError(f"--blocks {label(args.blocks)}: this model has no such blocks, or some were already "
                          f"replaced (its stages have {', '.join(str(len(b)) for b in backbone.blocks)} blocks)")
-    translators = list(dict.fromkeys(["linear", *args.translator]))
     stages = [args.blocks[0]] if args.blocks else range(1, len(backbone.blocks) + 1)
     statistics = calibrate(args, backbone, dataset(args.fit_on or settings["data"], "train", transform, args.data_dir),
-                           stages, TRANSLATOR_POSITIONS if len(translators) > 1 else 0)[0]
+                           stages, TRANSLATOR_POSITIONS if set(args.translator) - {"linear"} else 0)[0]
     scores = {s: fit.fit_residual() if args.rank_by == "residual" else -similarity.block_redundancy()
               for s, (similarity, fit) in statistics.items()}
-    runs = [(s, i, j) for s, m in scores.items() for i in range(len(m)) for j in range(i + 1, len(m))]
     runs = [args.blocks] if args.blocks else sorted(  # the K most redundant runs of real blocks
-        filter(functools.partial(replaceable, backbone), runs), key=lambda run: float(scores[run[0]][run[1:]]))
-    variants, fit_seconds = {(None, "original"): (None, None)}, {}
-    for run in runs[:args.search]:
-        for mode, (translator, seconds) in translate(backbone, statistics[run[0]][1], run, translators).items():
-            variants[run, mode], fit_seconds[run, mode] = (run, translator), seconds
+        filter(backbone.replaceable, [(s, i, j) for s, m in scores.items() for i in range(len(m))
+                                      for j in range(i + 1, len(m))]), key=lambda run: float(scores[run[0]][run[1:]]))
+    variants, records = {(None, "original"): (None, None)}, {(None, "original"): {"score": None, "fit_s": None}}
+    for run, mode in itertools.product(runs[:args.search], [*dict.fromkeys(["linear", *args.translator]), "skip"]):
+        start = time.perf_counter()
+        variants[run, mode] = run, None if mode == "skip" else translate(backbone, statistics[run[0]][1], run, mode)
+        records[run, mode] = {"score": float(scores[run[0]][run[1:]]), "fit_s": None if mode == "skip" else
+                              time.perf_counter() - start}
+    accuracies, costs = accuracy(args, backbone, settings, transform, classes, variants), measure(
+        backbone, variants, args.latency_rounds, args.device)
+    for key, record in records.items():
+        record |= {"top1": accuracies[key]["top1"], "delta": accuracies[key]["top1"] - accuracies[
+            None, "original"]["top1"], "loss": accuracies[key]["loss"]} | costs[key]
+    print_table(records, args)
     if args.blocks:  # the linear approximation, as `build` rebuilds it
         path = os.path.join(args.output_dir, "approximated.pth")
-        with replaced_blocks(backbone.model, backbone.names(args.blocks), variants[args.blocks, "linear"][1]) as model:
-            train.save_checkpoint({"model": model.state_dict(), "classes": classes, "args": settings | {
-                "approximated": [*settings["approximated"], list(args.blocks)]}}, path)
+        replace_blocks(backbone.model, backbone.names(args.blocks), variants[args.blocks, "linear"][1])
+        train.save_checkpoint({"model": backbone.model.state_dict(), "classes": classes, "args": settings | {
+            "approximated": [*settings["approximated"], list(args.blocks)]}}, path)
         print(f"saved the linear approximation to {path}; evaluate it with\n"
               f"    python analyze.py evaluate --checkpoint {path}")
-    results = accuracy(args, backbone, settings, transform, classes, variants)
-    for (run, mode), r in measure(backbone, variants, args.latency_rounds, args.device).items():
-        results[run, mode] |= r | {"delta": results[run, mode]["top1"] - results[None, "original"]["top1"],
-                                   "fit_s": fit_seconds.get((run, mode)),
-                                   "score": float(scores[run[0]][run[1:]]) if run else None}
-    print_table(results, args.rank_by)
+    return records
+
+
+def print_table(records, args):
+    """The BR paper's tables, a line per (run, mode), also in <output-dir>/approximate.json."""
+    print(f"\n{'run':<8}{SCORES[args.rank_by]:>13}{'mode':>9}{'top-1':>8}{'delta':>8}{'params (M)':>12}"
+          f"{'GFLOPs':>9}{'ms':>8}{'fit (s)':>9}")
+    for (run, mode), r in records.items():
+        score, fit = ("-" if v is None else f"{v:{spec}}" for v, spec in ((r["score"], ".4g"), (r["fit_s"], ".3f")))
+        print(f"{label(run) or '-':<8}{score:>13}{mode:>9}{r['top1']:>8.2f}{r['delta']:>+8.2f}{r['params']:>12.3f}"
+              f"{r['gflops']:>9.4f}{r['ms']:>8.2f}{fit:>9}")
+    os.makedirs(args.output_dir, exist_ok=True)
     with open(os.path.join(args.output_dir, "approximate.json"), "w") as f:
-        json.dump([{"run": run and label(run), "mode": mode} | r for (run, mode), r in results.items()], f, indent=1)
-    print(f"top-1 on {settings['data']}'s validation split; GFLOPs and ms (on {args.device}, median of "
-          f"{args.latency_rounds} interleaved rounds) of one image; fit: seconds after the shared calibration pass; "
-          f"saved {os.path.join(args.output_dir, 'approximate.json')}")
-    return results
+        json.dump([{"run": label(run), "mode": mode} | r for (run, mode), r in records.items()], f, indent=1)
+    print(f"top-1 on the validation split of {args.data or 'the checkpoint' + chr(39) + 's data'}; GFLOPs and ms (on "
+          f"{args.device}, median of {args.latency_rounds} interleaved rounds) of one image; fit: seconds after the "
+          f"shared calibration pass; saved {os.path.join(args.output_dir, 'approximate.json')}")
 
 
 def evaluate(args):
@@ -796,22 +761,12 @@ def evaluate(args):
 
 # --- Command line --------------------------------------------------------------------------------
 
-def model_name(text):  # an argparse type: the backbones `create` and GLNet's checkpoints know
+def model_name(text):  # an argparse type: the backbones analyze.py can build
     if text in glnet.MODELS or text in torchvision.models.list_models(module=torchvision.models) or ":" in text:
         return text
-    raise argparse.ArgumentTypeError(f"expected a GLNet ({', '.join(glnet.MODELS)}), a torchvision classifier "
-                                     f"(vit_b_16, swin_t, resnet50, convnext_tiny, ...), timm:NAME or torch.hub's "
-                                     f"REPO:ENTRY; got {text!r}")
-
-
-def add_data_flags(command):
-    command.add_argument("--data", help=f"{', '.join(DATASETS)} (from --data-dir) or an ImageNet-layout folder; "
-                                        f"default: the checkpoint's")
-    command.add_argument("--data-dir", default=DATA_DIR, help="where the named datasets are, downloaded there when "
-                                                               "missing (default: %(default)s)")
-    command.add_argument("--batch-size", type=train.at_least(1), default=BATCH_SIZE, help="default: %(default)s")
-    command.add_argument("--workers", type=train.at_least(0), default=train.Settings.workers,
-                         help="data loading processes (default: %(default)s)")
+    raise argparse.ArgumentTypeError(f"expected a GLNet ({', '.join(glnet.MODELS)}), a torchvision classifier (vit_b_16, "
+                                     f"swin_t, resnet50, convnext_tiny, ...), timm:NAME or torch.hub's REPO:ENTRY; got "
+                                     f"{text!r}")
 
 
 def parse_args(argv=None):
@@ -824,21 +779,26 @@ def parse_args(argv=None):
         ("evaluate", "top-1 of any backbone, approximated ones too"))}
     for name, command in p.items():
         command.add_argument("--model", type=model_name, help="a GLNet (default: the checkpoint's), a torchvision "
-                             "classifier (vit_b_16, swin_t, resnet50, convnext_tiny, ...), timm:NAME, or REPO:ENTRY "
-                             "of torch.hub (facebookresearch/dinov2:dinov2_vits14, or a folder with a hubconf.py)")
-        command.add_argument("--checkpoint", help="of train.py or approximate, a released GLNet's (with --model), or a "
+                             "classifier (vit_b_16, swin_t, resnet50, convnext_tiny, ...), timm:NAME, or torch.hub's "
+                             "REPO:ENTRY (facebookresearch/dinov2:dinov2_vits14, or a folder with a hubconf.py)")
+        command.add_argument("--checkpoint", help="of train.py or approximate, a released GLNet (with --model), or a "
                                                   "state_dict of --model")
         command.add_argument("--weights", help="torchvision's weights of --model: DEFAULT, IMAGENET1K_V1, ...")
-        command.add_argument("--image-size", type=train.at_least(32), help="default: the checkpoint's or the "
-                                                                           "weights', else 224")
+        command.add_argument("--image-size", type=train.at_least(32), help="default: the checkpoint's, 224")
         command.add_argument("--device", type=torch.device, default="cuda" if torch.cuda.is_available() else "cpu",
                              help="default: %(default)s")
         if name != "slots":
-            add_data_flags(command)
+            command.add_argument("--data", help=f"{', '.join(DATASETS)} (in --data-dir), or an ImageNet-layout "
+                                                f"folder; default: the checkpoint's")
+            command.add_argument("--data-dir", default=DATA_DIR, help="of the named datasets, downloaded there when "
+                                                                       "missing (default: %(default)s)")
+            command.add_argument("--batch-size", type=train.at_least(1), default=BATCH_SIZE, help="default: %(default)s")
+            command.add_argument("--workers", type=train.at_least(0), default=train.Settings.workers,
+                                 help="data loading processes (default: %(default)s)")
         if name in ("approximate", "evaluate"):
-            command.add_argument("--probe", choices=["head", "linear", "mlp"], help="top-1 by the model's classifier, "
-                                 "or by the BR paper's probe on the frozen features (default: head if the classifier "
-                                 "has the data's classes, else linear)")
+            command.add_argument("--probe", choices=["head", "linear", "mlp"], help="top-1 by the model's classifier "
+                                 "or by the BR paper's probe on frozen features (default: head if it knows the data's "
+                                 "classes, else linear)")
             command.add_argument("--seed", type=int, default=0, help="of the probe (default: %(default)s)")
         if name in ("redundancy", "approximate"):
             command.add_argument("--calibration-images", type=train.at_least(1), default=CALIBRATION_IMAGES,
@@ -857,8 +817,7 @@ def parse_args(argv=None):
     p["approximate"].add_argument("--translator", nargs="+", default=["linear"], choices=TRANSLATORS,
                                   help=f"fit these beside linear (the BR paper's Table 4; Adam, {TRANSLATOR_STEPS} "
                                        f"steps, lr {TRANSLATOR_LR})")
-    p["approximate"].add_argument("--fit-on", help="fit T on this dataset's training images (the BR paper's Table 3); "
-                                                   "default: --data")
+    p["approximate"].add_argument("--fit-on", help="fit T on this dataset's training images (default: --data)")
     p["approximate"].add_argument("--latency-rounds", type=train.at_least(1), default=LATENCY_ROUNDS,
                                   help="default: %(default)s")
     return parser.parse_args(argv)
