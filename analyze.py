@@ -6,35 +6,24 @@
     python analyze.py approximate --model vit_b_16 --weights DEFAULT --data cifar10 --search 5
     python analyze.py evaluate --checkpoint analysis/approximated.pth
 
-`slots` draws Figure 5 of the GLNet paper (Figure 6 with several blocks): the soft clustering
-weights softmax(A) (Eq. 3) of GLMix blocks, a map per semantic slot, 4 representative slots by k-medoids.
-
-`redundancy` and `approximate` follow "Detecting and Approximating Redundant Computational Blocks in
-Neural Networks" on any backbone of stages of same-shaped blocks (GLNet; torchvision's ViT, Swin, ResNet,
-ConvNeXt; timm's and DINOv2's ViTs). Stages and blocks count from 1; h_0 is a stage's input, h_i the output
-of its block i. Block Redundancy (Eq. 1): BR(i, j) = -E_x ||h_i(x) - h_j(x)||^2 over calibration images x
-and the representation's positions ([CLS] of a ViT, every position of a grid). Redundant Blocks
-Approximation (RBA) replaces blocks i+1..j by a linear map T, h_j ~ T(h_i), fitted in closed form on every
-position. Top-1 is the model's own classifier's where it knows the data's classes, else that of the
-paper's probe on the frozen features. BR is small wherever features are small, so `--search` ranks runs
-by the relative residual of the fit unless `--rank-by br`.
+`slots` draws the GLNet paper's Figures 5 and 6: the soft clustering weights softmax(A) (Eq. 3) of GLMix blocks.
+`redundancy` and `approximate` follow "Detecting and Approximating Redundant Computational Blocks in Neural
+Networks" on any backbone of stages of same-shaped blocks: h_0 is a stage's input, h_i its block i's output (from
+1), BR(i, j) = -E ||h_i - h_j||^2 (Eq. 1), and RBA replaces blocks i+1..j by a linear map T, h_j ~ T(h_i).
 """
 
 import argparse
-import contextlib
+import collections
+import copy
 import dataclasses
-import datetime
 import functools
-import importlib
 import itertools
 import json
 import math
 import os
-import pickle
 import re
 import tempfile
 import time
-from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -68,7 +57,7 @@ TRANSLATOR_POSITIONS = 32768   # calibration positions kept, at random, for the 
 PROBES = {"linear": dict(lr=0.01, epochs=5, weight_decay=0.0), "mlp": dict(lr=1e-3, epochs=50, weight_decay=1e-5)}
 PROBE_BATCH = 256
 DATASETS = {"mnist": datasets.MNIST, "fashion-mnist": datasets.FashionMNIST, "cifar10": datasets.CIFAR10,
-            "cifar100": datasets.CIFAR100, "cifar100-coarse": datasets.CIFAR100}
+            "cifar100": datasets.CIFAR100}
 
 
 # --- Backbones: stages of same-shaped blocks, and a small adapter per family -----------------------
@@ -83,64 +72,48 @@ def features_stages(model):  # torchvision's Swin and ConvNeXt: features = [stem
 
 def resnet_stages(model):  # a layer's first block may downsample or widen: the blocks after it keep the shape
     layers = [children(model, f"layer{i}") for i in range(1, 5)]
-    split = [sum(model.get_submodule(name).downsample is not None for name in names) for names in layers]
-    return [(names[:k], names[k:]) for names, k in zip(layers, split)]
+    return [(names[:k], names[k:]) for names in layers
+            for k in [sum(model.get_submodule(name).downsample is not None for name in names)]]
 
 
-@dataclasses.dataclass(frozen=True)
-class Family:
-    """Where a family's blocks are, and what represents an image. stages(model): per stage, the modules between
-    the previous stage and its blocks (stage 1: the model's own forward up to its first block), and its
-    blocks; features(model, h): what a probe reads of the last block's output; logits(model, h): the model's
-    own classifier; the channel dimension of h; cls: the representation is the first token, [CLS], alone."""
-    stages: Callable
-    features: Callable
-    logits: Callable
-    channel_dim: int = 1
-    cls: bool = False
+# stages(model): per stage, the modules before its blocks (stage 1: the model's own forward) and its blocks;
+# features(model, h): what a probe reads of the last block's output h, and head: the classifier on them (or
+# logits(model, h): GLNet's eval rule); the channel dimension of every h; cls: the representation is [CLS] alone.
+Family = collections.namedtuple("Family", "stages features head logits channel_dim cls", defaults=(None, 1, False))
 
 
 def vit_family(blocks, norm, head):  # [CLS] first, after the final norm
-    cls = lambda m, h: m.get_submodule(norm)(h)[:, 0]  # noqa: E731
-    return Family(lambda m: [([], children(m, blocks))], cls, lambda m, h: m.get_submodule(head)(cls(m, h)), -1, True)
-
-
-def swin_features(model, h):
-    return model.flatten(model.avgpool(model.permute(model.norm(h))))
+    return Family(lambda m: [([], children(m, blocks))], lambda m, h: m.get_submodule(norm)(h)[:, 0], head,
+                  channel_dim=-1, cls=True)
 
 
 FAMILIES = {
     glnet.GLNet: Family(lambda m: [([f"downsample_layers.{s}"], children(m, f"stages.{s}.blocks")) for s in range(4)],
-                        lambda m, h: m.norm(h).mean((2, 3)), lambda m, h: m.forward_head(h)),
+                        lambda m, h: m.norm(h).mean((2, 3)), "head", lambda m, h: m.forward_head(h)),
     torchvision.models.VisionTransformer: vit_family("encoder.layers", "encoder.ln", "heads"),
-    torchvision.models.SwinTransformer: Family(features_stages, swin_features,
-                                               lambda m, h: m.head(swin_features(m, h)), channel_dim=-1),
-    torchvision.models.ConvNeXt: Family(features_stages, lambda m, h: m.classifier[:-1](m.avgpool(h)),
-                                        lambda m, h: m.classifier(m.avgpool(h))),
-    torchvision.models.ResNet: Family(resnet_stages, lambda m, h: m.avgpool(h).flatten(1),
-                                      lambda m, h: m.fc(m.avgpool(h).flatten(1))),
+    torchvision.models.SwinTransformer: Family(features_stages, lambda m, h: m.flatten(m.avgpool(m.permute(m.norm(h)))),
+                                               "head", channel_dim=-1),
+    torchvision.models.ConvNeXt: Family(features_stages, lambda m, h: m.classifier[:-1](m.avgpool(h)), "classifier.2"),
+    torchvision.models.ResNet: Family(resnet_stages, lambda m, h: m.avgpool(h).flatten(1), "fc"),
     nn.Module: vit_family("blocks", "norm", "head"),  # timm's and DINOv2's ViTs: blocks, norm, cls_token, head
 }
 
 
-class Reached(Exception):
-    """Raised at the first block: the model's own forward has computed h_0 of stage 1."""
-
-
-def stop(block, inputs):  # a forward pre-hook
-    raise Reached(inputs[0])
+class Reached(Exception):  # raised at the first block: the model's own forward has computed h_0 of stage 1
+    @staticmethod
+    def hook(block, inputs):
+        raise Reached(inputs[0])
 
 
 class Backbone:
-    """A model as steps (transitions and blocks) after its embedding, h_{s,i} after position[s, i] of them. A
-    variant's steps replace some blocks, so it can run from the original's h_i without recomputing it."""
+    """A model as steps (transitions, blocks) after its embedding: a variant's replace blocks, and run from h_i."""
 
     def __init__(self, model, image_size):
         self.model, self.image_size = model.eval(), image_size
         self.family = next(f for kind, f in FAMILIES.items() if isinstance(model, kind))
         if self.family is FAMILIES[nn.Module] and not all(hasattr(model, a) for a in ("blocks", "norm", "cls_token")):
-            raise ValueError(f"{type(model).__name__} is not a backbone analyze.py knows: GLNet, torchvision's ViT, "
-                             f"Swin, ResNet, ConvNeXt, or a ViT with blocks, norm, cls_token, head (timm's, DINOv2's)")
+            raise ValueError(f"{type(model).__name__}: not GLNet, torchvision's ViT, Swin, ResNet, ConvNeXt, or a ViT "
+                             f"with blocks, norm, cls_token and head (timm's, DINOv2's)")
         self.steps, self.blocks, self.position = [], [], {}
         for s, (transition, blocks) in enumerate(self.family.stages(model), 1):
             self.steps += [model.get_submodule(name) for name in transition] * (s > 1)
@@ -149,13 +122,13 @@ class Backbone:
                 self.position[s, i] = len(self.steps)
             self.blocks.append(blocks)
         with torch.no_grad():  # the channels of every stage, and the classifier's outputs
-            h = self.representations(torch.zeros(1, 3, image_size, image_size), range(1, len(self.blocks) + 1))
-        self.channels = [hs[0].shape[self.family.channel_dim] for hs in h.values()]
-        self.num_outputs = self.output(h[len(self.blocks)][-1], "head").shape[-1]
+            h = self.trace(torch.zeros(1, 3, image_size, image_size, device=next(model.parameters()).device))
+        self.channels = [h[self.position[s, 0]].shape[self.family.channel_dim] for s in range(1, len(self.blocks) + 1)]
+        self.num_outputs = self.output(h[-1], "head").shape[-1]
 
     def embed(self, x):
         """h_0 of stage 1: the model's own forward up to its first block, whatever it does before."""
-        hook = self.steps[0].register_forward_pre_hook(stop)
+        hook = self.steps[0].register_forward_pre_hook(Reached.hook)
         try:
             self.model(x)
         except Reached as reached:
@@ -164,60 +137,39 @@ class Backbone:
             hook.remove()
         raise RuntimeError(f"{type(self.model).__name__}'s forward never reached its first block")
 
-    def representations(self, x, stages):
-        """{stage: [h_0, ..., h_n]} of the images x, for the stages given."""
-        positions = {p: s for (s, i), p in self.position.items() if s in stages}
-        h, out = self.embed(x), {s: [] for s in stages}
-        for p, step in enumerate([*self.steps[:max(positions)], None]):
-            if p in positions:
-                out[positions[p]].append(h)
-            h = step(h) if step else h
-        return out
-
-    def run(self, h, steps):
-        for step in steps:
-            h = step(h)
+    def trace(self, x):
+        """Every h on the way: [embedding, after 1 step, after 2, ...]; h_{s,i} is trace[position[s, i]]."""
+        h = [self.embed(x)]
+        for step in self.steps:
+            h.append(step(h[-1]))
         return h
 
-    def output(self, h, probe):  # of the last block's output: the model's logits (probe "head"), or the features
-        return (self.family.logits if probe == "head" else self.family.features)(self.model, h)
-
-    def rows(self, h):  # (positions, channels): the tokens or grid positions of a representation
-        return h.movedim(self.family.channel_dim, -1).flatten(0, -2)
+    def output(self, h, probe, steps=()):  # after `steps`: the model's logits (probe "head"), or the features
+        h, family = functools.reduce(lambda h, step: step(h), steps, h), self.family
+        if probe == "head" and family.logits:
+            return family.logits(self.model, h)
+        features = family.features(self.model, h)
+        return self.model.get_submodule(family.head)(features) if probe == "head" else features
 
     def names(self, run):  # the blocks a run (stage, i, j) replaces: i+1..j
-        return self.blocks[run[0] - 1][run[1]:run[2]] if run else []
+        return self.blocks[run[0] - 1][run[1]:run[2]] if run and run[0] <= len(self.blocks) else []
 
     def variant(self, run=None, translator=None):
         """(start, steps): the steps with the run's blocks replaced by T (None: removed), the same before start."""
-        start = self.position[run[0], run[1]] if run else len(self.steps)
-        end = self.position[run[0], run[2]] if run else start
+        start, end = (self.position[run[0], run[1]], self.position[run[0], run[2]]) if run else (len(self.steps),) * 2
         return start, self.steps[:start] + [translator] * (translator is not None) + self.steps[end:]
 
-    def replaceable(self, run):
-        """Whether the run's blocks exist and are all still real blocks."""
-        names = self.blocks[run[0] - 1][run[1]:run[2]] if run[0] <= len(self.blocks) else []
+    def replaceable(self, run):  # the run's blocks exist, and are all still real blocks
+        names = self.names(run)
         return len(names) == run[2] - run[1] and not any(isinstance(self.model.get_submodule(name), (
             nn.Identity, nn.Conv2d, nn.Linear, Translator)) for name in names)
 
 
 def replace_blocks(model, names, translator=None):
-    """Blocks `names` become the translator T and identities, or identities only (skipped). The block count stays,
-    so every other parameter keeps its name. Returns the blocks replaced."""
-    replaced = [model.get_submodule(name) for name in names]
+    """Blocks become T and identities (skipped: identities only); every other parameter keeps its name."""
     for k, name in enumerate(names):
         model.set_submodule(name, translator if k == 0 and translator is not None else nn.Identity())
-    return replaced
-
-
-@contextlib.contextmanager
-def replaced_blocks(model, names, translator=None):  # the model with blocks replaced, restored afterwards
-    originals = replace_blocks(model, names, translator)
-    try:
-        yield model
-    finally:
-        for name, block in zip(names, originals):
-            model.set_submodule(name, block)
+    return model
 
 
 def linear_map(channels, channel_dim):  # T on the channels: a 1x1 convolution of a grid, a linear layer of tokens
@@ -233,19 +185,16 @@ def create(name, weights=None, pretrained=False):
             return torchvision.models.get_model(name, weights=weights)
         source, entry = name.split(":", 1)
         if source == "timm":
-            return importlib.import_module("timm").create_model(entry, pretrained=pretrained)
+            return __import__("timm").create_model(entry, pretrained=pretrained)
         return torch.hub.load(source, entry, source="local" if os.path.isdir(source) else "github",
                               trust_repo=True, pretrained=pretrained)
-    except ModuleNotFoundError as e:
-        raise ValueError(f"{name} needs {e.name}: pip install {e.name}") from e
     except OSError as e:  # offline: urllib's errors
         where = weights and f"{weights.url} into {torch.hub.get_dir()}/checkpoints/"
         raise ValueError(f"cannot download {name}'s {'weights' if where else 'code or weights'} ({e}); download "
                          f"{where or 'the repository and pass its folder as --model FOLDER:ENTRY'}") from e
 
 
-def weights_of(model, name):
-    """torchvision's weights of `model` named `name` (DEFAULT, IMAGENET1K_V1, ...), or None."""
+def weights_of(model, name):  # torchvision's weights of `model` named `name` (DEFAULT, IMAGENET1K_V1, ...)
     if name and model not in torchvision.models.list_models(module=torchvision.models):
         raise ValueError(f"--weights takes torchvision's weights; {model} loads its own, or --checkpoint's")
     members = torchvision.models.get_model_weights(model).__members__ if name else {None: None}
@@ -255,29 +204,23 @@ def weights_of(model, name):
 
 
 def build(settings, num_classes):
-    """train.load_trained's builder for every backbone (a GLNet as train.py builds it), with the runs an
-    approximated checkpoint replaced rebuilt, so that its weights load strictly."""
-    glnet_model = settings["model"] in glnet.MODELS
-    model = train.build_classifier(settings, num_classes) if glnet_model else create(settings["model"])
-    if settings.get("approximated"):
+    """train.load_trained's builder of every backbone, an approximation's runs rebuilt so that it loads strictly."""
+    model = (train.build_classifier(settings, num_classes) if settings["model"] in glnet.MODELS
+             else create(settings["model"]))
+    for run in settings.get("approximated", []):
         backbone = Backbone(model, settings["image_size"])
-        for run in settings["approximated"]:
-            replace_blocks(model, backbone.names(run), linear_map(backbone.channels[run[0] - 1],
-                                                                  backbone.family.channel_dim))
+        channels = backbone.channels[run[0] - 1]
+        replace_blocks(model, backbone.names(run), linear_map(channels, backbone.family.channel_dim))
     return model
 
 
 def load(args):
-    """(backbone, settings, eval transform, its classifier's classes or None): a GLNet with its settings through
-    train.py's one path, or a torchvision, timm or torch.hub backbone; its approximations keep `settings`."""
+    """(backbone, settings its approximations keep, eval transform, classes); a GLNet's settings as train.py's."""
     given = {k: v for k, v in vars(args).items() if k in ("model", "data", "image_size") and v is not None}
-    if args.checkpoint:
-        model, checkpoint = train.load_trained(args.checkpoint, build, **given)
-    elif given.get("model", "glnet_mini") in glnet.MODELS:
-        raise ValueError("pass --checkpoint (a GLNet's, or weights of --model), or a --model of torchvision, timm "
-                         "or torch.hub")
-    else:
-        model, checkpoint = create(args.model, weights_of(args.model, args.weights), pretrained=True), {}
+    if not args.checkpoint and given.get("model", "glnet_mini") in glnet.MODELS:
+        raise ValueError("pass --checkpoint (a GLNet's, or weights of --model), or --model of torchvision, timm or hub")
+    model, checkpoint = train.load_trained(args.checkpoint, build, **given) if args.checkpoint else (
+        create(args.model, weights_of(args.model, args.weights), pretrained=True), {})
     saved = checkpoint.get("args", {}) | given
     if isinstance(model, glnet.GLNet):
         s = train.checkpoint_settings(checkpoint, given)
@@ -296,52 +239,24 @@ def load(args):
     return Backbone(model.to(args.device), settings["image_size"]), settings, transform, checkpoint.get("classes")
 
 
-def rgb(image):  # grayscale datasets (MNIST) as 3 channels
-    return image if image.mode == "RGB" else image.convert("RGB")
-
-
 def dataset(name, split, transform, data_dir):
-    """The "train" or "val" split of a dataset of DATASETS in data_dir (downloaded there when missing), or of
-    an ImageNet-layout folder, transformed for evaluation."""
+    """A split of a named dataset in data_dir (downloaded when missing) or of an ImageNet-layout folder."""
     if name not in DATASETS:
-        return train.image_folder(name, split, v2.Compose([rgb, transform]))
+        return train.image_folder(name, split, transform)
     kind = DATASETS[name]
-    try:
-        images = kind(data_dir, train=split == "train", transform=v2.Compose([rgb, transform]), download=True)
+    try:  # MNIST's grayscale images as 3 channels
+        return kind(data_dir, train=split == "train", transform=v2.Compose([v2.RGB(), transform]), download=True)
     except (OSError, RuntimeError) as e:  # offline: urllib's errors, or MNIST's after its mirrors
         files = (f"{', '.join(file for file, _ in kind.resources)} into {os.path.join(data_dir, kind.__name__, 'raw')}"
                  if hasattr(kind, "resources") else f"{kind.filename} ({kind.url}) into {data_dir}")
         raise ValueError(f"{name} is not in {data_dir} and cannot be downloaded ({' '.join(str(e).split())}); put "
                          f"{files}") from e
-    if name == "cifar100-coarse":  # the same files' 20 superclasses
-        folder = os.path.join(data_dir, images.base_folder)
-        files = images.train_list if split == "train" else images.test_list
-        entries = [unpickle(os.path.join(folder, file)) for file, _ in files]
-        images.targets = [label for entry in entries for label in entry["coarse_labels"]]
-        images.classes = unpickle(os.path.join(folder, images.meta["filename"]))["coarse_label_names"]
-    return images
-
-
-def unpickle(path):  # CIFAR's files, as torchvision reads them
-    with open(path, "rb") as f:
-        return pickle.load(f, encoding="latin1")
-
-
-def progress(loader, what):
-    """The batches of `loader`, with a progress line every PRINT_FREQ batches and at the last."""
-    start = time.perf_counter()
-    for step, batch in enumerate(loader, 1):
-        yield batch
-        if step % PRINT_FREQ == 0 or step == len(loader):
-            left = (time.perf_counter() - start) / step * (len(loader) - step)
-            train.log(f"{what}  batch {step}/{len(loader)}  eta {datetime.timedelta(seconds=round(left))}")
 
 
 # --- Semantic slots (GLNet paper, Sec. 4.4, Figures 5 and 6) ----------------------------------------
 
 def k_medoids(points, k, iterations=50):
-    """Indices of k medoids of the rows of `points` under cosine distance: farthest-point initialisation
-    from the most central point, then alternate assignment and medoid update."""
+    """k medoids of the rows under cosine distance: farthest points, then alternate assignment and update."""
     unit = F.normalize(points, dim=1)
     distance = 1 - unit @ unit.T
     medoids = [int(distance.sum(1).argmin())]
@@ -359,7 +274,7 @@ def k_medoids(points, k, iterations=50):
 
 def slot_figure(images, weights, names, k=REPRESENTATIVE_SLOTS):
     """(figure, {(image, block): slots}) of images (N, 3, S, S) and weights {block: (N, 64, h, w)}; each map
-    is stretched to its own range, as a briefly trained model's are near uniform."""
+    stretched to its own range, as a briefly trained model's are near uniform."""
     from matplotlib import colormaps
     from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
@@ -401,9 +316,9 @@ def slot_figure(images, weights, names, k=REPRESENTATIVE_SLOTS):
 
 @torch.no_grad()
 def slots(args):
+    """Figures 5 and 6: the slots of GLMix blocks"""
     backbone, settings, transform, _ = load(args)
-    model = backbone.model
-    if not isinstance(model, glnet.GLNet):
+    if not isinstance(model := backbone.model, glnet.GLNet):
         raise ValueError(f"slots are GLNet's; {settings['model']} has none")
     blocks = {f"{int(name.split('.')[1]) + 1}.{int(name.split('.')[3]) + 1}": name  # '3.1': 'stages.2.blocks.0'
               for name, m in model.named_modules() if isinstance(m, glnet.GLMixBlock)}
@@ -427,8 +342,7 @@ def slots(args):
 # --- Calibration: in one pass, the statistics every similarity and every closed-form fit needs ------
 
 class StageStatistics:
-    """Running float64 sums over all positions of a stage's h_0..h_n, from which every similarity and fit
-    follows, so no image stays in memory; with `keep`, that many random positions a batch for the MLPs."""
+    """Running float64 sums over the positions of a stage's h_0..h_n: every similarity and fit without images."""
 
     def __init__(self, num_representations, channels, device, keep=0):
         self.n, self.channels, self.count, self.keep = num_representations, channels, 0, keep
@@ -438,10 +352,9 @@ class StageStatistics:
         self.cosine_sums = torch.zeros(num_representations, num_representations, dtype=torch.float64, device=device)
         self.kept, self.generator = [], torch.Generator().manual_seed(0)
 
-    def update(self, representations):
-        """representations: h_0..h_n, each (N, C): the same N positions (tokens, grid positions) of each."""
-        h = torch.stack(representations).double()                                              # (n, N, C)
-        stacked = h.transpose(0, 1).flatten(1)                                    # (N, n C)
+    def update(self, representations):  # h_0..h_n, each (N, C): the same N positions (tokens or pixels) of each
+        h = torch.stack(representations).double()                              # (n, N, C)
+        stacked = h.transpose(0, 1).flatten(1)                                 # (N, n C)
         self.gram += stacked.T @ stacked
         self.sums += stacked.sum(0)
         unit = F.normalize(h, dim=2)
@@ -450,8 +363,7 @@ class StageStatistics:
         if self.keep:
             self.kept.append(stacked[torch.randperm(len(stacked), generator=self.generator)[:self.keep]].float())
 
-    def pairs(self):
-        """The Gram matrix as (n, C, n, C): [a, :, b, :] = the sum over positions of h_a h_b^T."""
+    def pairs(self):  # the Gram matrix as (n, C, n, C): [a, :, b, :] = the sum over positions of h_a h_b^T
         return self.gram.view(self.n, self.channels, self.n, self.channels)
 
     def block_redundancy(self):
@@ -461,20 +373,17 @@ class StageStatistics:
         return (2 * inner - squares[:, None] - squares[None, :]).clamp_max(0).cpu()
 
     def linear_cka(self):
-        """Kornblith et al. 2019, positions as examples: ||C_ab||_F^2 / (||C_aa||_F ||C_bb||_F) with
-        C_ab the cross-covariance of h_a and h_b."""
+        """Kornblith et al. 2019, positions as examples: ||C_ab||^2 / (||C_aa|| ||C_bb||), C_ab h_a's and h_b's."""
         mean = self.sums.view(self.n, self.channels) / self.count
         cross = ((self.pairs() / self.count - torch.einsum("ac,bd->acbd", mean, mean)) ** 2).sum((1, 3))
         norms = cross.diagonal().sqrt()
         return (cross / (norms[:, None] * norms[None, :]).clamp_min(1e-30)).cpu()
 
-    def cosine(self):
-        """The mean over positions of the cosine similarity of the two channel vectors."""
+    def cosine(self):  # the mean over positions of the cosine similarity of the two channel vectors
         return (self.cosine_sums / self.count).cpu()
 
     def least_squares(self, i, j):
-        """RBA's closed form h_j ~ W h_i + b by the normal equations [X 1]^T [X 1] S = [X 1]^T Y: (S = [W^T;
-        b^T], the relative residual ||Y - [X 1] S||^2 / ||Y||^2), in float64 on the CPU."""
+        """RBA's h_j ~ W h_i + b by the normal equations [X 1]^T [X 1] S = [X 1]^T Y: (S, the relative residual)."""
         c, sums = self.channels, self.sums.view(self.n, self.channels)
         xtx = torch.zeros(c + 1, c + 1, dtype=torch.float64, device=self.gram.device)
         xtx[:c, :c], xtx[:c, c], xtx[c, :c], xtx[c, c] = self.pairs()[i, :, i], sums[i], sums[i], self.count
@@ -484,13 +393,9 @@ class StageStatistics:
         residual = yty - 2 * (solution * xty).sum() + (solution * (xtx @ solution)).sum()
         return solution, (residual / yty.clamp_min(1e-30)).clamp_min(0)
 
-    def fit_residual(self):
-        """(n, n): the relative residual of the fit h_j ~ T(h_i) for i < j, NaN elsewhere."""
-        residual = torch.full((self.n, self.n), float("nan"), dtype=torch.float64)
-        for i in range(self.n):
-            for j in range(i + 1, self.n):
-                residual[i, j] = self.least_squares(i, j)[1]
-        return residual
+    def fit_residual(self):  # (n, n): the relative residual of the fit h_j ~ T(h_i) for i < j, NaN elsewhere
+        return torch.tensor([[float(self.least_squares(i, j)[1]) if i < j else float("nan") for j in range(self.n)]
+                             for i in range(self.n)], dtype=torch.float64)
 
     def fit(self, i, j, channel_dim=1):
         """RBA's T, the least-squares fit h_j ~ T(h_i): a linear map with a bias shared by all positions."""
@@ -504,31 +409,28 @@ class StageStatistics:
 
 @torch.no_grad()
 def calibrate(args, backbone, images, stages, positions=0):
-    """({stage: (similarity statistics, fit statistics)}, image count) over the first --calibration-images of a
-    fixed shuffle of `images`: similarities on the representation's positions ([CLS] of a ViT), fits on every
-    position (one object for grids); about `positions` positions are kept per stage for the MLPs."""
+    """({stage: (similarity, fit statistics)}, images): similarities of the representation ([CLS] of a ViT), fits of
+    every position, on the first --calibration-images of a fixed shuffle; `positions` kept for the MLPs."""
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:args.calibration_images]
     loader = train.eval_loader(Subset(images, order.tolist()), args.batch_size, args.workers)
     train.log(f"calibration on {len(order)} training images at {backbone.image_size}x{backbone.image_size}")
     statistics, keep = {}, math.ceil(positions / len(loader))
-    for x, _ in progress(loader, "calibration"):
-        for s, hs in backbone.representations(x.to(args.device), stages).items():
+    for step, (x, _) in enumerate(loader, 1):
+        if step % PRINT_FREQ == 0 or step == len(loader):
+            train.log(f"calibration  batch {step}/{len(loader)}")
+        h = backbone.trace(x.to(args.device))
+        for s in stages:
+            hs = [h[backbone.position[s, i]] for i in range(len(backbone.blocks[s - 1]) + 1)]   # h_0, ..., h_n
             if s not in statistics:
                 fit = StageStatistics(len(hs), backbone.channels[s - 1], args.device, keep)
                 statistics[s] = StageStatistics(len(hs), fit.channels, args.device) if backbone.family.cls else fit, fit
-            statistics[s][1].update([backbone.rows(h) for h in hs])
+            statistics[s][1].update([h.movedim(backbone.family.channel_dim, -1).flatten(0, -2) for h in hs])
             if backbone.family.cls:
                 statistics[s][0].update([h[:, 0] for h in hs])
     return statistics, len(order)
 
 
 # --- Block Redundancy matrices -------------------------------------------------------------------
-
-def format_matrix(matrix):
-    header = "      " + "".join(f"{f'h{b}':>10}" for b in range(len(matrix)))
-    rows = [f"{f'h{a}':>6}" + "".join(f"{v:>10.4g}" for v in row.tolist()) for a, row in enumerate(matrix)]
-    return "\n".join([header, *rows])
-
 
 def redundancy_figure(matrices, title=""):
     """The BR paper's layout: a heatmap per metric (rows) and stage (columns), the values in the cells, a
@@ -557,18 +459,17 @@ def redundancy_figure(matrices, title=""):
 
 
 def redundancy(args):
+    """BR, linear CKA and cosine matrices of every stage"""
     backbone, settings, transform, _ = load(args)
     statistics, images = calibrate(args, backbone, dataset(settings["data"], "train", transform, args.data_dir),
                                    range(1, len(backbone.blocks) + 1))
     matrices = {metric: {s: getattr(stats[0], method)() for s, stats in statistics.items()}
                 for metric, method in zip(METRICS, ("block_redundancy", "linear_cka", "cosine"))}
-    for metric, per_stage in matrices.items():
-        for s, matrix in per_stage.items():
-            print(f"\n{metric}, stage {s} (h0 = stage input, hi = output of block i)\n{format_matrix(matrix)}")
     os.makedirs(args.output_dir, exist_ok=True)
     png, table = os.path.join(args.output_dir, "redundancy.png"), os.path.join(args.output_dir, "redundancy.json")
     title = (f"{settings['model']}: similarity of the representations of each stage on {images} calibration images "
-             f"({'[CLS] tokens' if backbone.family.cls else 'all positions'}; h0 = stage input, hi = output of block i)")
+             f"({'[CLS] tokens' if backbone.family.cls else 'every position'}; h0 = stage input, hi = block i's "
+             f"output)")
     redundancy_figure(matrices, title).savefig(png, dpi=DPI)
     with open(table, "w") as f:
         json.dump({metric: {s: m.tolist() for s, m in per_stage.items()} for metric, per_stage in matrices.items()}, f)
@@ -592,8 +493,7 @@ def label(run):
 
 
 class Translator(nn.Module):
-    """The BR paper's Table 4 baselines for T, on the channels of each position: an MLP, Linear -> GELU ->
-    Linear with hidden width = channels, and a residual MLP, h + MLP(LayerNorm(h))."""
+    """The BR paper's Table 4 T on the channels: Linear -> GELU -> Linear, or residual: h + MLP(LayerNorm(h))."""
 
     def __init__(self, channels, residual, channel_dim=-1):
         super().__init__()
@@ -605,71 +505,56 @@ class Translator(nn.Module):
         return (self.mlp(h) if self.norm is None else h + self.mlp(self.norm(h))).movedim(-1, self.channel_dim)
 
 
+def fit(module, data, loss, evaluate, metric, batch_size, **settings):
+    """The last epoch's record of train.py's Trainer at a constant lr (AdamW without decay is Adam), no files."""
+    batch_size, device = min(batch_size, len(data)), next(module.parameters()).device
+    task = train.Task("analysis", data, lambda model, batch: loss(model, *(t.to(device) for t in batch)), evaluate,
+                      metric, batch_size, 0, [])
+    with tempfile.TemporaryDirectory() as tmp:
+        settings = train.Settings(output_dir=tmp, batch_size=batch_size, workers=0, amp="none", lr_schedule="step",
+                                  eval_interval=10 ** 9, print_freq=10 ** 9, **settings)
+        return train.Trainer(settings, module, task, device=device).fit()
+
+
 def train_translator(kind, x, y, channel_dim=-1, steps=TRANSLATOR_STEPS, lr=TRANSLATOR_LR, batch_size=TRANSLATOR_BATCH):
-    """(translator of h's `channel_dim`, losses): 'mlp' or 'resmlp' trained with Adam on the squared error against
-    y = h_j (N, C) on batches of the positions x = h_i (rows: channel dimension 1 and -1 alike)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        translator = Translator(x.shape[1], kind == "resmlp", channel_dim).to(x.device)
-        order = torch.randint(len(x), (steps, batch_size))
-    optimizer = torch.optim.Adam(translator.parameters(), lr=lr)
-    losses = []
-    for index in order:
-        loss = F.mse_loss(translator(x[index]), y[index])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    return translator.eval(), losses
-
-
-def translate(backbone, statistics, run, kind):
-    """RBA's least-squares T of the run (`linear`), or an MLP baseline trained on the kept positions."""
-    if kind == "linear":
-        return statistics.fit(run[1], run[2], backbone.family.channel_dim)
-    kept = torch.cat(statistics.kept).view(-1, statistics.n, statistics.channels)  # the kept positions of every h
-    return train_translator(kind, kept[:, run[1]], kept[:, run[2]], backbone.family.channel_dim)[0]
+    """(translator, record): 'mlp' or 'resmlp' trained with Adam on the squared error from x = h_i to y = h_j."""
+    torch.manual_seed(0)
+    translator = Translator(x.shape[1], kind == "resmlp", channel_dim).to(x.device)
+    evaluate = torch.no_grad()(lambda model: {"mse": F.mse_loss(model(x), y).item()})
+    record = fit(translator, TensorDataset(x.cpu(), y.cpu()), lambda model, x, y: F.mse_loss(model(x), y), evaluate,
+                 "mse", batch_size, model=f"{kind} translator", iters=steps, lr=lr, weight_decay=0.0)
+    return translator.eval(), record
 
 
 @torch.no_grad()
 def encode(backbone, variants, loader, probe, device):
-    """({variant: outputs (N, D)}, labels) of a split: per batch the original's pass once, each variant from the h_i
-    where it departs; outputs: the logits (probe "head") or the features a probe reads."""
+    """({variant: logits or features}, labels): per batch the original's pass once, each variant's from its h_i."""
     variants = {key: backbone.variant(*v) for key, v in variants.items()}
     outputs, labels = {key: [] for key in variants}, []
-    for x, y in progress(loader, f"encoding {len(loader.dataset)} images"):
-        h, kept = backbone.embed(x.to(device)), {}
-        for p, step in enumerate([*backbone.steps, None]):
-            kept[p] = h
-            h = step(h) if step else h
+    for step, (x, y) in enumerate(loader, 1):
+        if step % PRINT_FREQ == 0 or step == len(loader):
+            train.log(f"encoding  batch {step}/{len(loader)}")
+        h = backbone.trace(x.to(device))
         for key, (start, steps) in variants.items():
-            outputs[key].append(backbone.output(backbone.run(kept[start], steps[start:]), probe).float().cpu())
+            outputs[key].append(backbone.output(h[start], probe, steps[start:]).float().cpu())
         labels.append(y)
     return {key: torch.cat(v) for key, v in outputs.items()}, torch.cat(labels)
 
 
 def train_probe(kind, features, labels, test, classes, seed, device):
-    """{top1, loss, images} of the BR paper's probe on frozen features after its last epoch, trained by train.py's
-    Trainer (Adam: AdamW without decay); seeded: the same features give the same top-1."""
+    """{top1, loss, images} on `test` of the BR paper's probe on frozen features; seeded, so reproducible."""
     torch.manual_seed(seed)
-    c, k, batch = features.shape[1], len(classes), min(PROBE_BATCH, len(features))
+    c, k = features.shape[1], len(classes)
     probe = nn.Linear(c, k) if kind == "linear" else nn.Sequential(
         nn.Linear(c, c), nn.Dropout(0.5), nn.LayerNorm(c), nn.SiLU(), nn.Linear(c, k))
-    loss = lambda model, b: F.cross_entropy(model(b[0].to(device)), b[1].to(device))  # noqa: E731
     evaluate = functools.partial(train.evaluate, loader=DataLoader(TensorDataset(*test), PROBE_BATCH), device=device)
-    task = train.Task("probe", TensorDataset(features, labels), loss, evaluate, "top1", batch, k, list(classes))
-    with tempfile.TemporaryDirectory() as tmp:  # its checkpoints are not kept
-        settings = train.Settings(model=f"{kind} probe", output_dir=tmp, batch_size=batch, workers=0, seed=seed,
-                                  amp="none", lr_schedule="step", eval_interval=PROBES[kind]["epochs"],
-                                  print_freq=10 ** 9, **PROBES[kind])
-        record = train.Trainer(settings, probe.to(device), task, device=device).fit()
+    record = fit(probe.to(device), TensorDataset(features, labels), lambda model, x, y: F.cross_entropy(model(x), y),
+                 evaluate, "top1", PROBE_BATCH, model=f"{kind} probe", seed=seed, **PROBES[kind])
     return {key: record[f"val_{key}"] for key in ("top1", "loss", "images")}
 
 
 def accuracy(args, backbone, settings, transform, classes, variants):
-    """{variant: {top1, loss, ...}} on the validation split of --data, by the model's classifier or by a probe
-    trained on the frozen features of the training split (--probe; default: the classifier if it knows the
-    data's classes)."""
+    """{variant: {top1, loss, images}} on --data's validation split: by the classifier, or a probe (--probe)."""
     test = dataset(settings["data"], "val", transform, args.data_dir)
     probe = args.probe or ("head" if backbone.num_outputs == len(test.classes) and classes in (None, test.classes)
                            else "linear")
@@ -685,20 +570,20 @@ def accuracy(args, backbone, settings, transform, classes, variants):
 
 
 def measure(backbone, variants, rounds, device):
-    """{variant: dict(params (M), gflops, ms)} of one image; latency: the median of rounds that interleave the
-    variants, so that a shared machine's noise hits them alike."""
+    """{variant: dict(params (M), gflops, ms)} of one image; interleaved timing: noise hits the variants alike."""
     x, costs, calls = torch.zeros(1, 3, backbone.image_size, backbone.image_size, device=device), {}, {}
     for key, (run, translator) in variants.items():
-        with replaced_blocks(backbone.model, backbone.names(run), translator) as model:
-            costs[key] = dict(params=glnet.count_params(model) / 1e6, gflops=glnet.flop_analysis(model, x).total() / 1e9)
+        model = replace_blocks(copy.deepcopy(backbone.model), backbone.names(run), translator)
+        costs[key] = dict(params=glnet.count_params(model) / 1e6, gflops=glnet.flop_analysis(model, x).total() / 1e9)
         steps = backbone.variant(run, translator)[1]
-        calls[key] = lambda steps=steps: backbone.output(backbone.run(backbone.embed(x), steps), "head")
+        calls[key] = lambda steps=steps: backbone.output(backbone.embed(x), "head", steps)
     with torch.inference_mode():
         seconds = train.interleaved_medians(calls, rounds, device)
     return {key: cost | {"ms": 1000 * seconds[key]} for key, cost in costs.items()}
 
 
 def approximate(args):
+    """replace redundant blocks by a linear map (or an MLP) and measure the result"""
     backbone, settings, transform, classes = load(args)
     if args.blocks and not backbone.replaceable(args.blocks):
         raise ValueError(f"--blocks {label(args.blocks)}: this model has no such blocks, or some were already "
@@ -713,43 +598,39 @@ def approximate(args):
                                       for j in range(i + 1, len(m))]), key=lambda run: float(scores[run[0]][run[1:]]))
     variants, records = {(None, "original"): (None, None)}, {(None, "original"): {"score": None, "fit_s": None}}
     for run, mode in itertools.product(runs[:args.search], [*dict.fromkeys(["linear", *args.translator]), "skip"]):
-        start = time.perf_counter()
-        variants[run, mode] = run, None if mode == "skip" else translate(backbone, statistics[run[0]][1], run, mode)
-        records[run, mode] = {"score": float(scores[run[0]][run[1:]]), "fit_s": None if mode == "skip" else
-                              time.perf_counter() - start}
-    accuracies, costs = accuracy(args, backbone, settings, transform, classes, variants), measure(
-        backbone, variants, args.latency_rounds, args.device)
-    for key, record in records.items():
-        record |= {"top1": accuracies[key]["top1"], "delta": accuracies[key]["top1"] - accuracies[
-            None, "original"]["top1"], "loss": accuracies[key]["loss"]} | costs[key]
-    print_table(records, args)
-    if args.blocks:  # the linear approximation, as `build` rebuilds it
-        path = os.path.join(args.output_dir, "approximated.pth")
-        replace_blocks(backbone.model, backbone.names(args.blocks), variants[args.blocks, "linear"][1])
-        train.save_checkpoint({"model": backbone.model.state_dict(), "classes": classes, "args": settings | {
-            "approximated": [*settings["approximated"], list(args.blocks)]}}, path)
-        print(f"saved the linear approximation to {path}; evaluate it with\n"
-              f"    python analyze.py evaluate --checkpoint {path}")
-    return records
-
-
-def print_table(records, args):
-    """The BR paper's tables, a line per (run, mode), also in <output-dir>/approximate.json."""
-    print(f"\n{'run':<8}{SCORES[args.rank_by]:>13}{'mode':>9}{'top-1':>8}{'delta':>8}{'params (M)':>12}"
-          f"{'GFLOPs':>9}{'ms':>8}{'fit (s)':>9}")
-    for (run, mode), r in records.items():
+        start, stats, translator = time.perf_counter(), statistics[run[0]][1], None
+        if mode == "linear":
+            translator = stats.fit(run[1], run[2], backbone.family.channel_dim)
+        elif mode != "skip":  # an MLP of Table 4, trained on the kept positions of h_i and h_j
+            kept = torch.cat(stats.kept).view(-1, stats.n, stats.channels)
+            translator = train_translator(mode, kept[:, run[1]], kept[:, run[2]], backbone.family.channel_dim)[0]
+        variants[run, mode] = run, translator
+        records[run, mode] = {"score": float(scores[run[0]][run[1:]]),
+                              "fit_s": None if translator is None else time.perf_counter() - start}
+    accuracies = accuracy(args, backbone, settings, transform, classes, variants)
+    for key, cost in measure(backbone, variants, args.latency_rounds, args.device).items():
+        records[key] |= {"top1": accuracies[key]["top1"], "loss": accuracies[key]["loss"], "delta": accuracies[key][
+            "top1"] - accuracies[None, "original"]["top1"]} | cost
+    print(f"\n{'run':<8}{SCORES[args.rank_by]:>13}{'mode':>9}{'top-1':>8}{'delta':>8}{'params (M)':>12}{'GFLOPs':>9}"
+          f"{'ms':>8}{'fit (s)':>9}")
+    for (run, mode), r in records.items():  # the BR paper's tables, a line per (run, mode)
         score, fit = ("-" if v is None else f"{v:{spec}}" for v, spec in ((r["score"], ".4g"), (r["fit_s"], ".3f")))
         print(f"{label(run) or '-':<8}{score:>13}{mode:>9}{r['top1']:>8.2f}{r['delta']:>+8.2f}{r['params']:>12.3f}"
               f"{r['gflops']:>9.4f}{r['ms']:>8.2f}{fit:>9}")
     os.makedirs(args.output_dir, exist_ok=True)
     with open(os.path.join(args.output_dir, "approximate.json"), "w") as f:
         json.dump([{"run": label(run), "mode": mode} | r for (run, mode), r in records.items()], f, indent=1)
-    print(f"top-1 on the validation split of {args.data or 'the checkpoint' + chr(39) + 's data'}; GFLOPs and ms (on "
-          f"{args.device}, median of {args.latency_rounds} interleaved rounds) of one image; fit: seconds after the "
-          f"shared calibration pass; saved {os.path.join(args.output_dir, 'approximate.json')}")
+    if args.blocks:  # the linear approximation, as `build` rebuilds it
+        path = os.path.join(args.output_dir, "approximated.pth")
+        replace_blocks(backbone.model, backbone.names(args.blocks), variants[args.blocks, "linear"][1])
+        train.save_checkpoint({"model": backbone.model.state_dict(), "classes": classes, "args": settings | {
+            "approximated": [*settings["approximated"], list(args.blocks)]}}, path)
+        print(f"saved the linear approximation: python analyze.py evaluate --checkpoint {path}")
+    return records
 
 
 def evaluate(args):
+    """top-1 of any backbone, approximated ones too"""
     backbone, settings, transform, classes = load(args)
     metrics = accuracy(args, backbone, settings, transform, classes, {(None, "original"): (None, None)})
     metrics = metrics[None, "original"]
@@ -764,69 +645,54 @@ def evaluate(args):
 def model_name(text):  # an argparse type: the backbones analyze.py can build
     if text in glnet.MODELS or text in torchvision.models.list_models(module=torchvision.models) or ":" in text:
         return text
-    raise argparse.ArgumentTypeError(f"expected a GLNet ({', '.join(glnet.MODELS)}), a torchvision classifier (vit_b_16, "
-                                     f"swin_t, resnet50, convnext_tiny, ...), timm:NAME or torch.hub's REPO:ENTRY; got "
+    raise argparse.ArgumentTypeError(f"expected a GLNet, a torchvision classifier, timm:NAME or REPO:ENTRY; got "
                                      f"{text!r}")
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    p = {name: commands.add_parser(name, help=text) for name, text in (
-        ("slots", "Figures 5 and 6: the slots of GLMix blocks"),
-        ("redundancy", "BR, linear CKA and cosine matrices of every stage"),
-        ("approximate", "replace redundant blocks by a linear map (or an MLP)"),
-        ("evaluate", "top-1 of any backbone, approximated ones too"))}
-    for name, command in p.items():
-        command.add_argument("--model", type=model_name, help="a GLNet (default: the checkpoint's), a torchvision "
-                             "classifier (vit_b_16, swin_t, resnet50, convnext_tiny, ...), timm:NAME, or torch.hub's "
-                             "REPO:ENTRY (facebookresearch/dinov2:dinov2_vits14, or a folder with a hubconf.py)")
-        command.add_argument("--checkpoint", help="of train.py or approximate, a released GLNet (with --model), or a "
-                                                  "state_dict of --model")
-        command.add_argument("--weights", help="torchvision's weights of --model: DEFAULT, IMAGENET1K_V1, ...")
-        command.add_argument("--image-size", type=train.at_least(32), help="default: the checkpoint's, 224")
-        command.add_argument("--device", type=torch.device, default="cuda" if torch.cuda.is_available() else "cpu",
-                             help="default: %(default)s")
+    p = {run.__name__: commands.add_parser(run.__name__, help=run.__doc__) for run in COMMANDS}
+    default = "(default: %(default)s)"
+    for name, flag in ((name, command.add_argument) for name, command in p.items()):
+        flag("--model", type=model_name, help="a GLNet (default: the checkpoint's), a torchvision classifier, "
+             "timm:NAME, or torch.hub's REPO:ENTRY (REPO: owner/name, or a folder with a hubconf.py)")
+        flag("--checkpoint", help="of train.py or approximate, a released GLNet's, or a state_dict of --model")
+        flag("--weights", help="torchvision's weights of --model: DEFAULT, IMAGENET1K_V1, ...")
+        flag("--image-size", type=train.at_least(32), help="default: the checkpoint's or weights', else 224")
+        flag("--device", type=torch.device, default="cuda" if torch.cuda.is_available() else "cpu", help=default)
         if name != "slots":
-            command.add_argument("--data", help=f"{', '.join(DATASETS)} (in --data-dir), or an ImageNet-layout "
-                                                f"folder; default: the checkpoint's")
-            command.add_argument("--data-dir", default=DATA_DIR, help="of the named datasets, downloaded there when "
-                                                                       "missing (default: %(default)s)")
-            command.add_argument("--batch-size", type=train.at_least(1), default=BATCH_SIZE, help="default: %(default)s")
-            command.add_argument("--workers", type=train.at_least(0), default=train.Settings.workers,
-                                 help="data loading processes (default: %(default)s)")
+            flag("--data", help=f"{', '.join(DATASETS)} (in --data-dir), or an ImageNet-layout folder")
+            flag("--data-dir", default=DATA_DIR, help=f"of the named datasets, downloaded when missing {default}")
+            flag("--batch-size", type=train.at_least(1), default=BATCH_SIZE, help=default)
+            flag("--workers", type=train.at_least(0), default=train.Settings.workers, help=f"loaders {default}")
         if name in ("approximate", "evaluate"):
-            command.add_argument("--probe", choices=["head", "linear", "mlp"], help="top-1 by the model's classifier "
-                                 "or by the BR paper's probe on frozen features (default: head if it knows the data's "
-                                 "classes, else linear)")
-            command.add_argument("--seed", type=int, default=0, help="of the probe (default: %(default)s)")
+            flag("--probe", choices=["head", "linear", "mlp"], help="top-1 by the model's classifier or the BR "
+                 "paper's probe on frozen features (default: head if it has the data's classes, else linear)")
+            flag("--seed", type=int, default=0, help=f"of the probe {default}")
         if name in ("redundancy", "approximate"):
-            command.add_argument("--calibration-images", type=train.at_least(1), default=CALIBRATION_IMAGES,
-                                 help="training images the statistics are computed on (default: %(default)s)")
+            flag("--calibration-images", type=train.at_least(1), default=CALIBRATION_IMAGES, help=default)
         if name != "evaluate":
-            command.add_argument("--output-dir", default=OUTPUT_DIR, help="default: %(default)s")
+            flag("--output-dir", default=OUTPUT_DIR, help=default)
     p["slots"].add_argument("--image", required=True, nargs="+", help="one row of the figure per image")
-    p["slots"].add_argument("--block", default=[SLOT_BLOCK], nargs="+", help="STAGE.BLOCK, numbered from 1; several "
-                            f"give several pairs of panels per row (default: {SLOT_BLOCK})")
-    runs = p["approximate"].add_mutually_exclusive_group(required=True)
+    p["slots"].add_argument("--block", default=[SLOT_BLOCK], nargs="+", help=f"STAGE.BLOCK, from 1 {default}")
+    runs, flag = p["approximate"].add_mutually_exclusive_group(required=True), p["approximate"].add_argument
     runs.add_argument("--blocks", type=run_argument, metavar="STAGE:I-J", help="replace blocks I+1..J of STAGE by "
                       "a map from h_I to h_J, saved to <output-dir>/approximated.pth")
     runs.add_argument("--search", type=train.at_least(1), metavar="K", help="evaluate the K most redundant runs")
-    p["approximate"].add_argument("--rank-by", default="residual", choices=list(SCORES),
-                                  help="residual (default): relative error of the least-squares fit of T; br: -BR")
-    p["approximate"].add_argument("--translator", nargs="+", default=["linear"], choices=TRANSLATORS,
-                                  help=f"fit these beside linear (the BR paper's Table 4; Adam, {TRANSLATOR_STEPS} "
-                                       f"steps, lr {TRANSLATOR_LR})")
-    p["approximate"].add_argument("--fit-on", help="fit T on this dataset's training images (default: --data)")
-    p["approximate"].add_argument("--latency-rounds", type=train.at_least(1), default=LATENCY_ROUNDS,
-                                  help="default: %(default)s")
+    flag("--rank-by", default="residual", choices=list(SCORES), help=f"residual: the fit's error, br: -BR {default}")
+    flag("--translator", nargs="+", default=["linear"], choices=TRANSLATORS, help=f"the paper's Table 4 {default}")
+    flag("--fit-on", help="fit T on this dataset's training images (default: --data)")
+    flag("--latency-rounds", type=train.at_least(1), default=LATENCY_ROUNDS, help=default)
     return parser.parse_args(argv)
+
+
+COMMANDS = (slots, redundancy, approximate, evaluate)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    commands = {"slots": slots, "redundancy": redundancy, "approximate": approximate, "evaluate": evaluate}
-    return commands[args.command](args)
+    return next(run for run in COMMANDS if run.__name__ == args.command)(args)
 
 
 if __name__ == "__main__":
