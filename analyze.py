@@ -440,7 +440,7 @@ def redundancy_figure(matrices, title=""):
     sizes = [len(m) for m in matrices[METRICS[0]].values()]
     figure = Figure(figsize=(CELL_INCHES * sum(sizes) + 1.2 * len(sizes) + 1,
                              (CELL_INCHES * max(sizes) + 0.8) * len(matrices)), layout="constrained")
-    figure.suptitle(title)
+    figure.suptitle(title, wrap=True)
     axes = figure.subplots(len(matrices), len(sizes), squeeze=False, gridspec_kw=dict(width_ratios=sizes))
     for row, (metric, per_stage) in zip(axes, matrices.items()):
         values = torch.cat([m.flatten() for m in per_stage.values()])
