@@ -13,10 +13,12 @@ import collections
 import contextlib
 import copy
 import dataclasses
+import argparse
 import itertools
 import json
 import math
 import os
+import pathlib
 import re
 import runpy
 import shutil
@@ -24,6 +26,8 @@ import signal
 import subprocess
 import sys
 import time
+import types
+import typing
 import urllib.error
 import warnings
 
@@ -250,7 +254,7 @@ def test_checkpoint_prefers_ema_and_key_selects():
 
 
 def test_checkpoint_of_another_variant_is_named():
-    with pytest.raises(ValueError) as error:
+    with pytest.raises(glnet.InputError) as error:
         glnet.load_checkpoint(glnet.glnet_stl(), {"model": deterministic_state_dict("glnet_4g")})
     message = str(error.value)
     assert "missing: " in message and "unexpected: " in message
@@ -258,7 +262,7 @@ def test_checkpoint_of_another_variant_is_named():
 
 
 def test_checkpoint_with_other_num_classes_lists_shapes():
-    with pytest.raises(ValueError) as error:
+    with pytest.raises(glnet.InputError) as error:
         glnet.load_checkpoint(glnet.glnet_stl(num_classes=10), {"model": deterministic_state_dict("glnet_stl")})
     message = str(error.value)
     assert "0 missing, 0 unexpected, 2 wrongly shaped" in message
@@ -267,10 +271,10 @@ def test_checkpoint_with_other_num_classes_lists_shapes():
 
 
 def test_checkpoint_missing_file_and_unknown_model(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nothing.pth"):
+    with pytest.raises(glnet.InputError, match="cannot read checkpoint .*nothing.pth: No such file or directory"):
         glnet.load_checkpoint(glnet.glnet_stl(), str(tmp_path / "nothing.pth"))
-    with pytest.raises(ValueError, match="known models: glnet_stl, glnet_stl_paramslot, glnet_4g, glnet_9g, glnet_16g, "
-                                         "glnet_4g_tklb, glnet_9g_tklb, glnet_mini"):
+    with pytest.raises(glnet.InputError, match="known models: glnet_stl, glnet_stl_paramslot, glnet_4g, glnet_9g, "
+                                               "glnet_16g, glnet_4g_tklb, glnet_9g_tklb, glnet_mini"):
         glnet.create_model("glnet_8g")
 
 
@@ -297,18 +301,91 @@ def test_create_model_loads_a_checkpoint_path_or_dict(tmp_path):
         # A backbone (num_classes=0) takes a classifier checkpoint without its two classifiers.
         backbone = glnet.create_model("glnet_mini", num_classes=0, checkpoint=str(path)).eval()
         assert torch.equal(backbone(x), model.norm(model.forward_features(x)[-1]).mean(dim=(2, 3)))
-    with pytest.raises(ValueError, match=r"unexpected: token_head.weight, token_head.bias"):
+    with pytest.raises(glnet.InputError, match=r"unexpected: token_head.weight, token_head.bias"):
         glnet.create_model("glnet_mini", num_classes=5, checkpoint=str(path))
-    with pytest.raises(ValueError, match=r"wrongly shaped: head.weight: checkpoint \(5, 256\), model \(1000, 256\)"):
+    with pytest.raises(glnet.InputError, match=r"wrongly shaped: head.weight: checkpoint \(5, 256\), model \(1000, 256"):
         glnet.create_model("glnet_mini", token_head=True, checkpoint=str(path))
 
 
 def test_token_head_checkpoint_in_the_standard_variant_is_named():
-    with pytest.raises(ValueError) as error:
+    with pytest.raises(glnet.InputError) as error:
         glnet.create_model("glnet_4g", checkpoint={"model": deterministic_state_dict("glnet_4g_tklb")})
     message = str(error.value)
     assert "0 missing, 2 unexpected, 0 wrongly shaped" in message
     assert "looks like glnet_4g_tklb(num_classes=1000) exactly" in message
+
+
+class DictConfig:
+    """omegaconf's DictConfig as pickle writes it (omegaconf is not installed): its module and name, metadata that
+    names typing.Any and dict, and the resolver cache, a defaultdict filled item by item."""
+
+    def __init__(self, **content):
+        self._metadata = {"ref_type": typing.Any, "object_type": dict,
+                          "resolver_cache": collections.defaultdict(dict, {"now": {("%Y-%m-%d",): "2024-05-01"}})}
+        self._content = content
+
+
+DictConfig.__module__ = "omegaconf.dictconfig"
+
+
+def save_as_the_released_training(path, weights, args, ema=None):
+    """The file the released training's save_model writes: {'model', 'optimizer', 'epoch', 'scaler', 'args',
+    'model_ema'}, 'args' its hydra config or a Namespace; omegaconf's module exists only while saving."""
+    optimizer = {"state": {0: {"step": torch.tensor(7.0), "exp_avg": torch.arange(3.0)}},
+                 "param_groups": [{"lr": 4e-3, "weight_decay": 0.05, "params": [0]}]}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(sys.modules, "omegaconf", types.ModuleType("omegaconf"))
+        patch.setitem(sys.modules, "omegaconf.dictconfig", types.SimpleNamespace(DictConfig=DictConfig))
+        torch.save({"model": weights, "optimizer": optimizer, "epoch": 299, "scaler": {"scale": 65536.0},
+                    "args": args, "model_ema": weights if ema is None else ema}, path)
+    assert "omegaconf" not in sys.modules
+    return path
+
+
+RELEASED_ARGS = {"DictConfig": DictConfig(model="glnet_mini", lr=None, output_dir="outputs"),
+                 "Namespace": argparse.Namespace(model="glnet_mini", output_dir=pathlib.Path("outputs"),
+                                                 _max_accuracy=np.float64(81.2), nb_classes=np.int64(5))}
+
+
+@pytest.mark.parametrize("args", RELEASED_ARGS)
+def test_the_released_trainings_files_are_read_without_their_classes(args, tmp_path):
+    """What the released training saves, with hydra's config (omegaconf not installed) or a plain script's Namespace
+    (a path and numpy scalars) in 'args': its tensors and plain values come back, 'args' is left out, nothing is
+    imported, the weights load strictly. A truncated copy is named so."""
+    model = mini_with_token_head()
+    path = save_as_the_released_training(tmp_path / "checkpoint-299.pth", model.state_dict(), RELEASED_ARGS[args])
+    checkpoint = glnet.read_checkpoint(str(path))
+    assert sorted(checkpoint) == ["epoch", "model", "model_ema", "optimizer", "scaler"] and checkpoint["epoch"] == 299
+    assert torch.equal(checkpoint["optimizer"]["state"][0]["exp_avg"], torch.arange(3.0))
+    assert checkpoint["scaler"] == {"scale": 65536.0} and "omegaconf" not in sys.modules
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        restored = glnet.create_model("glnet_mini", token_head=True, num_classes=5, checkpoint=str(path)).eval()
+        assert torch.equal(restored(x), model(x))
+    with pytest.raises(glnet.InputError, match=r"wrongly shaped: head.weight: checkpoint \(5, 256\), model \(10, 256"):
+        glnet.create_model("glnet_mini", token_head=True, num_classes=10, checkpoint=str(path))
+    path.write_bytes(file_bytes(path)[:100_000])
+    with pytest.raises(glnet.InputError, match="truncated, or not a torch.save file of tensors and plain values"):
+        glnet.read_checkpoint(str(path))
+
+
+class RunsACommand:
+    """What an attacker's checkpoint holds: unpickling it calls os.system."""
+
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def test_a_checkpoint_that_names_a_function_is_refused_and_runs_nothing(tmp_path):
+    marker, path = tmp_path / "marker", tmp_path / "checkpoint.pth"
+    torch.save({"model": glnet.create_model("glnet_mini").state_dict(), "args": RunsACommand(f"touch {marker}")}, path)
+    with pytest.raises(glnet.InputError, match=f"refusing checkpoint {path}: it names {os.system.__module__}.system, "
+                                               f"which no file of weights and settings needs; nothing in it was run"):
+        glnet.create_model("glnet_mini", checkpoint=str(path))
+    assert not marker.exists()
 
 
 # --- forward, backward and the dense-prediction interface -------------------------------------
@@ -621,49 +698,61 @@ RELEASED_4G_URL = ("https://api.onedrive.com/v1.0/shares/u!aHR0cHM6Ly8xZHJ2Lm1zL
 
 @pytest.fixture
 def torch_home(tmp_path, monkeypatch):
-    """An empty TORCH_HOME whose downloads fail as OneDrive's do for scripts; {url: file} records the attempts."""
+    """An empty TORCH_HOME whose downloads fail as OneDrive's do for scripts, but for the files of `served` ({file
+    name: path}); {url: file} records the attempts."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    attempts = {}
+    attempts, served = {}, {}
 
     def download(url, dst, *args, **kwargs):
         attempts[url] = dst
-        raise urllib.error.HTTPError(url, 403, "Forbidden", None, None)
+        if os.path.basename(dst) not in served:
+            raise urllib.error.HTTPError(url, 403, "Forbidden", None, None)
+        shutil.copyfile(served[os.path.basename(dst)], dst)
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", download)
-    os.makedirs(tmp_path / "torch" / "hub" / "checkpoints")
-    return tmp_path / "torch" / "hub" / "checkpoints", attempts
+    return tmp_path / "torch" / "hub" / "checkpoints", attempts, served
 
 
-def test_pretrained_loads_the_released_file_in_the_hub_folder(torch_home):
-    """As the released code: <torch hub dir>/checkpoints/<name>.pth is loaded as it is ('model'; glnet_16g: its
-    EMA, 'model_ema'), strictly; without it the error names the file to put there and the link to download it."""
-    folder, attempts = torch_home
+def test_pretrained_downloads_to_the_hub_folder_and_reads_the_released_trainings_files(torch_home, tmp_path):
+    """As the released code: <torch hub dir>/checkpoints/<name>.pth, downloaded there when missing, then used as it
+    is: the file the released training wrote (hydra's config in 'args'), its 'model' loaded strictly (glnet_16g: its
+    EMA, 'model_ema'); without it the error names the file to put there and the link to download it."""
+    folder, attempts, served = torch_home
     released = deterministic_state_dict("glnet_stl")
-    torch.save({"model": released, "model_ema": {"head.weight": torch.zeros(1)}}, folder / "glnet_stl.pth")
+    served["glnet_stl.pth"] = save_as_the_released_training(tmp_path / "glnet_stl.pth", released, DictConfig(),
+                                                            ema={"head.weight": torch.zeros(1)})
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         expected = glnet.create_model("glnet_stl", checkpoint={"model": released}).eval()(x)
         torch.testing.assert_close(glnet.create_model("glnet_stl", pretrained=True).eval()(x), expected, rtol=0, atol=0)
-    assert not attempts
+        assert list(attempts.values()) == [str(folder / "glnet_stl.pth")]
+        served.clear()  # the file there is used as it is
+        torch.testing.assert_close(glnet.create_model("glnet_stl", pretrained=True).eval()(x), expected, rtol=0, atol=0)
+    with torch.device("meta"):  # shapes only: the EMA is glnet_16g's, 'model' another variant's
+        save_as_the_released_training(folder / "glnet_16g.pth", glnet.glnet_4g().state_dict(), DictConfig(),
+                                      ema=glnet.glnet_16g().state_dict())
+        glnet.create_model("glnet_16g", pretrained=True)
     torch.save({"model": {}}, folder / "glnet_16g.pth")
     with pytest.raises(KeyError, match="no 'model_ema' entry"):
         glnet.create_model("glnet_16g", pretrained=True)
+    attempts.clear()
 
-    with pytest.raises(RuntimeError) as error:
+    with pytest.raises(glnet.InputError) as error:
         glnet.create_model("glnet_4g", pretrained=True)
     assert list(attempts) == [RELEASED_4G_URL]
     assert f"download it from {glnet.CHECKPOINT_LINKS['glnet_4g']} to {folder / 'glnet_4g.pth'}" in str(error.value)
     assert "HTTP Error 403" in str(error.value) and not (folder / "glnet_4g.pth").exists()
     (folder / "glnet_9g.pth").write_text("<!DOCTYPE html>")  # what a browser may save instead of the file
-    with pytest.raises(RuntimeError) as error:
+    with pytest.raises(glnet.InputError) as error:
         glnet.create_model("glnet_9g", pretrained=True)
     assert "could not be downloaded or read" in str(error.value) and str(folder / "glnet_9g.pth") in str(error.value)
-    with pytest.raises(ValueError, match="pretrained=True takes no checkpoint and one of glnet_stl, .*, got 'glnet_mini'"):
+    with pytest.raises(glnet.InputError, match="pretrained=True takes no checkpoint and one of glnet_stl, .*'glnet_mini'"):
         glnet.create_model("glnet_mini", pretrained=True)
 
 
 def test_torch_hub_loads_every_released_variant(torch_home):
-    folder, attempts = torch_home
+    folder, attempts, _ = torch_home
+    os.makedirs(folder)
     with torch.device("meta"):
         for name in glnet.RELEASED:
             model = torch.hub.load(HERE, name, source="local", num_classes=10)
@@ -2555,9 +2644,9 @@ def test_pretrained_backbone_is_loaded_and_the_detectors_freeze_its_batchnorms(c
     segmentation = dense_trainer("semfpn", args + SEGMENTATION[2:]).model.backbone.body
     assert sum(isinstance(m, nn.BatchNorm2d) for m in segmentation.modules()) == len(norms) - 1  # they train
 
-    with pytest.raises(FileNotFoundError, match="nothere.pth"):
+    with pytest.raises(glnet.InputError, match="nothere.pth"):
         dense_trainer("maskrcnn", [*args[:-1], str(tmp_path / "nothere.pth"), *SMALL_DETECTOR])
-    with pytest.raises(ValueError, match="missing"):
+    with pytest.raises(glnet.InputError, match="missing"):
         dense_trainer("maskrcnn", [*args, *SMALL_DETECTOR, "--model", "glnet_4g"])
 
 
