@@ -34,6 +34,7 @@ from torchvision.utils import make_grid
 
 import glnet
 import train
+from glnet import InputError
 
 # --- Config ----------------------------------------------------------------------------------------
 
@@ -90,7 +91,7 @@ def eval_transform(settings):  # as train.py evaluates the checkpoint
 def dataset(settings, split):
     """A split of the checkpoint's data (None: the built-in shapes), transformed as for evaluation."""
     if "data" not in settings:
-        raise ValueError("the checkpoint was not written by this project, so it does not say which data it is "
+        raise InputError("the checkpoint was not written by this project, so it does not say which data it is "
                          "for: pass --data")
     folder = settings["data"] or train.builtin_dataset(settings["cache_dir"], train.SHAPES_VERSION,
                                                        train.make_shapes_dataset)
@@ -165,7 +166,7 @@ def slots(args):
     blocks = {f"{int(name.split('.')[1]) + 1}.{int(name.split('.')[3]) + 1}": name  # '3.1': 'stages.2.blocks.0'
               for name, m in model.named_modules() if isinstance(m, glnet.GLMixBlock)}
     if set(args.block) - set(blocks):
-        raise ValueError(f"--block {' '.join(sorted(set(args.block) - set(blocks)))}: not a GLMix block of "
+        raise InputError(f"--block {' '.join(sorted(set(args.block) - set(blocks)))}: not a GLMix block of "
                          f"{settings['model']}; its GLMix blocks (STAGE.BLOCK): {', '.join(blocks)}")
     transform = eval_transform(settings)
     x = torch.stack([transform(train.load_image(path)) for path in args.image])
@@ -435,7 +436,7 @@ def print_table(results, scores, rank_by):
 def approximate(args):
     model, settings = load(args)
     if args.blocks and not replaceable(model, args.blocks):
-        raise ValueError(f"--blocks {label(args.blocks)}: this model has no such blocks, or some were already "
+        raise InputError(f"--blocks {label(args.blocks)}: this model has no such blocks, or some were already "
                          f"replaced (its stages have {', '.join(str(len(s.blocks)) for s in model.stages)} blocks)")
     translators = list(dict.fromkeys(["linear", *args.translator]))
     statistics = calibrate(args, model, settings, [args.blocks[0]] if args.blocks else [1, 2, 3, 4],
@@ -479,7 +480,7 @@ def evaluate(args):
 # --- Command line --------------------------------------------------------------------------------
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = train.Parser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     p = {name: commands.add_parser(name, help=text) for name, text in (
         ("slots", "Figures 5 and 6: the slots of GLMix blocks"),

@@ -950,11 +950,22 @@ def settings(*argv):
     (["--interpolation", "nearest"], "argument --interpolation: invalid choice: 'nearest'"),
     (["--teacher", "teacher.pth"], "--make-token-labels DIR and --teacher CHECKPOINT go together"),
     (["--eval"], "--eval needs --checkpoint FILE"),
+    (["--crop-pct", "0"], "argument --crop-pct: must be greater than 0 and at most 1, got 0"),
+    (["--crop-pct", "1.5"], "argument --crop-pct: must be greater than 0 and at most 1, got 1.5"),
+    (["--lr", "0"], "argument --lr: must be greater than 0, got 0"),
+    (["--label-smoothing", "nan"], "argument --label-smoothing: must be at least 0 and at most 1, got nan"),
+    (["--weight-decay", "-0.05"], "argument --weight-decay: must be at least 0, got -0.05"),
+    (["--lr-steps", "8", "0"], "argument --lr-steps: must be at least 1, got 0"),
+    (["--seed", "-1"], "argument --seed: must be at least 0, got -1"),
+    (["--epochs", "ten"], "argument --epochs: invalid int value: 'ten'"),
 ])
 def test_bad_flags_are_usage_errors(argv, message, capsys):
+    """One line, `prog: error: ... (see prog --help)`, exit status 2: every numeric flag has its range."""
     with pytest.raises(SystemExit) as exit_info:
         train.main(argv)
-    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    stderr = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in stderr
+    assert re.fullmatch(r"(\S+): error: .* \(see \1 --help\)\n", stderr), stderr
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -964,7 +975,7 @@ def test_bad_flags_are_usage_errors(argv, message, capsys):
     (["--token-labels", "labels", "--cutmix", "1.0"], "pass --mixup 0 --cutmix 0 (got 0.0, 1.0)"),
 ])
 def test_runs_that_cannot_do_what_they_say_are_refused(argv, message, tmp_path):
-    with pytest.raises(ValueError, match=re.escape(message)):
+    with pytest.raises(glnet.InputError, match=re.escape(message)):
         train.main([*argv, "--output-dir", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
 
@@ -1139,22 +1150,22 @@ def test_bad_data_layouts_are_named(tmp_path, data):
     def run(folder):
         train.main(["--data", str(folder), "--output-dir", str(tmp_path / "out"), *TINY])
 
-    with pytest.raises(FileNotFoundError, match="No such file or directory: .*nope/train'; expected the ImageNet layout"):
+    with pytest.raises(glnet.InputError, match="No such file or directory: .*nope/train'; expected the ImageNet layout"):
         run(tmp_path / "nope")
     (tmp_path / "empty" / "train" / "cat").mkdir(parents=True)
-    with pytest.raises(FileNotFoundError, match="Found no valid file for the classes cat.*empty/train/<class>/<image>"):
+    with pytest.raises(glnet.InputError, match="Found no valid file for the classes cat.*empty/train/<class>/<image>"):
         run(tmp_path / "empty")
     shutil.copytree(os.path.join(data, "train"), tmp_path / "flat" / "train")
     (tmp_path / "flat" / "val").mkdir(parents=True)
     (tmp_path / "flat" / "val" / "ILSVRC2012_val_00000001.JPEG").write_bytes(b"")
-    with pytest.raises(FileNotFoundError, match="Couldn't find any class folder in .*flat/val"):
+    with pytest.raises(glnet.InputError, match="Couldn't find any class folder in .*flat/val"):
         run(tmp_path / "flat")
     shutil.copytree(os.path.join(data, "train"), tmp_path / "noval" / "train")
-    with pytest.raises(FileNotFoundError, match="noval/val'; expected the ImageNet layout"):
+    with pytest.raises(glnet.InputError, match="noval/val'; expected the ImageNet layout"):
         run(tmp_path / "noval")
     shutil.copytree(data, tmp_path / "mismatch")
     os.rename(tmp_path / "mismatch" / "val" / "square", tmp_path / "mismatch" / "val" / "ring")
-    with pytest.raises(ValueError, match=r"mismatch/val differ in \['ring', 'square'\]"):
+    with pytest.raises(glnet.InputError, match=r"mismatch/val differ in \['ring', 'square'\]"):
         run(tmp_path / "mismatch")
     assert not (tmp_path / "out").exists()
 
@@ -1162,8 +1173,10 @@ def test_bad_data_layouts_are_named(tmp_path, data):
 def test_usage_errors_of_the_three_scripts_are_one_line_with_status_2(tmp_path, data, capsys, monkeypatch):
     """As users run them (`python train.py ...` in a process of its own, the others' __main__ in this one): a
     truncated last.pth on resume, a flat ImageNet val/ (as its tarball unpacks), a truncated checkpoint given to
-    detect_seg.py and analyze.py, a COCO folder without annotations: argparse's one line on stderr, exit status 2,
-    nothing written."""
+    detect_seg.py and analyze.py, a COCO folder without annotations, a checkpoint that would run a command, a bad
+    flag of each script: one line on stderr, exit status 2, nothing written, nothing run."""
+    attack, marker = tmp_path / "attack.pth", tmp_path / "marker"
+    torch.save({"model": {}, "args": RunsACommand(f"touch {marker}")}, attack)
     checkpoint = tmp_path / "resumed" / "last.pth"
     os.makedirs(checkpoint.parent)
     torch.save({"model": glnet.create_model("glnet_mini", num_classes=3).state_dict()}, checkpoint)
@@ -1183,7 +1196,15 @@ def test_usage_errors_of_the_three_scripts_are_one_line_with_status_2(tmp_path, 
             ("detect_seg.py", "--eval", "--checkpoint", str(checkpoint)): f"detect_seg.py: {truncated}",
             ("analyze.py", "evaluate", "--checkpoint", str(checkpoint)): f"analyze.py: {truncated}",
             ("detect_seg.py", "--task", "maskrcnn", "--data", str(tmp_path), "--output-dir", str(tmp_path / "out")):
-            f"detect_seg.py: error: {tmp_path}/annotations/instances_train2017.json not found: expected the COCO"}
+            f"detect_seg.py: error: {tmp_path}/annotations/instances_train2017.json not found: expected the COCO",
+            ("train.py", "--eval", "--checkpoint", str(attack), "--model", "glnet_mini"):
+            f"train.py: error: refusing checkpoint {attack}: it names {os.system.__module__}.system",
+            ("train.py", "--crop-pct", "0"): "train.py: error: argument --crop-pct: must be greater than 0 and at most 1, "
+                                             "got 0 (see train.py --help)",
+            ("detect_seg.py", "--score-threshold", "2"): "detect_seg.py: error: argument --score-threshold: must be at "
+                                                         "least 0 and at most 1, got 2 (see detect_seg.py --help)",
+            ("analyze.py", "approximate", "--checkpoint", "x.pth", "--search", "0"): "analyze.py approximate: error: "
+            "argument --search: must be at least 1, got 0 (see analyze.py approximate --help)"}
     for argv, message in runs.items():
         monkeypatch.setattr(sys, "argv", [os.path.join(HERE, argv[0]), *argv[1:]])
         with pytest.raises(SystemExit) as exit_info:
@@ -1192,23 +1213,23 @@ def test_usage_errors_of_the_three_scripts_are_one_line_with_status_2(tmp_path, 
         assert exit_info.value.code == 2 and stderr.count("\n") == 1 and stderr.startswith(message), stderr
     _, stderr = resumed.communicate(timeout=120)
     assert resumed.returncode == 2 and stderr.count("\n") == 1 and stderr.startswith(f"train.py: {truncated}"), stderr
-    assert os.listdir(checkpoint.parent) == ["last.pth"] and not (tmp_path / "out").exists()
+    assert os.listdir(checkpoint.parent) == ["last.pth"] and not (tmp_path / "out").exists() and not marker.exists()
 
 
 def test_only_input_errors_become_one_line(capsys, monkeypatch):
-    """train.run, the scripts' __main__: the errors this project raises about its input (ValueError, OSError) end as
-    one line and exit status 2; any other keeps its traceback."""
+    """train.run, the scripts' __main__: the errors this project raises about its input (glnet.InputError) end as
+    one line and exit status 2; any other, of whatever type, keeps its traceback."""
     def fail(error):
         raise error
 
     monkeypatch.setattr(sys, "argv", ["/somewhere/train.py", "--data", "x"])
-    for error in (ValueError("the data is bad"), FileNotFoundError(2, "No such file or directory", "x/train")):
-        with pytest.raises(SystemExit) as exit_info:
-            train.run(lambda: fail(error))
-        assert exit_info.value.code == 2 and capsys.readouterr().err == f"train.py: error: {error}\n"
-    with pytest.raises(KeyError, match="a bug"):
-        train.run(lambda: fail(KeyError("a bug")))
-    assert capsys.readouterr().err == ""
+    with pytest.raises(SystemExit) as exit_info:
+        train.run(lambda: fail(glnet.InputError("the data is bad")))
+    assert exit_info.value.code == 2 and capsys.readouterr().err == "train.py: error: the data is bad\n"
+    for bug in (ValueError("a bug"), FileNotFoundError(2, "No such file or directory", "a bug"), KeyError("a bug")):
+        with pytest.raises(type(bug), match="a bug"):
+            train.run(lambda: fail(bug))
+        assert capsys.readouterr().err == ""
 
 
 def test_unreadable_image_is_named(tmp_path, data):
@@ -1216,7 +1237,7 @@ def test_unreadable_image_is_named(tmp_path, data):
     shutil.copytree(data, broken)
     bad = broken / "train" / "square" / "00003.png"
     bad.write_bytes(b"not a png")
-    with pytest.raises(OSError, match=f"cannot read image {bad}"):
+    with pytest.raises(glnet.InputError, match=f"cannot read image {bad}"):
         train.main(["--data", str(broken), "--output-dir", str(tmp_path / "out"), "--epochs", "1", *TINY,
                     "--repeated-aug", "1"])  # every image in the epoch
     assert not (tmp_path / "out" / "last.pth").exists()
@@ -1242,10 +1263,10 @@ def test_resuming_another_model_or_class_count_fails_and_touches_nothing(tmp_pat
     train.main(["--data", data, "--output-dir", str(out), "--epochs", "1", *TINY])
     before = {name: file_bytes(out / name) for name in os.listdir(out)}
     other = train.make_shapes_dataset(str(tmp_path / "two"), 4, 2, 40, classes=("circle", "ring"))
-    with pytest.raises(ValueError, match="is a classification checkpoint of glnet_mini with 3 classes, but this run "
+    with pytest.raises(glnet.InputError, match="is a classification checkpoint of glnet_mini with 3 classes, but this run "
                                          "trains classification with glnet_mini and 2 classes"):
         train.main(["--data", other, "--output-dir", str(out), "--epochs", "1", *TINY])
-    with pytest.raises(ValueError, match="checkpoint of glnet_mini with 3 classes, but this run trains classification "
+    with pytest.raises(glnet.InputError, match="checkpoint of glnet_mini with 3 classes, but this run trains classification "
                                          "with glnet_stl and 3 classes"):
         train.main(["--data", data, "--output-dir", str(out), "--epochs", "1", *TINY, "--model", "glnet_stl"])
     assert {name: file_bytes(out / name) for name in os.listdir(out)} == before
@@ -1314,11 +1335,11 @@ def test_eval_of_a_checkpoint_from_elsewhere(tmp_path, data):
     model = glnet.create_model("glnet_mini", num_classes=3).eval()
     path = str(tmp_path / "foreign.pth")
     torch.save({"model_ema": torch.optim.swa_utils.AveragedModel(model).state_dict()}, path)
-    with pytest.raises(ValueError, match="does not say which model it holds: pass --model"):
+    with pytest.raises(glnet.InputError, match="does not say which model it holds: pass --model"):
         train.main(["--eval", "--checkpoint", path])
-    with pytest.raises(ValueError, match="does not say which data it is for: pass --data"):
+    with pytest.raises(glnet.InputError, match="does not say which data it is for: pass --data"):
         train.main(["--eval", "--checkpoint", path, "--model", "glnet_mini"])
-    with pytest.raises(ValueError, match="checkpoint does not match GLNet"):
+    with pytest.raises(glnet.InputError, match="checkpoint does not match GLNet"):
         train.main(["--eval", "--checkpoint", path, "--model", "glnet_4g", "--data", data, "--workers", "0"])
     metrics = train.main(["--eval", "--checkpoint", path, "--model", "glnet_mini", "--data", data,
                           "--image-size", "32", "--workers", "0"])
@@ -1935,7 +1956,7 @@ def test_token_labeling_demo_teacher_labels_student_eval(tmp_path, five_classes)
     assert metrics["images"] == 15 and metrics["top1"] == pytest.approx(max(record["val_top1"], record["ema_top1"]))
 
     before = {name: file_bytes(os.path.join(teacher_dir, name)) for name in os.listdir(teacher_dir)}
-    with pytest.raises(ValueError, match="differ in token_head.bias, token_head.weight"):
+    with pytest.raises(glnet.InputError, match="differ in token_head.bias, token_head.weight"):
         train.main(["--token-labels", labels, "--data", five_classes, "--output-dir", teacher_dir, *small])
     assert {name: file_bytes(os.path.join(teacher_dir, name)) for name in os.listdir(teacher_dir)} == before
 
@@ -1953,23 +1974,23 @@ def test_bad_label_maps_are_named_before_training(tmp_path, five_classes):
     index = dataset.images.samples.index((image, dataset.images.class_to_idx["ring"]))
 
     torch.save(torch.zeros(5, 3, 3), label_map)
-    with pytest.raises(ValueError, match=f"the label map {label_map} of {image} holds shape \\(5, 3, 3\\); expected a "
+    with pytest.raises(glnet.InputError, match=f"the label map {label_map} of {image} holds shape \\(5, 3, 3\\); expected a "
                                          r"tensor \(2, 5, H, W\): the teacher's top-5 logits and their class indices"):
         dataset[index]
     torch.save(torch.full((2, 5, 3, 3), 7.0), label_map)
-    with pytest.raises(ValueError, match=r"holds class indices 7-7; expected .* class indices \(0-4\)"):
+    with pytest.raises(glnet.InputError, match=r"holds class indices 7-7; expected .* class indices \(0-4\)"):
         dataset[index]
     os.remove(label_map)
-    with pytest.raises(FileNotFoundError, match=f"1 of 30 training images have no label map, e.g. {image}: expected "
+    with pytest.raises(glnet.InputError, match=f"1 of 30 training images have no label map, e.g. {image}: expected "
                                                 f"{label_map}, a tensor \\(2, 5, H, W\\)"):
         train.main([*args, "--token-labels", labels])
     shutil.rmtree(os.path.join(labels, "ring"))
-    with pytest.raises(FileNotFoundError, match="6 of 30 training images have no label map"):
+    with pytest.raises(glnet.InputError, match="6 of 30 training images have no label map"):
         train.main([*args, "--token-labels", labels])
-    with pytest.raises(FileNotFoundError, match="30 of 30 training images have no label map, e.g. .*nowhere/"):
+    with pytest.raises(glnet.InputError, match="30 of 30 training images have no label map, e.g. .*nowhere/"):
         train.main([*args, "--token-labels", str(tmp_path / "nowhere")])
     assert not (tmp_path / "out").exists()
-    with pytest.raises(FileExistsError, match=f"{labels} is not empty"):
+    with pytest.raises(glnet.InputError, match=f"{labels} is not empty"):
         train.main(["--make-token-labels", labels, "--teacher", "teacher.pth"])
 
 
@@ -2198,7 +2219,7 @@ def test_slots_figure_rows_and_panels(checkpoint, tiny_data, tmp_path):
     assert [t.get_text() for t in figure.axes[9].texts] == [str(slot) for slot in chosen]
     with pytest.raises(ValueError, match=r"--block 4\.1: not a GLMix block .* 1\.1, 2\.1, 3\.1, 3\.3"):
         analyze.main(["slots", "--checkpoint", checkpoint, "--image", images[0], "--block", "4.1", "3.1"])
-    with pytest.raises(OSError, match="cannot read image missing.png"):
+    with pytest.raises(glnet.InputError, match="cannot read image missing.png"):
         analyze.main(["slots", "--checkpoint", checkpoint, "--image", "missing.png"])
 
 
@@ -2338,39 +2359,39 @@ def test_bad_dense_data_and_flags_are_named_before_training(tmp_path, scenes, ca
     out = ["--output-dir", str(tmp_path / "out")]
     coco = tmp_path / "coco"
     os.makedirs(coco / "annotations")
-    with pytest.raises(FileNotFoundError, match="instances_train2017.json not found: expected the COCO 2017 layout"):
+    with pytest.raises(glnet.InputError, match="instances_train2017.json not found: expected the COCO 2017 layout"):
         detect_seg.main(["--task", "maskrcnn", "--data", str(coco), *out])
     ann_file = coco / "annotations" / "instances_train2017.json"
     ann_file.write_text(open(os.path.join(scenes, "annotations", "instances_train2017.json")).read())
-    with pytest.raises(FileNotFoundError, match="train2017 not found: expected the COCO 2017 layout"):
+    with pytest.raises(glnet.InputError, match="train2017 not found: expected the COCO 2017 layout"):
         detect_seg.main(["--task", "maskrcnn", "--data", str(coco), *out])
     os.symlink(os.path.join(scenes, "train2017"), coco / "train2017")
     ann_file.write_text(ann_file.read_text()[:500])  # truncated
-    with pytest.raises(ValueError, match=f"{ann_file} is not valid JSON .*expected a COCO instances file"):
+    with pytest.raises(glnet.InputError, match=f"{ann_file} is not valid JSON .*expected a COCO instances file"):
         detect_seg.main(["--task", "maskrcnn", "--data", str(coco), *out])
     ann_file.write_text(json.dumps({"images": []}))
-    with pytest.raises(ValueError, match="has no 'annotations', 'categories' entry"):
+    with pytest.raises(glnet.InputError, match="has no 'annotations', 'categories' entry"):
         detect_seg.main(["--task", "maskrcnn", "--data", str(coco), *out])
 
     ade = tmp_path / "ade"
     os.makedirs(ade / "images" / "training")
-    with pytest.raises(FileNotFoundError, match="annotations/training not found; expected the ADEChallengeData2016"):
+    with pytest.raises(glnet.InputError, match="annotations/training not found; expected the ADEChallengeData2016"):
         detect_seg.main(["--task", "semfpn", "--data", str(ade), *out])
     ade = ade20k_folder(tmp_path / "ade2", [(40, 30), (40, 30)], [(40, 30)])
     os.remove(os.path.join(ade, "annotations", "training", "0001.png"))
-    with pytest.raises(FileNotFoundError, match="1 image.* have no label PNG in .*annotations/training, e.g. 0001.png"):
+    with pytest.raises(glnet.InputError, match="1 image.* have no label PNG in .*annotations/training, e.g. 0001.png"):
         detect_seg.main(["--task", "semfpn", "--data", ade, *out])
     wrong = os.path.join(ade, "annotations", "training", "0001.png")
     Image.fromarray(np.ones((30, 40), np.uint8)).save(wrong)
-    with pytest.raises(ValueError, match=f"label {wrong} is 40x30 but its image .*0001.jpg is 30x40"):
+    with pytest.raises(glnet.InputError, match=f"label {wrong} is 40x30 but its image .*0001.jpg is 30x40"):
         detect_seg.main(["--task", "semfpn", "--data", ade, *out])
 
-    with pytest.raises(ValueError, match="12 training images are fewer than one global batch of 16"):
+    with pytest.raises(glnet.InputError, match="12 training images are fewer than one global batch of 16"):
         detect_seg.main([*SEGMENTATION, "--cache-dir", str(cache_dir), *out, "--batch-size", "8", "--accum-steps", "2"])
     classifier = tmp_path / "classifier.pth"
     torch.save({"model": glnet.create_model("glnet_mini", num_classes=3).state_dict(), "task": "classification",
                 "args": {"model": "glnet_mini"}, "num_classes": 3}, classifier)
-    with pytest.raises(ValueError, match="names the task None, not one of maskrcnn, .*: not detect_seg.py's"):
+    with pytest.raises(glnet.InputError, match="names the task None, not one of maskrcnn, .*: not detect_seg.py's"):
         detect_seg.main(["--eval", "--checkpoint", str(classifier)])
     assert not (tmp_path / "out").exists()
     for argv, message in ((["--data", str(coco)], "--task is required with --data"), (["--task", "yolo"], "invalid choice"),
@@ -3239,7 +3260,7 @@ def test_semantic_fpn_training_lowers_the_loss_and_resumes(cache_dir, tmp_path, 
     assert os.path.isfile(tmp_path / "semfpn" / "best.pth")
 
     before = {name: file_bytes(tmp_path / "semfpn" / name) for name in os.listdir(tmp_path / "semfpn")}
-    with pytest.raises(ValueError, match="is a semfpn checkpoint of glnet_mini with 4 classes, but this run trains "
+    with pytest.raises(glnet.InputError, match="is a semfpn checkpoint of glnet_mini with 4 classes, but this run trains "
                                          "semfpn with glnet_4g and 4 classes"):
         detect_seg.main(args + ["--iters", "18", "--model", "glnet_4g"])
     assert {name: file_bytes(tmp_path / "semfpn" / name) for name in os.listdir(tmp_path / "semfpn")} == before
@@ -3319,14 +3340,14 @@ def test_mask_rcnn_run_evaluates_and_predict_draws(cache_dir, scenes, tmp_path, 
     evaluated = detect_seg.main(["--task", "maskrcnn", "--eval", "--cache-dir", str(cache_dir),
                                  "--output-dir", str(tmp_path), *QUIET])["maskrcnn"]
     assert evaluated["bbox_AP"] == pytest.approx(results["bbox_AP"], abs=1e-6)
-    with pytest.raises(ValueError, match="best.pth is a maskrcnn checkpoint, not semfpn: pass --task maskrcnn"):
+    with pytest.raises(glnet.InputError, match="best.pth is a maskrcnn checkpoint, not semfpn: pass --task maskrcnn"):
         detect_seg.main(["--task", "semfpn", "--eval", "--checkpoint", str(tmp_path / "maskrcnn" / "best.pth")])
 
     image = os.path.join(scenes, "val2017", sorted(os.listdir(os.path.join(scenes, "val2017")))[0])
     detect_seg.main(["--output-dir", str(tmp_path), "--predict", image, "--score-threshold", "0.0", *QUIET])
     assert drawn_differs(image, tmp_path / f"{os.path.basename(image)[:-4]}_maskrcnn.png")
     assert " detection(s) with score >= 0.0: " in capsys.readouterr().out
-    with pytest.raises(OSError, match="nothere.png"):
+    with pytest.raises(glnet.InputError, match="nothere.png"):
         detect_seg.main(["--output-dir", str(tmp_path), "--predict", str(tmp_path / "nothere.png")])
 
 
