@@ -406,6 +406,23 @@ def label_categories(task, classes):  # label -> category id; Mask R-CNN's label
     return torch.tensor([-1] * (task == "maskrcnn") + sorted(classes))
 
 
+def read_checkpoint(path):
+    """glnet.read_checkpoint; a detector of the heads that had a row per id (COCO: 91) gets its categories' rows."""
+    checkpoint = glnet.read_checkpoint(path)
+    task, classes, old = checkpoint.get("task"), checkpoint.get("classes"), checkpoint.get("num_classes")
+    if task in ("maskrcnn", "retinanet") and old == max(classes) + 1 != len(label_categories(task, classes)):
+        rows = label_categories(task, classes).clamp(min=0)   # the categories' ids; Mask R-CNN's background: 0
+        # the class layers' rows per class (4 box deltas), RetinaNet's for every anchor in turn
+        layers = {"roi_heads.box_predictor.cls_score": 1, "roi_heads.box_predictor.bbox_pred": 4,
+                  "roi_heads.mask_predictor.mask_fcn_logits": 1, "head.classification_head.cls_logits": 1}
+        for state_dict in (checkpoint["model"], checkpoint.get("model_ema") or {}):
+            for name, value in state_dict.items():   # the EMA's names begin with `module.`
+                if per_class := layers.get(name.removeprefix("module.").rsplit(".", 1)[0]):
+                    state_dict[name] = value.unflatten(0, (-1, old, per_class))[:, rows].flatten(0, 2)
+        checkpoint["num_classes"] = len(rows)
+    return checkpoint
+
+
 def detections_to_coco(output, image_id, categories):
     """One image's detections as COCO results, as torchvision's CocoEvaluator prepares them: box records with
     full-precision XYWH boxes; with masks, records of RLE masks (> 0.5) without a box, so that pycocotools takes
@@ -534,7 +551,7 @@ def predict(image_path, checkpoint_path, output_path=None, output_dir=OUTPUT_DIR
     """Draw the detections (boxes, classes, scores, masks) or the segmentation of one image into a PNG (by default
     output_dir/<image name>_<task>.png)."""
     image = v2.functional.pil_to_tensor(train.load_image(image_path))
-    model, checkpoint = train.load_trained(checkpoint_path, build_model)
+    model, checkpoint = train.load_trained(checkpoint_path, build_model, read_checkpoint)
     names, x = checkpoint["classes"], image.float() / 255
     if TASKS[checkpoint["task"]].segmentation:
         labels = segment(model, x[None], checkpoint["args"]["scale"])[0].argmax(0)
@@ -709,7 +726,7 @@ def main(argv=None):
         return predict(args.predict, checkpoint, vars(args).get("predict_output"), output_dir, args.score_threshold)
     with train.distributed() as (rank, world_size, device):
         if "eval" in args:   # on the validation set the checkpoint was trained with, or on --data
-            model, trained = train.load_trained(checkpoint, build_model, **given)
+            model, trained = train.load_trained(checkpoint, build_model, read_checkpoint, **given)
             task = trained["task"]
             if tasks and tasks[0] != task:
                 raise InputError(f"{checkpoint} is a {task} checkpoint, not {tasks[0]}: pass --task {task}")

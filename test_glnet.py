@@ -2477,21 +2477,26 @@ def test_training_keeps_every_object_overlapping_the_image_its_box_clipped(tmp_p
     assert torch.isfinite(loss)   # a box 0.4 px wide trains too
 
 
-def test_detectors_predict_only_the_datasets_categories(tmp_path, scenes, capsys, monkeypatch):
-    """On COCO's 80 categories (ids 1-90 with gaps), the scenes' shapes as person (1), car (3) and toothbrush (90):
-    the heads have a class per category (and Mask R-CNN's background), as the paper's parameter counts assume; the
-    targets carry contiguous labels; evaluation records, --predict and the checkpoint's class names carry the ids."""
+@pytest.fixture(scope="module")
+def coco_categories(tmp_path_factory, scenes):
+    """(COCO folder, categories): the scenes on COCO's 80 categories (ids 1-90 with gaps), their shapes as person (1),
+    car (3) and toothbrush (90)."""
     coco_names = MaskRCNN_ResNet50_FPN_Weights.DEFAULT.meta["categories"]   # index = COCO id, "N/A" = no category
     categories = [dict(id=i, name=name) for i, name in enumerate(coco_names) if name not in ("__background__", "N/A")]
-    ids = {1: 1, 2: 3, 3: 90}   # the scenes' square, circle, triangle
-    os.makedirs(tmp_path / "coco" / "annotations")
+    ids, folder = {1: 1, 2: 3, 3: 90}, tmp_path_factory.mktemp("coco")   # the scenes' square, circle, triangle
+    os.makedirs(folder / "annotations")
     for split in ("train", "val"):
         with open(os.path.join(scenes, "annotations", f"instances_{split}2017.json")) as f:
             data = json.load(f)
         data.update(categories=categories, annotations=[dict(a, category_id=ids[a["category_id"]])
                                                         for a in data["annotations"]])
-        (tmp_path / "coco" / "annotations" / f"instances_{split}2017.json").write_text(json.dumps(data))
-        os.symlink(os.path.join(scenes, f"{split}2017"), tmp_path / "coco" / f"{split}2017")
+        (folder / "annotations" / f"instances_{split}2017.json").write_text(json.dumps(data))
+        os.symlink(os.path.join(scenes, f"{split}2017"), folder / f"{split}2017")
+    return str(folder), categories
+
+
+def record_coco_results(monkeypatch):
+    """The COCO results that evaluation hands pycocotools, as they are scored."""
     records = []
 
     class RecordingCOCOeval(COCOeval):
@@ -2500,9 +2505,18 @@ def test_detectors_predict_only_the_datasets_categories(tmp_path, scenes, capsys
             super().__init__(ground_truth, detections, iou_type)
 
     monkeypatch.setattr(detect_seg, "COCOeval", RecordingCOCOeval)
+    return records
+
+
+def test_detectors_predict_only_the_datasets_categories(tmp_path, scenes, coco_categories, capsys, monkeypatch):
+    """On COCO's 80 categories (ids 1-90 with gaps), the scenes' shapes as person (1), car (3) and toothbrush (90):
+    the heads have a class per category (and Mask R-CNN's background), as the paper's parameter counts assume; the
+    targets carry contiguous labels; evaluation records, --predict and the checkpoint's class names carry the ids."""
+    folder, categories = coco_categories
+    records = record_coco_results(monkeypatch)
     coco_ids, trainers = {c["id"] for c in categories}, {}
     for task, first_label in (("maskrcnn", 1), ("retinanet", 0)):
-        trainer = trainers[task] = dense_trainer(task, ["--task", task, "--data", str(tmp_path / "coco"),
+        trainer = trainers[task] = dense_trainer(task, ["--task", task, "--data", folder,
                                                         "--output-dir", str(tmp_path), *SMALL_DETECTOR])
         model, train_set = trainer.model, trainer.task.train_set
         assert trainer.task.num_classes == detect_seg.TASKS[task].report_classes == 80 + first_label
@@ -2535,6 +2549,40 @@ def test_detectors_predict_only_the_datasets_categories(tmp_path, scenes, capsys
                      "--predict-output", str(tmp_path / "drawn.png")])
     captions = capsys.readouterr().out.split(": ")[2].split("; drawn")[0].split(", ")
     assert len(captions) > 10 and set(captions) == {"toothbrush 1.00"}
+
+
+@pytest.mark.parametrize("task", ["maskrcnn", "retinanet"])
+def test_detectors_with_a_class_per_coco_id_load_with_their_categories_rows(task, scenes, coco_categories, tmp_path,
+                                                                           capsys, monkeypatch):
+    """A detector saved while its heads had a class per id up to the largest (COCO: 91, row 0 the background) loads
+    for --predict and --eval with its categories' rows, as the heads have them now: the same boxes, scores and masks,
+    each labelled with its category."""
+    folder, categories = coco_categories
+    settings = dataclasses.asdict(detect_seg.make_settings(task, detect_seg.parse_args(SMALL_DETECTOR)[1]))
+    torch.manual_seed(0)
+    old = detect_seg.build_model(settings, 91).eval()
+    classifier = old.roi_heads.box_predictor.cls_score if task == "maskrcnn" else old.head.classification_head.cls_logits
+    with torch.no_grad():   # whatever a box is, it is a toothbrush (row 90, after RetinaNet's every anchor)
+        classifier.weight.zero_()
+        classifier.bias.copy_(torch.where(torch.arange(len(classifier.bias)) % 91 == 90, 8.0, -100.0))
+    path, ema = tmp_path / "old.pth", torch.optim.swa_utils.AveragedModel(old).state_dict()   # loaded, as preferred
+    torch.save({"model": old.state_dict(), "model_ema": ema, "task": task, "args": settings, "num_classes": 91,
+                "classes": {c["id"]: c["name"] for c in categories}}, path)
+    image = os.path.join(scenes, "val2017", sorted(os.listdir(os.path.join(scenes, "val2017")))[0])
+    detect_seg.main(["--predict", image, "--checkpoint", str(path), "--predict-output", str(tmp_path / "drawn.png")])
+    assert set(capsys.readouterr().out.split(": ")[2].split("; drawn")[0].split(", ")) == {"toothbrush 1.00"}
+    records = record_coco_results(monkeypatch)
+    detect_seg.main(["--eval", "--checkpoint", str(path), "--data", folder])
+    assert records and {r["category_id"] for r in records} == {90}
+
+    x = v2.functional.pil_to_tensor(Image.open(image).convert("RGB")).float() / 255
+    model, checkpoint = train.load_trained(str(path), detect_seg.build_model, detect_seg.read_checkpoint)
+    with torch.no_grad():
+        expected, found = old([x])[0], model([x])[0]
+    assert expected["labels"].eq(90).all() and len(found["labels"]) > 10
+    assert detect_seg.label_categories(task, checkpoint["classes"])[found["labels"]].eq(90).all()
+    for key in expected.keys() - {"labels"}:   # boxes, scores and Mask R-CNN's masks
+        torch.testing.assert_close(found[key], expected[key], rtol=0, atol=0)
 
 
 # --- models ----------------------------------------------------------------------------------------

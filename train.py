@@ -439,10 +439,10 @@ class Trainer:
         return record
 
 
-def load_trained(path, build, **given):
+def load_trained(path, build, read=glnet.read_checkpoint, **given):
     """(model in eval mode, checkpoint) of a checkpoint file of this project (its 'args' say what it holds, merged
-    with `given`) or released (`given` names the model): `build(settings, num_classes)`, then a strict load."""
-    checkpoint = glnet.read_checkpoint(path)
+    with `given`) or released (`given` names the model): `read(path)`, `build(settings, num_classes)`, a strict load."""
+    checkpoint = read(path)
     settings = checkpoint.get("args", {}) | given
     if "model" not in settings:
         raise InputError(f"{path} was not written by this project, so it does not say which model it holds: pass "
