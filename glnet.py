@@ -515,8 +515,8 @@ def read_checkpoint(path):
         raise InputError(f"cannot read checkpoint {path}: truncated, or not a torch.save file of tensors and plain "
                          f"values ({str(e).split('. ')[0] or type(e).__name__})") from e
     if refused:
-        raise InputError(f"refusing checkpoint {path}: it names {', '.join(refused)}, which no file of weights and "
-                         f"settings needs; nothing in it was run")
+        raise InputError(f"refusing checkpoint {path}: it names {', '.join(refused[:4])}{', ...' * (len(refused) > 4)},"
+                         f" which no file of weights and settings needs; nothing in it was run")
     if not isinstance(checkpoint, dict):
         raise InputError(f"{path} holds a {type(checkpoint).__name__}, expected a checkpoint dict or a state_dict")
     return {key: value for key, value in checkpoint.items() if not isinstance(value, Foreign)}

@@ -386,6 +386,9 @@ def test_a_checkpoint_that_names_a_function_is_refused_and_runs_nothing(tmp_path
                                                f"which no file of weights and settings needs; nothing in it was run"):
         glnet.create_model("glnet_mini", checkpoint=str(path))
     assert not marker.exists()
+    torch.save(glnet.create_model("glnet_mini"), path)  # a whole pickled model: its classes are listed, the first 4
+    with pytest.raises(glnet.InputError, match=r"it names glnet\.\w+, glnet\.\w+, glnet\.\w+, glnet\.\w+, \.\.\., which"):
+        glnet.read_checkpoint(str(path))
 
 
 # --- forward, backward and the dense-prediction interface -------------------------------------
