@@ -36,6 +36,7 @@ from torchvision.utils import make_grid
 
 import glnet
 import train
+from glnet import InputError
 
 # --- Config ----------------------------------------------------------------------------------------
 
@@ -112,7 +113,7 @@ class Backbone:
         self.model, self.image_size = model.eval(), image_size
         self.family = next(f for kind, f in FAMILIES.items() if isinstance(model, kind))
         if self.family is FAMILIES[nn.Module] and not all(hasattr(model, a) for a in ("blocks", "norm", "cls_token")):
-            raise ValueError(f"{type(model).__name__}: not GLNet, torchvision's ViT, Swin, ResNet, ConvNeXt, or a ViT "
+            raise InputError(f"{type(model).__name__}: not GLNet, torchvision's ViT, Swin, ResNet, ConvNeXt, or a ViT "
                              f"with blocks, norm, cls_token and head (timm's, DINOv2's)")
         self.steps, self.blocks, self.position = [], [], {}
         for s, (transition, blocks) in enumerate(self.family.stages(model), 1):
@@ -135,7 +136,7 @@ class Backbone:
             return reached.args[0]
         finally:
             hook.remove()
-        raise RuntimeError(f"{type(self.model).__name__}'s forward never reached its first block")
+        raise InputError(f"{type(self.model).__name__}'s forward never reached its first block")
 
     def trace(self, x):
         """Every h on the way: [embedding, after 1 step, after 2, ...]; h_{s,i} is trace[position[s, i]]."""
@@ -190,16 +191,16 @@ def create(name, weights=None, pretrained=False):
                               trust_repo=True, pretrained=pretrained)
     except OSError as e:  # offline: urllib's errors
         where = weights and f"{weights.url} into {torch.hub.get_dir()}/checkpoints/"
-        raise ValueError(f"cannot download {name}'s {'weights' if where else 'code or weights'} ({e}); download "
+        raise InputError(f"cannot download {name}'s {'weights' if where else 'code or weights'} ({e}); download "
                          f"{where or 'the repository and pass its folder as --model FOLDER:ENTRY'}") from e
 
 
 def weights_of(model, name):  # torchvision's weights of `model` named `name` (DEFAULT, IMAGENET1K_V1, ...)
     if name and model not in torchvision.models.list_models(module=torchvision.models):
-        raise ValueError(f"--weights takes torchvision's weights; {model} loads its own, or --checkpoint's")
+        raise InputError(f"--weights takes torchvision's weights; {model} loads its own, or --checkpoint's")
     members = torchvision.models.get_model_weights(model).__members__ if name else {None: None}
     if name not in members:
-        raise ValueError(f"--weights {name}: {model}'s weights are {', '.join(members)}")
+        raise InputError(f"--weights {name}: {model}'s weights are {', '.join(members)}")
     return members[name]
 
 
@@ -218,12 +219,12 @@ def load(args):
     """(backbone, settings its approximations keep, eval transform, classes); a GLNet's settings as train.py's."""
     given = {k: v for k, v in vars(args).items() if k in ("model", "data", "image_size") and v is not None}
     if not args.checkpoint and given.get("model", "glnet_mini") in glnet.MODELS:
-        raise ValueError("pass --checkpoint (a GLNet's, or weights of --model), or --model of torchvision, timm or hub")
+        raise InputError("pass --checkpoint (a GLNet's, or weights of --model), or --model of torchvision, timm or hub")
     model, checkpoint = train.load_trained(args.checkpoint, build, **given) if args.checkpoint else (
         create(args.model, weights_of(args.model, args.weights), pretrained=True), {})
     saved = checkpoint.get("args", {}) | given
     if isinstance(model, glnet.GLNet):
-        s = train.checkpoint_settings(checkpoint, given)
+        s = train.make_settings(given, checkpoint)
         settings, transform = dataclasses.asdict(s), train.eval_transform(s.image_size, s.interpolation, s.crop_pct)
     else:
         weights = weights_of(saved["model"], args.weights or saved.get("weights"))
@@ -234,7 +235,7 @@ def load(args):
     settings |= {"data": saved.get("data"), "approximated": saved.get("approximated", [])}
     if "data" in args and not settings["data"]:  # a command that reads data; train.py's runs name theirs
         if not (isinstance(model, glnet.GLNet) and checkpoint.get("args")):
-            raise ValueError(f"{args.checkpoint or args.model} does not say which data it is for: pass --data")
+            raise InputError(f"{args.checkpoint or args.model} does not say which data it is for: pass --data")
         settings["data"] = train.builtin_dataset(s.cache_dir, train.SHAPES_VERSION, train.make_shapes_dataset)
     return Backbone(model.to(args.device), settings["image_size"]), settings, transform, checkpoint.get("classes")
 
@@ -249,7 +250,7 @@ def dataset(name, split, transform, data_dir):
     except (OSError, RuntimeError) as e:  # offline: urllib's errors, or MNIST's after its mirrors
         files = (f"{', '.join(file for file, _ in kind.resources)} into {os.path.join(data_dir, kind.__name__, 'raw')}"
                  if hasattr(kind, "resources") else f"{kind.filename} ({kind.url}) into {data_dir}")
-        raise ValueError(f"{name} is not in {data_dir} and cannot be downloaded ({' '.join(str(e).split())}); put "
+        raise InputError(f"{name} is not in {data_dir} and cannot be downloaded ({' '.join(str(e).split())}); put "
                          f"{files}") from e
 
 
@@ -319,11 +320,11 @@ def slots(args):
     """Figures 5 and 6: the slots of GLMix blocks"""
     backbone, settings, transform, _ = load(args)
     if not isinstance(model := backbone.model, glnet.GLNet):
-        raise ValueError(f"slots are GLNet's; {settings['model']} has none")
+        raise InputError(f"slots are GLNet's; {settings['model']} has none")
     blocks = {f"{int(name.split('.')[1]) + 1}.{int(name.split('.')[3]) + 1}": name  # '3.1': 'stages.2.blocks.0'
               for name, m in model.named_modules() if isinstance(m, glnet.GLMixBlock)}
     if set(args.block) - set(blocks):
-        raise ValueError(f"--block {' '.join(sorted(set(args.block) - set(blocks)))}: not a GLMix block of "
+        raise InputError(f"--block {' '.join(sorted(set(args.block) - set(blocks)))}: not a GLMix block of "
                          f"{settings['model']}; its GLMix blocks (STAGE.BLOCK): {', '.join(blocks)}")
     x = torch.stack([transform(train.load_image(path)) for path in args.image])
     weights = model.clustering_weights(x.to(args.device))
@@ -586,7 +587,7 @@ def approximate(args):
     """replace redundant blocks by a linear map (or an MLP) and measure the result"""
     backbone, settings, transform, classes = load(args)
     if args.blocks and not backbone.replaceable(args.blocks):
-        raise ValueError(f"--blocks {label(args.blocks)}: this model has no such blocks, or some were already "
+        raise InputError(f"--blocks {label(args.blocks)}: this model has no such blocks, or some were already "
                          f"replaced (its stages have {', '.join(str(len(b)) for b in backbone.blocks)} blocks)")
     stages = [args.blocks[0]] if args.blocks else range(1, len(backbone.blocks) + 1)
     statistics = calibrate(args, backbone, dataset(args.fit_on or settings["data"], "train", transform, args.data_dir),
@@ -650,7 +651,7 @@ def model_name(text):  # an argparse type: the backbones analyze.py can build
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = train.Parser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     p = {run.__name__: commands.add_parser(run.__name__, help=run.__doc__) for run in COMMANDS}
     default = "(default: %(default)s)"
@@ -669,7 +670,7 @@ def parse_args(argv=None):
         if name in ("approximate", "evaluate"):
             flag("--probe", choices=["head", "linear", "mlp"], help="top-1 by the model's classifier or the BR "
                  "paper's probe on frozen features (default: head if it has the data's classes, else linear)")
-            flag("--seed", type=int, default=0, help=f"of the probe {default}")
+            flag("--seed", type=train.at_least(0), default=0, help=f"of the probe {default}")
         if name in ("redundancy", "approximate"):
             flag("--calibration-images", type=train.at_least(1), default=CALIBRATION_IMAGES, help=default)
         if name != "evaluate":

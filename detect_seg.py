@@ -18,7 +18,6 @@ import functools
 import json
 import math
 import os
-from collections import OrderedDict
 
 import numpy as np
 import torch
@@ -40,9 +39,9 @@ from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
 import glnet
 import train
+from glnet import InputError
 
 # --- The four tasks: recipes, metrics, the paper's numbers ----------------------------------------
-
 
 @dataclasses.dataclass(frozen=True)
 class DenseTask:
@@ -56,24 +55,21 @@ class DenseTask:
     paper_costs: dict       # {backbone: (parameters in M, GFLOPs)}: Table 4 (COCO) or Table 5 (ADE20K)
 
 
-# Batch sizes are per process: on 8 GPUs they reach the reference batches, on fewer --accum-steps does.
+# Batch sizes are per process: on 8 GPUs they reach the reference batches, on fewer --accum-steps does. Both
+# detectors share the 1x schedule, the paper's on COCO and its counterpart on the scenes.
+COCO_1X = dict(model="glnet_4g", epochs=12, lr_schedule="step", lr_steps=(8, 11), batch_size=2, lr=1e-4,
+               warmup_iters=500, min_size=800, max_size=1333, fpn_channels=256)
+SCENES_1X = dict(model="glnet_mini", epochs=3, lr_schedule="step", lr_steps=(2,), batch_size=4, lr=1.2e-3,
+                 warmup_iters=50, min_size=128, max_size=208, fpn_channels=64, eval_interval=100)
 TASKS = {
     "maskrcnn": DenseTask(
         segmentation=False, metric="bbox_AP", reference_batch=16,
-        paper=dict(model="glnet_4g", epochs=12, lr_schedule="step", lr_steps=(8, 11), batch_size=2, lr=1e-4,
-                   weight_decay=0.05, warmup_iters=500, min_size=800, max_size=1333, fpn_channels=256,
-                   rois_per_image=512),
-        synthetic=dict(model="glnet_mini", epochs=3, lr_schedule="step", lr_steps=(2,), batch_size=4, lr=1.2e-3,
-                       weight_decay=0.05, warmup_iters=50, min_size=128, max_size=208, fpn_channels=64,
-                       rois_per_image=64, eval_interval=100),
+        paper=COCO_1X | dict(weight_decay=0.05, rois_per_image=512),
+        synthetic=SCENES_1X | dict(weight_decay=0.05, rois_per_image=64),
         report_size=(800, 1280), report_classes=81, paper_costs={"glnet_4g": (46.6, 233), "glnet_9g": (79.5, 311)}),
     "retinanet": DenseTask(
         segmentation=False, metric="bbox_AP", reference_batch=16,
-        paper=dict(model="glnet_4g", epochs=12, lr_schedule="step", lr_steps=(8, 11), batch_size=2, lr=1e-4,
-                   weight_decay=1e-3, warmup_iters=500, min_size=800, max_size=1333, fpn_channels=256),
-        synthetic=dict(model="glnet_mini", epochs=3, lr_schedule="step", lr_steps=(2,), batch_size=4, lr=1.2e-3,
-                       weight_decay=1e-3, warmup_iters=50, min_size=128, max_size=208, fpn_channels=64,
-                       eval_interval=100),
+        paper=COCO_1X | dict(weight_decay=1e-3), synthetic=SCENES_1X | dict(weight_decay=1e-3),
         report_size=(800, 1280), report_classes=80, paper_costs={"glnet_4g": (37, 214), "glnet_9g": (70, 292)}),
     # PVT's 80k iterations, evaluated every 10 epochs of ADE20K (about 6k iterations)
     "semfpn": DenseTask(
@@ -83,8 +79,7 @@ TASKS = {
         synthetic=dict(model="glnet_mini", iters=150, lr_schedule="cosine", batch_size=8, lr=4e-3, weight_decay=1e-4,
                        warmup_iters=50, crop_size=128, scale=160, fpn_channels=64, eval_interval=100),
         report_size=(512, 2048), report_classes=150, paper_costs={"glnet_4g": (30.7, 150), "glnet_9g": (63.6, 230)}),
-    # Swin's ADE20K schedule, which Sec. 4.3 says the paper follows; 13 epochs of ADE20K are its 16k-iteration
-    # evaluation interval
+    # Swin's ADE20K schedule, which Sec. 4.3 says the paper follows: 13 epochs of ADE20K, its 16k-iteration interval
     "upernet": DenseTask(
         segmentation=True, metric="mIoU", reference_batch=16,
         paper=dict(model="glnet_4g", iters=160000, lr_schedule="poly", batch_size=2, lr=6e-5, weight_decay=0.01,
@@ -100,8 +95,7 @@ PPM_SCALES = (1, 2, 3, 6)   # UperNet's pyramid pooling: the last stage pooled t
 AUXILIARY_WEIGHT = 0.4      # of the loss of UperNet's auxiliary head on stage 3 (training only)
 IGNORE_INDEX = 255          # the label of unlabelled pixels
 OUTPUT_DIR, DEFAULT_TASKS = os.path.join("runs", "detect_seg"), ["maskrcnn", "semfpn"]
-# The synthetic scenes: one class per shape, each in its own colour family.
-SCENE_CLASSES = ("square", "circle", "triangle")
+SCENE_CLASSES = ("square", "circle", "triangle")   # the synthetic scenes' classes, each in a colour family
 SCENE_COLORS = ((220, 60, 50), (60, 190, 70), (60, 90, 220))
 SCENE_SPLITS, SCENES_VERSION = {"train": 300, "val": 60}, "scenes-v1"
 
@@ -109,12 +103,10 @@ SCENE_SPLITS, SCENES_VERSION = {"train": 300, "val": 60}, "scenes-v1"
 @dataclasses.dataclass
 class DenseSettings(train.Settings):
     task: str = train.option(None, "the models to train, one after the other", choices=list(TASKS), nargs="+")
-    data: str | None = train.option(None, "COCO 2017 root (maskrcnn, retinanet) or ADEChallengeData2016 root "
-                                          "(semfpn, upernet)")
+    data: str | None = train.option(None, "the COCO 2017 (detection) or ADEChallengeData2016 (segmentation) root")
     cache_dir: str = train.option(train.DEFAULT_CACHE, "where the synthetic scenes are written once")
     pretrained: str | None = train.option(None, "an ImageNet GLNet checkpoint for the backbone (released ones too)")
-    schedule: str = train.option("1x", "detection: 3x = 36 epochs, steps at 27 and 33, multi-scale",
-                                 choices=["1x", "3x"])
+    schedule: str = train.option("1x", "detection: 3x = 36 epochs, steps at 27, 33, multi-scale", choices=["1x", "3x"])
     min_size: int = train.option(800, "detection: the shorter image side", type=train.at_least(32))
     max_size: int = train.option(1333, "detection: the longer image side at most", type=train.at_least(32))
     multiscale: bool = train.option(False, f"detection: shorter sides {MULTISCALE_SIZES[0]}-{MULTISCALE_SIZES[-1]}")
@@ -128,13 +120,11 @@ class DenseSettings(train.Settings):
 
 def freeze_batchnorm(module):
     """Every BatchNorm2d replaced by a FrozenBatchNorm2d with its statistics and affine."""
-    for name, child in module.named_children():
+    for name, child in list(module.named_modules()):
         if isinstance(child, nn.BatchNorm2d):
             frozen = FrozenBatchNorm2d(child.num_features, child.eps)
             frozen.load_state_dict(child.state_dict())
-            setattr(module, name, frozen)
-        else:
-            freeze_batchnorm(child)
+            module.set_submodule(name, frozen)
     return module
 
 
@@ -149,7 +139,7 @@ class GLNetFPN(nn.Module):
 
     def forward(self, x):
         features = self.body.forward_features(x)
-        return self.fpn(OrderedDict((str(i), features[level]) for i, level in enumerate(self.levels)))
+        return self.fpn({str(i): features[level] for i, level in enumerate(self.levels)})
 
 
 resize = functools.partial(F.interpolate, mode="bilinear", align_corners=False)
@@ -228,7 +218,7 @@ def build_model(settings, num_classes, load_pretrained=False):
     started from ImageNet weights they freeze GLNet's BatchNorms, since 2 images per GPU give useless statistics."""
     task, width = settings.get("task"), settings.get("fpn_channels")
     if task not in TASKS:
-        raise ValueError(f"the checkpoint names the task {task!r}, not one of {', '.join(TASKS)}: not detect_seg.py's")
+        raise InputError(f"the checkpoint names the task {task!r}, not one of {', '.join(TASKS)}: not detect_seg.py's")
     body = glnet.create_model(settings["model"], checkpoint=settings["pretrained"] if load_pretrained else None,
                               num_classes=0, drop_path_rate=settings["drop_path"] or 0.0)
     body.set_grad_checkpointing(settings.get("grad_checkpointing", False))
@@ -261,18 +251,18 @@ def coco_dataset(root, split, training, with_masks):
     image_dir, ann_file = f"{root}/{split}2017", f"{root}/annotations/instances_{split}2017.json"
     for path, exists in ((ann_file, os.path.isfile), (image_dir, os.path.isdir)):
         if not exists(path):
-            raise FileNotFoundError(f"{path} not found: expected the COCO 2017 layout: train2017/, val2017/ and "
-                                    f"annotations/instances_{{train,val}}2017.json")
+            raise InputError(f"{path} not found: expected the COCO 2017 layout: train2017/, val2017/ and "
+                             f"annotations/instances_{{train,val}}2017.json")
     clip_and_flip = [v2.ClampBoundingBoxes(), v2.RandomHorizontalFlip()] if training else []
     transforms = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True), *clip_and_flip])
     try:
         dataset = CocoDetection(image_dir, ann_file, transforms=transforms)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{ann_file} is not valid JSON ({e}); expected a COCO instances file") from None
+        raise InputError(f"{ann_file} is not valid JSON ({e}); expected a COCO instances file") from None
     coco = dataset.coco
     missing = [key for key in ("images", "annotations", "categories") if key not in coco.dataset]
     if missing:
-        raise ValueError(f"{ann_file} has no {', '.join(map(repr, missing))} entry; expected a COCO instances file")
+        raise InputError(f"{ann_file} has no {', '.join(map(repr, missing))} entry; expected a COCO instances file")
     if not training:
         return wrap_dataset_for_transforms_v2(dataset, target_keys=("image_id",))
 
@@ -284,7 +274,7 @@ def coco_dataset(root, split, training, with_masks):
     coco.createIndex()
     dataset.ids = [i for i in dataset.ids if coco.imgToAnns[i]]
     if not dataset.ids:
-        raise ValueError(f"{ann_file}: no image has an annotation to train on")
+        raise InputError(f"{ann_file}: no image has an annotation to train on")
     return wrap_dataset_for_transforms_v2(dataset, target_keys=("image_id", "boxes", "labels", *["masks"] * with_masks))
 
 
@@ -298,15 +288,15 @@ class SegmentationFolder(torch.utils.data.Dataset):
         images, labels = stems(image_dir, (".jpg", ".jpeg", ".png")), stems(label_dir, (".png",))
         missing = [stem for stem in images if stem not in labels]
         if not images:
-            raise FileNotFoundError(f"no .jpg or .png images in {image_dir}")
+            raise InputError(f"no .jpg or .png images in {image_dir}")
         if missing:
-            raise FileNotFoundError(f"{len(missing)} image(s) in {image_dir} have no label PNG in {label_dir}, e.g. "
-                                    f"{missing[0]}.png")
+            raise InputError(f"{len(missing)} image(s) in {image_dir} have no label PNG in {label_dir}, e.g. "
+                             f"{missing[0]}.png")
         self.samples, self.transforms = [(images[stem], labels[stem]) for stem in images], transforms
         for image, label in self.samples:   # the files' headers only: before training starts
             sizes = ["x".join(map(str, Image.open(path).size)) for path in (label, image)]
             if sizes[0] != sizes[1]:
-                raise ValueError(f"label {label} is {sizes[0]} but its image {image} is {sizes[1]}; expected a label "
+                raise InputError(f"label {label} is {sizes[0]} but its image {image} is {sizes[1]}; expected a label "
                                  f"PNG of its image's size")
 
     def __len__(self):
@@ -330,8 +320,8 @@ def segmentation_dataset(s, root, split):
         f"{root}/{split}2017", f"{root}/semantic/{split}2017")
     for folder in folders:
         if not os.path.isdir(folder):
-            raise FileNotFoundError(f"{folder} not found; expected the ADEChallengeData2016 layout: "
-                                    "images/{training,validation}/*.jpg and annotations/{training,validation}/*.png")
+            raise InputError(f"{folder} not found; expected the ADEChallengeData2016 layout: "
+                             "images/{training,validation}/*.jpg and annotations/{training,validation}/*.png")
     transforms = v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True)
     if split == "train":
         crop = v2.RandomCrop(s.crop_size, pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX})
@@ -361,12 +351,10 @@ def synthetic_scene(rng, image_id, first_ann_id):
         color = tuple(int(c) for c in np.clip(np.array(SCENE_COLORS[category]) + rng.integers(-30, 31, 3), 0, 255))
         mask_image = Image.new("L", (width, height), 0)
         draw, x1, y1 = ImageDraw.Draw(mask_image), x + w - 1, y + h - 1
-        if SCENE_CLASSES[category] == "square":
-            draw.rectangle((x, y, x1, y1), fill=1)
-        elif SCENE_CLASSES[category] == "circle":
-            draw.ellipse((x, y, x1, y1), fill=1)
-        else:
-            draw.polygon([((x + x1) / 2, y), (x1, y1), (x, y1)], fill=1)
+        shapes = dict(square=(draw.rectangle, (x, y, x1, y1)), circle=(draw.ellipse, (x, y, x1, y1)),
+                      triangle=(draw.polygon, [((x + x1) / 2, y), (x1, y1), (x, y1)]))
+        draw_shape, outline = shapes[SCENE_CLASSES[category]]
+        draw_shape(outline, fill=1)
         mask = np.array(mask_image, dtype=np.uint8)
         image.paste(color, mask=mask_image.point(lambda v: 255 * v))
         semantic[mask > 0] = category + 2
@@ -416,6 +404,23 @@ COCO_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 def label_categories(task, classes):  # label -> category id; Mask R-CNN's label 0 is the background (-1 here)
     return torch.tensor([-1] * (task == "maskrcnn") + sorted(classes))
+
+
+def read_checkpoint(path):
+    """glnet.read_checkpoint; a detector of the heads that had a row per id (COCO: 91) gets its categories' rows."""
+    checkpoint = glnet.read_checkpoint(path)
+    task, classes, old = checkpoint.get("task"), checkpoint.get("classes"), checkpoint.get("num_classes")
+    if task in ("maskrcnn", "retinanet") and old == max(classes) + 1 != len(label_categories(task, classes)):
+        rows = label_categories(task, classes).clamp(min=0)   # the categories' ids; Mask R-CNN's background: 0
+        # the class layers' rows per class (4 box deltas), RetinaNet's for every anchor in turn
+        layers = {"roi_heads.box_predictor.cls_score": 1, "roi_heads.box_predictor.bbox_pred": 4,
+                  "roi_heads.mask_predictor.mask_fcn_logits": 1, "head.classification_head.cls_logits": 1}
+        for state_dict in (checkpoint["model"], checkpoint.get("model_ema") or {}):
+            for name, value in state_dict.items():   # the EMA's names begin with `module.`
+                if per_class := layers.get(name.removeprefix("module.").rsplit(".", 1)[0]):
+                    state_dict[name] = value.unflatten(0, (-1, old, per_class))[:, rows].flatten(0, 2)
+        checkpoint["num_classes"] = len(rows)
+    return checkpoint
 
 
 def detections_to_coco(output, image_id, categories):
@@ -546,7 +551,7 @@ def predict(image_path, checkpoint_path, output_path=None, output_dir=OUTPUT_DIR
     """Draw the detections (boxes, classes, scores, masks) or the segmentation of one image into a PNG (by default
     output_dir/<image name>_<task>.png)."""
     image = v2.functional.pil_to_tensor(train.load_image(image_path))
-    model, checkpoint = train.load_trained(checkpoint_path, build_model)
+    model, checkpoint = train.load_trained(checkpoint_path, build_model, read_checkpoint)
     names, x = checkpoint["classes"], image.float() / 255
     if TASKS[checkpoint["task"]].segmentation:
         labels = segment(model, x[None], checkpoint["args"]["scale"])[0].argmax(0)
@@ -668,12 +673,11 @@ def report(tasks, backbones):
 
 def describe_default(field):
     """A flag's default in --help: the recipes' values, with --data and on the scenes."""
-    name = field.name
-    values = [f"{task}{where} {recipe[name]}" for task, t in TASKS.items()
-              for where, recipe in (("", t.paper), (" scenes", t.synthetic)) if name in recipe]
+    values = [f"{task}{where} {recipe[field.name]}" for task, t in TASKS.items()
+              for where, recipe in (("", t.paper), (" scenes", t.synthetic)) if field.name in recipe]
     special = dict(task=f"{' '.join(DEFAULT_TASKS)}; all with --report; the checkpoint's with --eval, --predict",
                    output_dir=f"{OUTPUT_DIR}, a folder per task", data="the synthetic scenes")
-    default = special.get(name, field.default)
+    default = special.get(field.name, field.default)
     if len(values) < 2 * len(TASKS):
         values.append(f"else {default}" if values else str(default))
     return ", ".join(values)
@@ -681,13 +685,13 @@ def describe_default(field):
 
 def parse_args(argv=None):
     """(every flag, the settings flags given on the command line, the --task list or None)."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS)
+    parser = train.Parser(description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS)
     train.add_settings_flags(parser, DenseSettings, describe_default)
     parser.add_argument("--eval", action="store_true", help="evaluate --checkpoint on its validation set, then exit")
     parser.add_argument("--checkpoint", help="with --eval or --predict (default: <output-dir>/<task>/best.pth)")
     parser.add_argument("--predict", metavar="IMAGE", help="draw what --checkpoint finds in IMAGE into a PNG")
     parser.add_argument("--predict-output", help="default: <output-dir>/<image name>_<task>.png")
-    parser.add_argument("--score-threshold", type=float, default=0.5, help="--predict: the detections drawn")
+    parser.add_argument("--score-threshold", type=train.in_range(0, 1), default=0.5, help="--predict: what is drawn")
     parser.add_argument("--report", action="store_true", help="parameters and GFLOPs of the dense models (--task) "
                         "with glnet_4g and glnet_9g (or --model) against the paper's Tables 4 and 5, then exit")
     args = parser.parse_args(argv)
@@ -720,13 +724,12 @@ def main(argv=None):
     checkpoint = getattr(args, "checkpoint", os.path.join(output_dir, (tasks or DEFAULT_TASKS)[0], "best.pth"))
     if "predict" in args:
         return predict(args.predict, checkpoint, vars(args).get("predict_output"), output_dir, args.score_threshold)
-    rank, world_size, device = train.setup_distributed()
-    try:
+    with train.distributed() as (rank, world_size, device):
         if "eval" in args:   # on the validation set the checkpoint was trained with, or on --data
-            model, trained = train.load_trained(checkpoint, build_model, **given)
+            model, trained = train.load_trained(checkpoint, build_model, read_checkpoint, **given)
             task = trained["task"]
             if tasks and tasks[0] != task:
-                raise ValueError(f"{checkpoint} is a {task} checkpoint, not {tasks[0]}: pass --task {task}")
+                raise InputError(f"{checkpoint} is a {task} checkpoint, not {tasks[0]}: pass --task {task}")
             s = make_settings(task, given, trained["args"])
             with train.autocast(device, s.amp):
                 metrics = dense_task(s, rank, world_size, device).evaluate(model.to(device))
@@ -741,9 +744,6 @@ def main(argv=None):
             results[task] = {k[4:]: v for k, v in trainer.fit().items() if k.startswith("val_")}
             train.log(f"{task} result: {train.format_metrics(results[task])}; checkpoints in {s.output_dir}")
         return results
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import os
 import pickle
 import re
 import warnings
+import zipfile
 
 import torch
 import torch.nn as nn
@@ -35,9 +36,11 @@ MIN_INPUT_SIZE = 32            # the total stride: stage 4 needs at least one pi
 TOKEN_LOGITS_WEIGHT = 0.5      # eval output with a token head: class logits + 0.5 x max token logits
 
 
-# ---------------------------------------------------------------------------------------------
-# Building blocks
-# ---------------------------------------------------------------------------------------------
+class InputError(ValueError):
+    """Input a user can correct (a file, a flag, a name): the scripts end with it as one line, exit status 2."""
+
+
+# --- Building blocks -----------------------------------------------------------------------------
 
 class MHSA(nn.Module):
     """Multi-head self-attention with torch.nn.MultiheadAttention's parameters (one packed q/k/v
@@ -103,9 +106,7 @@ class ConvFFN(nn.Sequential):
                          nn.Conv2d(hidden, dim, 1))
 
 
-# ---------------------------------------------------------------------------------------------
-# The GLMix block (Sec. 3.2, Figure 4)
-# ---------------------------------------------------------------------------------------------
+# --- The GLMix block (Sec. 3.2, Figure 4) --------------------------------------------------------
 
 class GLMixBlock(nn.Module):
     """Global branch (clustering -> MHSA over the slots -> dispatching) and local branch
@@ -169,9 +170,7 @@ class GLMixBlock(nn.Module):
         return x + self.drop_path(self.ls2(self.mlp(norm_pixels(self.norm2, x))))
 
 
-# ---------------------------------------------------------------------------------------------
-# Full-attention blocks (stage 3 odd blocks and stage 4)
-# ---------------------------------------------------------------------------------------------
+# --- Full-attention blocks (stage 3 odd blocks and stage 4) --------------------------------------
 
 class MHSABlock(nn.Module):
     """MHSA over all pixels, grid layout: conv position encoding, attention on the tokens, then
@@ -216,9 +215,7 @@ class TransformerBlock(nn.Module):
         return rearrange(tokens, "b (h w) c -> b c h w", h=H)
 
 
-# ---------------------------------------------------------------------------------------------
-# The network (Sec. 3.3)
-# ---------------------------------------------------------------------------------------------
+# --- The network (Sec. 3.3) ----------------------------------------------------------------------
 
 class PatchConv(nn.Conv2d):
     """Non-overlapped patch convolution (kernel = stride) that pads the bottom and right edges by
@@ -384,9 +381,7 @@ class GLNet(nn.Module):
         return {name: w.unflatten(2, features[int(name.split(".")[1])].shape[2:]) for name, w in weights.items()}
 
 
-# ---------------------------------------------------------------------------------------------
-# The released variants (paper Table 2; ../shared/reference/ARCHITECTURE.md)
-# ---------------------------------------------------------------------------------------------
+# --- The released variants (paper Table 2; ../shared/reference/ARCHITECTURE.md) ------------------
 
 ADVANCED_DESIGNS = dict(depths=(4, 4, 18, 4), mlp_ratio=3, stage3="hybrid", stage4="grid",
                         overlapped=True, conv_pos=True, conv_ffn=True)
@@ -448,9 +443,9 @@ def create_model(name, pretrained=False, checkpoint=None, checkpoint_key=None, *
     """create_model("glnet_4g", num_classes=10, drop_path_rate=0.1); weights (pretrained=True: the released ImageNet
     ones; or a `checkpoint`, a path or a dict) load strictly, so num_classes (default 1000) must be theirs, or 0."""
     if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; known models: {', '.join(MODELS)}")
+        raise InputError(f"unknown model {name!r}; known models: {', '.join(MODELS)}")
     if pretrained and (name not in CHECKPOINT_LINKS or checkpoint is not None):
-        raise ValueError(f"pretrained=True takes no checkpoint and one of {', '.join(CHECKPOINT_LINKS)}, got {name!r}")
+        raise InputError(f"pretrained=True takes no checkpoint and one of {', '.join(CHECKPOINT_LINKS)}, got {name!r}")
     model = MODELS[name](**kwargs)
     if pretrained:  # as the released code: <torch hub dir>/checkpoints/<name>.pth; glnet_16g's weights are its EMA
         checkpoint, checkpoint_key = released_checkpoint(name), "model_ema" if name == "glnet_16g" else "model"
@@ -459,9 +454,7 @@ def create_model(name, pretrained=False, checkpoint=None, checkpoint_key=None, *
     return model
 
 
-# ---------------------------------------------------------------------------------------------
-# Checkpoints
-# ---------------------------------------------------------------------------------------------
+# --- Checkpoints ---------------------------------------------------------------------------------
 
 RELEASED_NAMES = [  # the released checkpoints name some modules otherwise: one renaming step converts them
     (r"\.slot_scale$", ".tau"), (r"\.relation_mha\.", ".slot_mhsa."), (r"\.feature_conv\.", ".local_branch."),
@@ -490,14 +483,57 @@ def unwrap_state_dict(checkpoint, key=None):
     return converted
 
 
-def released_checkpoint(name):  # a file already in the hub folder is used as it is, else downloaded there
+class Foreign:
+    """An inert stand-in, never imported, for an object of the classes `names` matches, which training scripts save
+    beside the weights: hydra's configs, argparse.Namespace, paths, numpy scalars. It keeps what the pickle gives."""
+
+    names = re.compile(r"(omegaconf|pathlib|numpy|typing)\..+|argparse\.Namespace|collections\.defaultdict|"
+                       r"builtins\.(dict|list|tuple|int|float|str|bytes|bool)")
+
+    def __init__(self, *args):
+        self.args = args
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+def read_checkpoint(path):
+    """A checkpoint file on the CPU by torch's weights-only unpickler, which runs nothing a file names: its tensors
+    and plain values, Foreign stand-ins for objects of the classes Foreign.names matches (left out where they are an
+    entry). A file that names any other class or function (os.system, say) is refused; every script reads so."""
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path) if zipfile.is_zipfile(path) else []
+        refused = sorted(name for name in names if not Foreign.names.fullmatch(name))
+        # omegaconf's resolver cache, a defaultdict, is filled item by item, which the unpickler does to dicts only
+        stand_ins = [((lambda *args: {}) if name == "collections.defaultdict" else Foreign, name) for name in names]
+        if not refused:
+            with torch.serialization.safe_globals(stand_ins):
+                checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as e:
+        raise InputError(f"cannot read checkpoint {path}: {e.strerror or e}") from e
+    except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:  # torch's of a truncated or foreign file
+        raise InputError(f"cannot read checkpoint {path}: truncated, or not a torch.save file of tensors and plain "
+                         f"values ({str(e).split('. ')[0] or type(e).__name__})") from e
+    if refused:
+        raise InputError(f"refusing checkpoint {path}: it names {', '.join(refused[:4])}{', ...' * (len(refused) > 4)},"
+                         f" which no file of weights and settings needs; nothing in it was run")
+    if not isinstance(checkpoint, dict):
+        raise InputError(f"{path} holds a {type(checkpoint).__name__}, expected a checkpoint dict or a state_dict")
+    return {key: value for key, value in checkpoint.items() if not isinstance(value, Foreign)}
+
+
+def released_checkpoint(name):
+    """<torch hub dir>/checkpoints/<name>.pth, where the released code keeps it: downloaded there if missing, read."""
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", f"{name}.pth")
     share = base64.urlsafe_b64encode(CHECKPOINT_LINKS[name].encode()).decode().rstrip("=")
     try:
-        return torch.hub.load_state_dict_from_url(f"https://api.onedrive.com/v1.0/shares/u!{share}/root/content",
-                                                  map_location="cpu", file_name=f"{name}.pth", weights_only=True)
-    except Exception as error:  # OneDrive no longer serves scripts: the file is put there by hand
-        raise RuntimeError(f"{name}'s released checkpoint could not be downloaded or read ({error}); download it from "
-                           f"{CHECKPOINT_LINKS[name]} to {torch.hub.get_dir()}/checkpoints/{name}.pth") from error
+        if not os.path.exists(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            torch.hub.download_url_to_file(f"https://api.onedrive.com/v1.0/shares/u!{share}/root/content", path)
+        return read_checkpoint(path)
+    except (OSError, InputError) as error:  # OneDrive no longer serves scripts: the file is put there by hand
+        raise InputError(f"{name}'s released checkpoint could not be downloaded or read ({error}); download it from "
+                         f"{CHECKPOINT_LINKS[name]} to {path}") from error
 
 
 def guess_variant(state_dict):
@@ -512,21 +548,9 @@ def guess_variant(state_dict):
     return f"{best}(num_classes={num_classes}) {exact}"
 
 
-def read_checkpoint(path):
-    """A checkpoint file on the CPU, tensors only (no pickled code); every script reads checkpoints so."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:  # torch's errors of a truncated or foreign file
-        raise ValueError(f"cannot read checkpoint {path}: truncated, or not a torch.save file of tensors and plain "
-                         f"values ({str(e).split('. ')[0] or type(e).__name__})") from e
-    if not isinstance(checkpoint, dict):
-        raise ValueError(f"{path} holds a {type(checkpoint).__name__}, expected a checkpoint dict or a state_dict")
-    return checkpoint
-
-
 def load_checkpoint(model, checkpoint, key=None):
     """Load a GLNet checkpoint (a path or a loaded dict, released or trained here) strictly; a mismatch raises
-    a ValueError that lists the first missing, unexpected and wrongly shaped tensors and names the variant it
+    an InputError that lists the first missing, unexpected and wrongly shaped tensors and names the variant it
     looks like. A backbone (num_classes=0) takes every tensor but the classifiers'."""
     state_dict = unwrap_state_dict(read_checkpoint(checkpoint) if isinstance(checkpoint, (str, os.PathLike))
                                    else checkpoint, key)
@@ -540,15 +564,13 @@ def load_checkpoint(model, checkpoint, key=None):
     if any(problems.values()):   # one line, as the scripts print their usage errors
         counts = ", ".join(f"{len(v)} {k}" for k, v in problems.items())
         listed = "".join(f"; {k}: {', '.join(v[:5])}{', ...' * (len(v) > 5)}" for k, v in problems.items() if v)
-        raise ValueError(f"checkpoint does not match {type(model).__name__}: {counts} tensors{listed}; the checkpoint "
+        raise InputError(f"checkpoint does not match {type(model).__name__}: {counts} tensors{listed}; the checkpoint "
                          f"looks like {guess_variant(state_dict)}")
     model.load_state_dict(state_dict)
     return model
 
 
-# ---------------------------------------------------------------------------------------------
-# Parameters and FLOPs: `python glnet.py`
-# ---------------------------------------------------------------------------------------------
+# --- Parameters and FLOPs: `python glnet.py` -----------------------------------------------------
 
 def count_params(model):
     return sum(p.numel() for p in model.parameters())
@@ -567,11 +589,8 @@ def flop_analysis(module, inputs):
     with warnings.catch_warnings():  # fvcore's import uses the deprecated torch.jit.script
         warnings.simplefilter("ignore", FutureWarning)
         from fvcore.nn import FlopCountAnalysis
-    flops = FlopCountAnalysis(module, inputs)
-    flops.set_op_handle("aten::scaled_dot_product_attention", sdpa_flop_handle)
-    flops.unsupported_ops_warnings(False)
-    flops.uncalled_modules_warnings(False)
-    return flops
+    flops = FlopCountAnalysis(module, inputs).set_op_handle("aten::scaled_dot_product_attention", sdpa_flop_handle)
+    return flops.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
 
 
 def count_flops(model, image_size=224):

@@ -13,10 +13,12 @@ import collections
 import contextlib
 import copy
 import dataclasses
+import argparse
 import itertools
 import json
 import math
 import os
+import pathlib
 import pickle
 import re
 import runpy
@@ -25,6 +27,8 @@ import signal
 import subprocess
 import sys
 import time
+import types
+import typing
 import urllib.error
 import warnings
 
@@ -252,7 +256,7 @@ def test_checkpoint_prefers_ema_and_key_selects():
 
 
 def test_checkpoint_of_another_variant_is_named():
-    with pytest.raises(ValueError) as error:
+    with pytest.raises(glnet.InputError) as error:
         glnet.load_checkpoint(glnet.glnet_stl(), {"model": deterministic_state_dict("glnet_4g")})
     message = str(error.value)
     assert "missing: " in message and "unexpected: " in message
@@ -260,7 +264,7 @@ def test_checkpoint_of_another_variant_is_named():
 
 
 def test_checkpoint_with_other_num_classes_lists_shapes():
-    with pytest.raises(ValueError) as error:
+    with pytest.raises(glnet.InputError) as error:
         glnet.load_checkpoint(glnet.glnet_stl(num_classes=10), {"model": deterministic_state_dict("glnet_stl")})
     message = str(error.value)
     assert "0 missing, 0 unexpected, 2 wrongly shaped" in message
@@ -269,10 +273,10 @@ def test_checkpoint_with_other_num_classes_lists_shapes():
 
 
 def test_checkpoint_missing_file_and_unknown_model(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nothing.pth"):
+    with pytest.raises(glnet.InputError, match="cannot read checkpoint .*nothing.pth: No such file or directory"):
         glnet.load_checkpoint(glnet.glnet_stl(), str(tmp_path / "nothing.pth"))
-    with pytest.raises(ValueError, match="known models: glnet_stl, glnet_stl_paramslot, glnet_4g, glnet_9g, glnet_16g, "
-                                         "glnet_4g_tklb, glnet_9g_tklb, glnet_mini"):
+    with pytest.raises(glnet.InputError, match="known models: glnet_stl, glnet_stl_paramslot, glnet_4g, glnet_9g, "
+                                               "glnet_16g, glnet_4g_tklb, glnet_9g_tklb, glnet_mini"):
         glnet.create_model("glnet_8g")
 
 
@@ -299,18 +303,94 @@ def test_create_model_loads_a_checkpoint_path_or_dict(tmp_path):
         # A backbone (num_classes=0) takes a classifier checkpoint without its two classifiers.
         backbone = glnet.create_model("glnet_mini", num_classes=0, checkpoint=str(path)).eval()
         assert torch.equal(backbone(x), model.norm(model.forward_features(x)[-1]).mean(dim=(2, 3)))
-    with pytest.raises(ValueError, match=r"unexpected: token_head.weight, token_head.bias"):
+    with pytest.raises(glnet.InputError, match=r"unexpected: token_head.weight, token_head.bias"):
         glnet.create_model("glnet_mini", num_classes=5, checkpoint=str(path))
-    with pytest.raises(ValueError, match=r"wrongly shaped: head.weight: checkpoint \(5, 256\), model \(1000, 256\)"):
+    with pytest.raises(glnet.InputError, match=r"wrongly shaped: head.weight: checkpoint \(5, 256\), model \(1000, 256"):
         glnet.create_model("glnet_mini", token_head=True, checkpoint=str(path))
 
 
 def test_token_head_checkpoint_in_the_standard_variant_is_named():
-    with pytest.raises(ValueError) as error:
+    with pytest.raises(glnet.InputError) as error:
         glnet.create_model("glnet_4g", checkpoint={"model": deterministic_state_dict("glnet_4g_tklb")})
     message = str(error.value)
     assert "0 missing, 2 unexpected, 0 wrongly shaped" in message
     assert "looks like glnet_4g_tklb(num_classes=1000) exactly" in message
+
+
+class DictConfig:
+    """omegaconf's DictConfig as pickle writes it (omegaconf is not installed): its module and name, metadata that
+    names typing.Any and dict, and the resolver cache, a defaultdict filled item by item."""
+
+    def __init__(self, **content):
+        self._metadata = {"ref_type": typing.Any, "object_type": dict,
+                          "resolver_cache": collections.defaultdict(dict, {"now": {("%Y-%m-%d",): "2024-05-01"}})}
+        self._content = content
+
+
+DictConfig.__module__ = "omegaconf.dictconfig"
+
+
+def save_as_the_released_training(path, weights, args, ema=None):
+    """The file the released training's save_model writes: {'model', 'optimizer', 'epoch', 'scaler', 'args',
+    'model_ema'}, 'args' its hydra config or a Namespace; omegaconf's module exists only while saving."""
+    optimizer = {"state": {0: {"step": torch.tensor(7.0), "exp_avg": torch.arange(3.0)}},
+                 "param_groups": [{"lr": 4e-3, "weight_decay": 0.05, "params": [0]}]}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(sys.modules, "omegaconf", types.ModuleType("omegaconf"))
+        patch.setitem(sys.modules, "omegaconf.dictconfig", types.SimpleNamespace(DictConfig=DictConfig))
+        torch.save({"model": weights, "optimizer": optimizer, "epoch": 299, "scaler": {"scale": 65536.0},
+                    "args": args, "model_ema": weights if ema is None else ema}, path)
+    assert "omegaconf" not in sys.modules
+    return path
+
+
+RELEASED_ARGS = {"DictConfig": DictConfig(model="glnet_mini", lr=None, output_dir="outputs"),
+                 "Namespace": argparse.Namespace(model="glnet_mini", output_dir=pathlib.Path("outputs"),
+                                                 _max_accuracy=np.float64(81.2), nb_classes=np.int64(5))}
+
+
+@pytest.mark.parametrize("args", RELEASED_ARGS)
+def test_the_released_trainings_files_are_read_without_their_classes(args, tmp_path):
+    """What the released training saves, with hydra's config (omegaconf not installed) or a plain script's Namespace
+    (a path and numpy scalars) in 'args': its tensors and plain values come back, 'args' is left out, nothing is
+    imported, the weights load strictly. A truncated copy is named so."""
+    model = mini_with_token_head()
+    path = save_as_the_released_training(tmp_path / "checkpoint-299.pth", model.state_dict(), RELEASED_ARGS[args])
+    checkpoint = glnet.read_checkpoint(str(path))
+    assert sorted(checkpoint) == ["epoch", "model", "model_ema", "optimizer", "scaler"] and checkpoint["epoch"] == 299
+    assert torch.equal(checkpoint["optimizer"]["state"][0]["exp_avg"], torch.arange(3.0))
+    assert checkpoint["scaler"] == {"scale": 65536.0} and "omegaconf" not in sys.modules
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        restored = glnet.create_model("glnet_mini", token_head=True, num_classes=5, checkpoint=str(path)).eval()
+        assert torch.equal(restored(x), model(x))
+    with pytest.raises(glnet.InputError, match=r"wrongly shaped: head.weight: checkpoint \(5, 256\), model \(10, 256"):
+        glnet.create_model("glnet_mini", token_head=True, num_classes=10, checkpoint=str(path))
+    path.write_bytes(file_bytes(path)[:100_000])
+    with pytest.raises(glnet.InputError, match="truncated, or not a torch.save file of tensors and plain values"):
+        glnet.read_checkpoint(str(path))
+
+
+class RunsACommand:
+    """What an attacker's checkpoint holds: unpickling it calls os.system."""
+
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def test_a_checkpoint_that_names_a_function_is_refused_and_runs_nothing(tmp_path):
+    marker, path = tmp_path / "marker", tmp_path / "checkpoint.pth"
+    torch.save({"model": glnet.create_model("glnet_mini").state_dict(), "args": RunsACommand(f"touch {marker}")}, path)
+    with pytest.raises(glnet.InputError, match=f"refusing checkpoint {path}: it names {os.system.__module__}.system, "
+                                               f"which no file of weights and settings needs; nothing in it was run"):
+        glnet.create_model("glnet_mini", checkpoint=str(path))
+    assert not marker.exists()
+    torch.save(glnet.create_model("glnet_mini"), path)  # a whole pickled model: its classes are listed, the first 4
+    with pytest.raises(glnet.InputError, match=r"it names glnet\.\w+, glnet\.\w+, glnet\.\w+, glnet\.\w+, \.\.\., which"):
+        glnet.read_checkpoint(str(path))
 
 
 # --- forward, backward and the dense-prediction interface -------------------------------------
@@ -623,49 +703,61 @@ RELEASED_4G_URL = ("https://api.onedrive.com/v1.0/shares/u!aHR0cHM6Ly8xZHJ2Lm1zL
 
 @pytest.fixture
 def torch_home(tmp_path, monkeypatch):
-    """An empty TORCH_HOME whose downloads fail as OneDrive's do for scripts; {url: file} records the attempts."""
+    """An empty TORCH_HOME whose downloads fail as OneDrive's do for scripts, but for the files of `served` ({file
+    name: path}); {url: file} records the attempts."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    attempts = {}
+    attempts, served = {}, {}
 
     def download(url, dst, *args, **kwargs):
         attempts[url] = dst
-        raise urllib.error.HTTPError(url, 403, "Forbidden", None, None)
+        if os.path.basename(dst) not in served:
+            raise urllib.error.HTTPError(url, 403, "Forbidden", None, None)
+        shutil.copyfile(served[os.path.basename(dst)], dst)
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", download)
-    os.makedirs(tmp_path / "torch" / "hub" / "checkpoints")
-    return tmp_path / "torch" / "hub" / "checkpoints", attempts
+    return tmp_path / "torch" / "hub" / "checkpoints", attempts, served
 
 
-def test_pretrained_loads_the_released_file_in_the_hub_folder(torch_home):
-    """As the released code: <torch hub dir>/checkpoints/<name>.pth is loaded as it is ('model'; glnet_16g: its
-    EMA, 'model_ema'), strictly; without it the error names the file to put there and the link to download it."""
-    folder, attempts = torch_home
+def test_pretrained_downloads_to_the_hub_folder_and_reads_the_released_trainings_files(torch_home, tmp_path):
+    """As the released code: <torch hub dir>/checkpoints/<name>.pth, downloaded there when missing, then used as it
+    is: the file the released training wrote (hydra's config in 'args'), its 'model' loaded strictly (glnet_16g: its
+    EMA, 'model_ema'); without it the error names the file to put there and the link to download it."""
+    folder, attempts, served = torch_home
     released = deterministic_state_dict("glnet_stl")
-    torch.save({"model": released, "model_ema": {"head.weight": torch.zeros(1)}}, folder / "glnet_stl.pth")
+    served["glnet_stl.pth"] = save_as_the_released_training(tmp_path / "glnet_stl.pth", released, DictConfig(),
+                                                            ema={"head.weight": torch.zeros(1)})
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         expected = glnet.create_model("glnet_stl", checkpoint={"model": released}).eval()(x)
         torch.testing.assert_close(glnet.create_model("glnet_stl", pretrained=True).eval()(x), expected, rtol=0, atol=0)
-    assert not attempts
+        assert list(attempts.values()) == [str(folder / "glnet_stl.pth")]
+        served.clear()  # the file there is used as it is
+        torch.testing.assert_close(glnet.create_model("glnet_stl", pretrained=True).eval()(x), expected, rtol=0, atol=0)
+    with torch.device("meta"):  # shapes only: the EMA is glnet_16g's, 'model' another variant's
+        save_as_the_released_training(folder / "glnet_16g.pth", glnet.glnet_4g().state_dict(), DictConfig(),
+                                      ema=glnet.glnet_16g().state_dict())
+        glnet.create_model("glnet_16g", pretrained=True)
     torch.save({"model": {}}, folder / "glnet_16g.pth")
     with pytest.raises(KeyError, match="no 'model_ema' entry"):
         glnet.create_model("glnet_16g", pretrained=True)
+    attempts.clear()
 
-    with pytest.raises(RuntimeError) as error:
+    with pytest.raises(glnet.InputError) as error:
         glnet.create_model("glnet_4g", pretrained=True)
     assert list(attempts) == [RELEASED_4G_URL]
     assert f"download it from {glnet.CHECKPOINT_LINKS['glnet_4g']} to {folder / 'glnet_4g.pth'}" in str(error.value)
     assert "HTTP Error 403" in str(error.value) and not (folder / "glnet_4g.pth").exists()
     (folder / "glnet_9g.pth").write_text("<!DOCTYPE html>")  # what a browser may save instead of the file
-    with pytest.raises(RuntimeError) as error:
+    with pytest.raises(glnet.InputError) as error:
         glnet.create_model("glnet_9g", pretrained=True)
     assert "could not be downloaded or read" in str(error.value) and str(folder / "glnet_9g.pth") in str(error.value)
-    with pytest.raises(ValueError, match="pretrained=True takes no checkpoint and one of glnet_stl, .*, got 'glnet_mini'"):
+    with pytest.raises(glnet.InputError, match="pretrained=True takes no checkpoint and one of glnet_stl, .*'glnet_mini'"):
         glnet.create_model("glnet_mini", pretrained=True)
 
 
 def test_torch_hub_loads_every_released_variant(torch_home):
-    folder, attempts = torch_home
+    folder, attempts, _ = torch_home
+    os.makedirs(folder)
     with torch.device("meta"):
         for name in glnet.RELEASED:
             model = torch.hub.load(HERE, name, source="local", num_classes=10)
@@ -863,11 +955,22 @@ def settings(*argv):
     (["--interpolation", "nearest"], "argument --interpolation: invalid choice: 'nearest'"),
     (["--teacher", "teacher.pth"], "--make-token-labels DIR and --teacher CHECKPOINT go together"),
     (["--eval"], "--eval needs --checkpoint FILE"),
+    (["--crop-pct", "0"], "argument --crop-pct: must be greater than 0 and at most 1, got 0"),
+    (["--crop-pct", "1.5"], "argument --crop-pct: must be greater than 0 and at most 1, got 1.5"),
+    (["--lr", "0"], "argument --lr: must be greater than 0, got 0"),
+    (["--label-smoothing", "nan"], "argument --label-smoothing: must be at least 0 and at most 1, got nan"),
+    (["--weight-decay", "-0.05"], "argument --weight-decay: must be at least 0, got -0.05"),
+    (["--lr-steps", "8", "0"], "argument --lr-steps: must be at least 1, got 0"),
+    (["--seed", "-1"], "argument --seed: must be at least 0, got -1"),
+    (["--epochs", "ten"], "argument --epochs: invalid int value: 'ten'"),
 ])
 def test_bad_flags_are_usage_errors(argv, message, capsys):
+    """One line, `prog: error: ... (see prog --help)`, exit status 2: every numeric flag has its range."""
     with pytest.raises(SystemExit) as exit_info:
         train.main(argv)
-    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    stderr = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in stderr
+    assert re.fullmatch(r"(\S+): error: .* \(see \1 --help\)\n", stderr), stderr
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -877,7 +980,7 @@ def test_bad_flags_are_usage_errors(argv, message, capsys):
     (["--token-labels", "labels", "--cutmix", "1.0"], "pass --mixup 0 --cutmix 0 (got 0.0, 1.0)"),
 ])
 def test_runs_that_cannot_do_what_they_say_are_refused(argv, message, tmp_path):
-    with pytest.raises(ValueError, match=re.escape(message)):
+    with pytest.raises(glnet.InputError, match=re.escape(message)):
         train.main([*argv, "--output-dir", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
 
@@ -1052,22 +1155,22 @@ def test_bad_data_layouts_are_named(tmp_path, data):
     def run(folder):
         train.main(["--data", str(folder), "--output-dir", str(tmp_path / "out"), *TINY])
 
-    with pytest.raises(FileNotFoundError, match="No such file or directory: .*nope/train'; expected the ImageNet layout"):
+    with pytest.raises(glnet.InputError, match="No such file or directory: .*nope/train'; expected the ImageNet layout"):
         run(tmp_path / "nope")
     (tmp_path / "empty" / "train" / "cat").mkdir(parents=True)
-    with pytest.raises(FileNotFoundError, match="Found no valid file for the classes cat.*empty/train/<class>/<image>"):
+    with pytest.raises(glnet.InputError, match="Found no valid file for the classes cat.*empty/train/<class>/<image>"):
         run(tmp_path / "empty")
     shutil.copytree(os.path.join(data, "train"), tmp_path / "flat" / "train")
     (tmp_path / "flat" / "val").mkdir(parents=True)
     (tmp_path / "flat" / "val" / "ILSVRC2012_val_00000001.JPEG").write_bytes(b"")
-    with pytest.raises(FileNotFoundError, match="Couldn't find any class folder in .*flat/val"):
+    with pytest.raises(glnet.InputError, match="Couldn't find any class folder in .*flat/val"):
         run(tmp_path / "flat")
     shutil.copytree(os.path.join(data, "train"), tmp_path / "noval" / "train")
-    with pytest.raises(FileNotFoundError, match="noval/val'; expected the ImageNet layout"):
+    with pytest.raises(glnet.InputError, match="noval/val'; expected the ImageNet layout"):
         run(tmp_path / "noval")
     shutil.copytree(data, tmp_path / "mismatch")
     os.rename(tmp_path / "mismatch" / "val" / "square", tmp_path / "mismatch" / "val" / "ring")
-    with pytest.raises(ValueError, match=r"mismatch/val differ in \['ring', 'square'\]"):
+    with pytest.raises(glnet.InputError, match=r"mismatch/val differ in \['ring', 'square'\]"):
         run(tmp_path / "mismatch")
     assert not (tmp_path / "out").exists()
 
@@ -1075,8 +1178,10 @@ def test_bad_data_layouts_are_named(tmp_path, data):
 def test_usage_errors_of_the_three_scripts_are_one_line_with_status_2(tmp_path, data, capsys, monkeypatch):
     """As users run them (`python train.py ...` in a process of its own, the others' __main__ in this one): a
     truncated last.pth on resume, a flat ImageNet val/ (as its tarball unpacks), a truncated checkpoint given to
-    detect_seg.py and analyze.py, a COCO folder without annotations: argparse's one line on stderr, exit status 2,
-    nothing written."""
+    detect_seg.py and analyze.py, a COCO folder without annotations, a checkpoint that would run a command, a bad
+    flag of each script: one line on stderr, exit status 2, nothing written, nothing run."""
+    attack, marker = tmp_path / "attack.pth", tmp_path / "marker"
+    torch.save({"model": {}, "args": RunsACommand(f"touch {marker}")}, attack)
     checkpoint = tmp_path / "resumed" / "last.pth"
     os.makedirs(checkpoint.parent)
     torch.save({"model": glnet.create_model("glnet_mini", num_classes=3).state_dict()}, checkpoint)
@@ -1096,7 +1201,15 @@ def test_usage_errors_of_the_three_scripts_are_one_line_with_status_2(tmp_path, 
             ("detect_seg.py", "--eval", "--checkpoint", str(checkpoint)): f"detect_seg.py: {truncated}",
             ("analyze.py", "evaluate", "--checkpoint", str(checkpoint)): f"analyze.py: {truncated}",
             ("detect_seg.py", "--task", "maskrcnn", "--data", str(tmp_path), "--output-dir", str(tmp_path / "out")):
-            f"detect_seg.py: error: {tmp_path}/annotations/instances_train2017.json not found: expected the COCO"}
+            f"detect_seg.py: error: {tmp_path}/annotations/instances_train2017.json not found: expected the COCO",
+            ("train.py", "--eval", "--checkpoint", str(attack), "--model", "glnet_mini"):
+            f"train.py: error: refusing checkpoint {attack}: it names {os.system.__module__}.system",
+            ("train.py", "--crop-pct", "0"): "train.py: error: argument --crop-pct: must be greater than 0 and at most 1, "
+                                             "got 0 (see train.py --help)",
+            ("detect_seg.py", "--score-threshold", "2"): "detect_seg.py: error: argument --score-threshold: must be at "
+                                                         "least 0 and at most 1, got 2 (see detect_seg.py --help)",
+            ("analyze.py", "approximate", "--checkpoint", "x.pth", "--search", "0"): "analyze.py approximate: error: "
+            "argument --search: must be at least 1, got 0 (see analyze.py approximate --help)"}
     for argv, message in runs.items():
         monkeypatch.setattr(sys, "argv", [os.path.join(HERE, argv[0]), *argv[1:]])
         with pytest.raises(SystemExit) as exit_info:
@@ -1105,23 +1218,23 @@ def test_usage_errors_of_the_three_scripts_are_one_line_with_status_2(tmp_path, 
         assert exit_info.value.code == 2 and stderr.count("\n") == 1 and stderr.startswith(message), stderr
     _, stderr = resumed.communicate(timeout=120)
     assert resumed.returncode == 2 and stderr.count("\n") == 1 and stderr.startswith(f"train.py: {truncated}"), stderr
-    assert os.listdir(checkpoint.parent) == ["last.pth"] and not (tmp_path / "out").exists()
+    assert os.listdir(checkpoint.parent) == ["last.pth"] and not (tmp_path / "out").exists() and not marker.exists()
 
 
 def test_only_input_errors_become_one_line(capsys, monkeypatch):
-    """train.run, the scripts' __main__: the errors this project raises about its input (ValueError, OSError) end as
-    one line and exit status 2; any other keeps its traceback."""
+    """train.run, the scripts' __main__: the errors this project raises about its input (glnet.InputError) end as
+    one line and exit status 2; any other, of whatever type, keeps its traceback."""
     def fail(error):
         raise error
 
     monkeypatch.setattr(sys, "argv", ["/somewhere/train.py", "--data", "x"])
-    for error in (ValueError("the data is bad"), FileNotFoundError(2, "No such file or directory", "x/train")):
-        with pytest.raises(SystemExit) as exit_info:
-            train.run(lambda: fail(error))
-        assert exit_info.value.code == 2 and capsys.readouterr().err == f"train.py: error: {error}\n"
-    with pytest.raises(KeyError, match="a bug"):
-        train.run(lambda: fail(KeyError("a bug")))
-    assert capsys.readouterr().err == ""
+    with pytest.raises(SystemExit) as exit_info:
+        train.run(lambda: fail(glnet.InputError("the data is bad")))
+    assert exit_info.value.code == 2 and capsys.readouterr().err == "train.py: error: the data is bad\n"
+    for bug in (ValueError("a bug"), FileNotFoundError(2, "No such file or directory", "a bug"), KeyError("a bug")):
+        with pytest.raises(type(bug), match="a bug"):
+            train.run(lambda: fail(bug))
+        assert capsys.readouterr().err == ""
 
 
 def test_unreadable_image_is_named(tmp_path, data):
@@ -1129,7 +1242,7 @@ def test_unreadable_image_is_named(tmp_path, data):
     shutil.copytree(data, broken)
     bad = broken / "train" / "square" / "00003.png"
     bad.write_bytes(b"not a png")
-    with pytest.raises(OSError, match=f"cannot read image {bad}"):
+    with pytest.raises(glnet.InputError, match=f"cannot read image {bad}"):
         train.main(["--data", str(broken), "--output-dir", str(tmp_path / "out"), "--epochs", "1", *TINY,
                     "--repeated-aug", "1"])  # every image in the epoch
     assert not (tmp_path / "out" / "last.pth").exists()
@@ -1155,10 +1268,10 @@ def test_resuming_another_model_or_class_count_fails_and_touches_nothing(tmp_pat
     train.main(["--data", data, "--output-dir", str(out), "--epochs", "1", *TINY])
     before = {name: file_bytes(out / name) for name in os.listdir(out)}
     other = train.make_shapes_dataset(str(tmp_path / "two"), 4, 2, 40, classes=("circle", "ring"))
-    with pytest.raises(ValueError, match="is a classification checkpoint of glnet_mini with 3 classes, but this run "
+    with pytest.raises(glnet.InputError, match="is a classification checkpoint of glnet_mini with 3 classes, but this run "
                                          "trains classification with glnet_mini and 2 classes"):
         train.main(["--data", other, "--output-dir", str(out), "--epochs", "1", *TINY])
-    with pytest.raises(ValueError, match="checkpoint of glnet_mini with 3 classes, but this run trains classification "
+    with pytest.raises(glnet.InputError, match="checkpoint of glnet_mini with 3 classes, but this run trains classification "
                                          "with glnet_stl and 3 classes"):
         train.main(["--data", data, "--output-dir", str(out), "--epochs", "1", *TINY, "--model", "glnet_stl"])
     assert {name: file_bytes(out / name) for name in os.listdir(out)} == before
@@ -1227,11 +1340,11 @@ def test_eval_of_a_checkpoint_from_elsewhere(tmp_path, data):
     model = glnet.create_model("glnet_mini", num_classes=3).eval()
     path = str(tmp_path / "foreign.pth")
     torch.save({"model_ema": torch.optim.swa_utils.AveragedModel(model).state_dict()}, path)
-    with pytest.raises(ValueError, match="does not say which model it holds: pass --model"):
+    with pytest.raises(glnet.InputError, match="does not say which model it holds: pass --model"):
         train.main(["--eval", "--checkpoint", path])
-    with pytest.raises(ValueError, match="does not say which data it is for: pass --data"):
+    with pytest.raises(glnet.InputError, match="does not say which data it is for: pass --data"):
         train.main(["--eval", "--checkpoint", path, "--model", "glnet_mini"])
-    with pytest.raises(ValueError, match="checkpoint does not match GLNet"):
+    with pytest.raises(glnet.InputError, match="checkpoint does not match GLNet"):
         train.main(["--eval", "--checkpoint", path, "--model", "glnet_4g", "--data", data, "--workers", "0"])
     metrics = train.main(["--eval", "--checkpoint", path, "--model", "glnet_mini", "--data", data,
                           "--image-size", "32", "--workers", "0"])
@@ -1852,7 +1965,7 @@ def test_token_labeling_demo_teacher_labels_student_eval(tmp_path, five_classes)
     assert metrics["images"] == 15 and metrics["top1"] == pytest.approx(max(record["val_top1"], record["ema_top1"]))
 
     before = {name: file_bytes(os.path.join(teacher_dir, name)) for name in os.listdir(teacher_dir)}
-    with pytest.raises(ValueError, match="differ in token_head.bias, token_head.weight"):
+    with pytest.raises(glnet.InputError, match="differ in token_head.bias, token_head.weight"):
         train.main(["--token-labels", labels, "--data", five_classes, "--output-dir", teacher_dir, *small])
     assert {name: file_bytes(os.path.join(teacher_dir, name)) for name in os.listdir(teacher_dir)} == before
 
@@ -1870,23 +1983,23 @@ def test_bad_label_maps_are_named_before_training(tmp_path, five_classes):
     index = dataset.images.samples.index((image, dataset.images.class_to_idx["ring"]))
 
     torch.save(torch.zeros(5, 3, 3), label_map)
-    with pytest.raises(ValueError, match=f"the label map {label_map} of {image} holds shape \\(5, 3, 3\\); expected a "
+    with pytest.raises(glnet.InputError, match=f"the label map {label_map} of {image} holds shape \\(5, 3, 3\\); expected a "
                                          r"tensor \(2, 5, H, W\): the teacher's top-5 logits and their class indices"):
         dataset[index]
     torch.save(torch.full((2, 5, 3, 3), 7.0), label_map)
-    with pytest.raises(ValueError, match=r"holds class indices 7-7; expected .* class indices \(0-4\)"):
+    with pytest.raises(glnet.InputError, match=r"holds class indices 7-7; expected .* class indices \(0-4\)"):
         dataset[index]
     os.remove(label_map)
-    with pytest.raises(FileNotFoundError, match=f"1 of 30 training images have no label map, e.g. {image}: expected "
+    with pytest.raises(glnet.InputError, match=f"1 of 30 training images have no label map, e.g. {image}: expected "
                                                 f"{label_map}, a tensor \\(2, 5, H, W\\)"):
         train.main([*args, "--token-labels", labels])
     shutil.rmtree(os.path.join(labels, "ring"))
-    with pytest.raises(FileNotFoundError, match="6 of 30 training images have no label map"):
+    with pytest.raises(glnet.InputError, match="6 of 30 training images have no label map"):
         train.main([*args, "--token-labels", labels])
-    with pytest.raises(FileNotFoundError, match="30 of 30 training images have no label map, e.g. .*nowhere/"):
+    with pytest.raises(glnet.InputError, match="30 of 30 training images have no label map, e.g. .*nowhere/"):
         train.main([*args, "--token-labels", str(tmp_path / "nowhere")])
     assert not (tmp_path / "out").exists()
-    with pytest.raises(FileExistsError, match=f"{labels} is not empty"):
+    with pytest.raises(glnet.InputError, match=f"{labels} is not empty"):
         train.main(["--make-token-labels", labels, "--teacher", "teacher.pth"])
 
 
@@ -2049,7 +2162,7 @@ def test_approximate_saves_the_least_squares_map_and_it_evaluates_the_same(check
     metrics = analyze.main(["evaluate", "--checkpoint", saved, *FAST])
     assert metrics["top1"] == run["linear"]["top1"] and metrics["images"] == 2 * len(train.SHAPES_CLASSES)
     before = file_bytes(saved)
-    with pytest.raises(ValueError, match="already replaced"):
+    with pytest.raises(glnet.InputError, match="already replaced"):
         analyze.main(["approximate", "--checkpoint", saved, *common, "--blocks", "3:0-2"])
     assert file_bytes(saved) == before
 
@@ -2115,9 +2228,9 @@ def test_slots_figure_rows_and_panels(checkpoint, tiny_data, tmp_path):
                           "block 3.1: all 64 slots", f"block 3.1: slots {', '.join(map(str, chosen))}"]
     assert len(figure.axes[8].patches) == 4                               # the representative slots are framed
     assert [t.get_text() for t in figure.axes[9].texts] == [str(slot) for slot in chosen]
-    with pytest.raises(ValueError, match=r"--block 4\.1: not a GLMix block .* 1\.1, 2\.1, 3\.1, 3\.3"):
+    with pytest.raises(glnet.InputError, match=r"--block 4\.1: not a GLMix block .* 1\.1, 2\.1, 3\.1, 3\.3"):
         analyze.main(["slots", "--checkpoint", checkpoint, "--image", images[0], "--block", "4.1", "3.1"])
-    with pytest.raises(OSError, match="cannot read image missing.png"):
+    with pytest.raises(glnet.InputError, match="cannot read image missing.png"):
         analyze.main(["slots", "--checkpoint", checkpoint, "--image", "missing.png"])
 
 
@@ -2157,16 +2270,16 @@ def test_k_medoids_picks_one_point_per_cluster():
 
 @pytest.mark.parametrize("blocks", ["5:0-1", "3:0-4", "1:1-2"])
 def test_runs_the_model_lacks_are_explained(blocks, checkpoint):
-    with pytest.raises(ValueError, match=f"--blocks {blocks}: this model has no such blocks.*1, 1, 3, 1 blocks"):
+    with pytest.raises(glnet.InputError, match=f"--blocks {blocks}: this model has no such blocks.*1, 1, 3, 1 blocks"):
         analyze.main(["approximate", "--checkpoint", checkpoint, "--blocks", blocks, *FAST])
 
 
 def test_released_checkpoint_needs_model_and_data(tiny_data, tmp_path):
     path = str(tmp_path / "bare.pth")
     torch.save(glnet.create_model("glnet_mini", num_classes=len(train.SHAPES_CLASSES)).state_dict(), path)
-    with pytest.raises(ValueError, match="pass --model"):
+    with pytest.raises(glnet.InputError, match="pass --model"):
         analyze.main(["evaluate", "--checkpoint", path, *FAST])
-    with pytest.raises(ValueError, match="pass --data"):
+    with pytest.raises(glnet.InputError, match="pass --data"):
         analyze.main(["evaluate", "--checkpoint", path, "--model", "glnet_mini", *FAST])
     metrics = analyze.main(["evaluate", "--checkpoint", path, "--model", "glnet_mini", "--data", tiny_data,
                             "--image-size", "32", *FAST])
@@ -2441,13 +2554,13 @@ def test_downloads_that_fail_offline_name_what_to_put_where(hub, tmp_path, monke
     expected = {"mnist": f"train-images-idx3-ubyte.gz, .* into {empty}/MNIST/raw",
                 "cifar100": f"cifar-100-python.tar.gz \\(https://www.cs.toronto.edu/.*\\) into {empty}$"}
     for name, files in expected.items():
-        with pytest.raises(ValueError, match=f"{name} is not in {empty} and cannot be downloaded .*; put {files}") as e:
+        with pytest.raises(glnet.InputError, match=f"{name} is not in {empty} and cannot be downloaded .*; put {files}") as e:
             analyze.main(["evaluate", "--model", f"{hub}:tiny_vit", "--data", name, "--data-dir", empty, *FAST])
         assert "\n" not in str(e.value)
-    with pytest.raises(ValueError, match=r"cannot download resnet18's weights .*; download https://download\.pytorch"
+    with pytest.raises(glnet.InputError, match=r"cannot download resnet18's weights .*; download https://download\.pytorch"
                                          rf"\.org/models/resnet18-.*\.pth into {tmp_path}/torch/hub/checkpoints/"):
         analyze.main(["evaluate", "--model", "resnet18", "--weights", "DEFAULT", "--data", "x", *FAST])
-    with pytest.raises(ValueError, match="--weights V9: resnet18's weights are IMAGENET1K_V1, DEFAULT"):
+    with pytest.raises(glnet.InputError, match="--weights V9: resnet18's weights are IMAGENET1K_V1, DEFAULT"):
         analyze.main(["evaluate", "--model", "resnet18", "--weights", "V9", "--data", "x", *FAST])
 
 
@@ -2535,39 +2648,39 @@ def test_bad_dense_data_and_flags_are_named_before_training(tmp_path, scenes, ca
     out = ["--output-dir", str(tmp_path / "out")]
     coco = tmp_path / "coco"
     os.makedirs(coco / "annotations")
-    with pytest.raises(FileNotFoundError, match="instances_train2017.json not found: expected the COCO 2017 layout"):
+    with pytest.raises(glnet.InputError, match="instances_train2017.json not found: expected the COCO 2017 layout"):
         detect_seg.main(["--task", "maskrcnn", "--data", str(coco), *out])
     ann_file = coco / "annotations" / "instances_train2017.json"
     ann_file.write_text(open(os.path.join(scenes, "annotations", "instances_train2017.json")).read())
-    with pytest.raises(FileNotFoundError, match="train2017 not found: expected the COCO 2017 layout"):
+    with pytest.raises(glnet.InputError, match="train2017 not found: expected the COCO 2017 layout"):
         detect_seg.main(["--task", "maskrcnn", "--data", str(coco), *out])
     os.symlink(os.path.join(scenes, "train2017"), coco / "train2017")
     ann_file.write_text(ann_file.read_text()[:500])  # truncated
-    with pytest.raises(ValueError, match=f"{ann_file} is not valid JSON .*expected a COCO instances file"):
+    with pytest.raises(glnet.InputError, match=f"{ann_file} is not valid JSON .*expected a COCO instances file"):
         detect_seg.main(["--task", "maskrcnn", "--data", str(coco), *out])
     ann_file.write_text(json.dumps({"images": []}))
-    with pytest.raises(ValueError, match="has no 'annotations', 'categories' entry"):
+    with pytest.raises(glnet.InputError, match="has no 'annotations', 'categories' entry"):
         detect_seg.main(["--task", "maskrcnn", "--data", str(coco), *out])
 
     ade = tmp_path / "ade"
     os.makedirs(ade / "images" / "training")
-    with pytest.raises(FileNotFoundError, match="annotations/training not found; expected the ADEChallengeData2016"):
+    with pytest.raises(glnet.InputError, match="annotations/training not found; expected the ADEChallengeData2016"):
         detect_seg.main(["--task", "semfpn", "--data", str(ade), *out])
     ade = ade20k_folder(tmp_path / "ade2", [(40, 30), (40, 30)], [(40, 30)])
     os.remove(os.path.join(ade, "annotations", "training", "0001.png"))
-    with pytest.raises(FileNotFoundError, match="1 image.* have no label PNG in .*annotations/training, e.g. 0001.png"):
+    with pytest.raises(glnet.InputError, match="1 image.* have no label PNG in .*annotations/training, e.g. 0001.png"):
         detect_seg.main(["--task", "semfpn", "--data", ade, *out])
     wrong = os.path.join(ade, "annotations", "training", "0001.png")
     Image.fromarray(np.ones((30, 40), np.uint8)).save(wrong)
-    with pytest.raises(ValueError, match=f"label {wrong} is 40x30 but its image .*0001.jpg is 30x40"):
+    with pytest.raises(glnet.InputError, match=f"label {wrong} is 40x30 but its image .*0001.jpg is 30x40"):
         detect_seg.main(["--task", "semfpn", "--data", ade, *out])
 
-    with pytest.raises(ValueError, match="12 training images are fewer than one global batch of 16"):
+    with pytest.raises(glnet.InputError, match="12 training images are fewer than one global batch of 16"):
         detect_seg.main([*SEGMENTATION, "--cache-dir", str(cache_dir), *out, "--batch-size", "8", "--accum-steps", "2"])
     classifier = tmp_path / "classifier.pth"
     torch.save({"model": glnet.create_model("glnet_mini", num_classes=3).state_dict(), "task": "classification",
                 "args": {"model": "glnet_mini"}, "num_classes": 3}, classifier)
-    with pytest.raises(ValueError, match="names the task None, not one of maskrcnn, .*: not detect_seg.py's"):
+    with pytest.raises(glnet.InputError, match="names the task None, not one of maskrcnn, .*: not detect_seg.py's"):
         detect_seg.main(["--eval", "--checkpoint", str(classifier)])
     assert not (tmp_path / "out").exists()
     for argv, message in ((["--data", str(coco)], "--task is required with --data"), (["--task", "yolo"], "invalid choice"),
@@ -2653,21 +2766,26 @@ def test_training_keeps_every_object_overlapping_the_image_its_box_clipped(tmp_p
     assert torch.isfinite(loss)   # a box 0.4 px wide trains too
 
 
-def test_detectors_predict_only_the_datasets_categories(tmp_path, scenes, capsys, monkeypatch):
-    """On COCO's 80 categories (ids 1-90 with gaps), the scenes' shapes as person (1), car (3) and toothbrush (90):
-    the heads have a class per category (and Mask R-CNN's background), as the paper's parameter counts assume; the
-    targets carry contiguous labels; evaluation records, --predict and the checkpoint's class names carry the ids."""
+@pytest.fixture(scope="module")
+def coco_categories(tmp_path_factory, scenes):
+    """(COCO folder, categories): the scenes on COCO's 80 categories (ids 1-90 with gaps), their shapes as person (1),
+    car (3) and toothbrush (90)."""
     coco_names = MaskRCNN_ResNet50_FPN_Weights.DEFAULT.meta["categories"]   # index = COCO id, "N/A" = no category
     categories = [dict(id=i, name=name) for i, name in enumerate(coco_names) if name not in ("__background__", "N/A")]
-    ids = {1: 1, 2: 3, 3: 90}   # the scenes' square, circle, triangle
-    os.makedirs(tmp_path / "coco" / "annotations")
+    ids, folder = {1: 1, 2: 3, 3: 90}, tmp_path_factory.mktemp("coco")   # the scenes' square, circle, triangle
+    os.makedirs(folder / "annotations")
     for split in ("train", "val"):
         with open(os.path.join(scenes, "annotations", f"instances_{split}2017.json")) as f:
             data = json.load(f)
         data.update(categories=categories, annotations=[dict(a, category_id=ids[a["category_id"]])
                                                         for a in data["annotations"]])
-        (tmp_path / "coco" / "annotations" / f"instances_{split}2017.json").write_text(json.dumps(data))
-        os.symlink(os.path.join(scenes, f"{split}2017"), tmp_path / "coco" / f"{split}2017")
+        (folder / "annotations" / f"instances_{split}2017.json").write_text(json.dumps(data))
+        os.symlink(os.path.join(scenes, f"{split}2017"), folder / f"{split}2017")
+    return str(folder), categories
+
+
+def record_coco_results(monkeypatch):
+    """The COCO results that evaluation hands pycocotools, as they are scored."""
     records = []
 
     class RecordingCOCOeval(COCOeval):
@@ -2676,9 +2794,18 @@ def test_detectors_predict_only_the_datasets_categories(tmp_path, scenes, capsys
             super().__init__(ground_truth, detections, iou_type)
 
     monkeypatch.setattr(detect_seg, "COCOeval", RecordingCOCOeval)
+    return records
+
+
+def test_detectors_predict_only_the_datasets_categories(tmp_path, scenes, coco_categories, capsys, monkeypatch):
+    """On COCO's 80 categories (ids 1-90 with gaps), the scenes' shapes as person (1), car (3) and toothbrush (90):
+    the heads have a class per category (and Mask R-CNN's background), as the paper's parameter counts assume; the
+    targets carry contiguous labels; evaluation records, --predict and the checkpoint's class names carry the ids."""
+    folder, categories = coco_categories
+    records = record_coco_results(monkeypatch)
     coco_ids, trainers = {c["id"] for c in categories}, {}
     for task, first_label in (("maskrcnn", 1), ("retinanet", 0)):
-        trainer = trainers[task] = dense_trainer(task, ["--task", task, "--data", str(tmp_path / "coco"),
+        trainer = trainers[task] = dense_trainer(task, ["--task", task, "--data", folder,
                                                         "--output-dir", str(tmp_path), *SMALL_DETECTOR])
         model, train_set = trainer.model, trainer.task.train_set
         assert trainer.task.num_classes == detect_seg.TASKS[task].report_classes == 80 + first_label
@@ -2711,6 +2838,40 @@ def test_detectors_predict_only_the_datasets_categories(tmp_path, scenes, capsys
                      "--predict-output", str(tmp_path / "drawn.png")])
     captions = capsys.readouterr().out.split(": ")[2].split("; drawn")[0].split(", ")
     assert len(captions) > 10 and set(captions) == {"toothbrush 1.00"}
+
+
+@pytest.mark.parametrize("task", ["maskrcnn", "retinanet"])
+def test_detectors_with_a_class_per_coco_id_load_with_their_categories_rows(task, scenes, coco_categories, tmp_path,
+                                                                           capsys, monkeypatch):
+    """A detector saved while its heads had a class per id up to the largest (COCO: 91, row 0 the background) loads
+    for --predict and --eval with its categories' rows, as the heads have them now: the same boxes, scores and masks,
+    each labelled with its category."""
+    folder, categories = coco_categories
+    settings = dataclasses.asdict(detect_seg.make_settings(task, detect_seg.parse_args(SMALL_DETECTOR)[1]))
+    torch.manual_seed(0)
+    old = detect_seg.build_model(settings, 91).eval()
+    classifier = old.roi_heads.box_predictor.cls_score if task == "maskrcnn" else old.head.classification_head.cls_logits
+    with torch.no_grad():   # whatever a box is, it is a toothbrush (row 90, after RetinaNet's every anchor)
+        classifier.weight.zero_()
+        classifier.bias.copy_(torch.where(torch.arange(len(classifier.bias)) % 91 == 90, 8.0, -100.0))
+    path, ema = tmp_path / "old.pth", torch.optim.swa_utils.AveragedModel(old).state_dict()   # loaded, as preferred
+    torch.save({"model": old.state_dict(), "model_ema": ema, "task": task, "args": settings, "num_classes": 91,
+                "classes": {c["id"]: c["name"] for c in categories}}, path)
+    image = os.path.join(scenes, "val2017", sorted(os.listdir(os.path.join(scenes, "val2017")))[0])
+    detect_seg.main(["--predict", image, "--checkpoint", str(path), "--predict-output", str(tmp_path / "drawn.png")])
+    assert set(capsys.readouterr().out.split(": ")[2].split("; drawn")[0].split(", ")) == {"toothbrush 1.00"}
+    records = record_coco_results(monkeypatch)
+    detect_seg.main(["--eval", "--checkpoint", str(path), "--data", folder])
+    assert records and {r["category_id"] for r in records} == {90}
+
+    x = v2.functional.pil_to_tensor(Image.open(image).convert("RGB")).float() / 255
+    model, checkpoint = train.load_trained(str(path), detect_seg.build_model, detect_seg.read_checkpoint)
+    with torch.no_grad():
+        expected, found = old([x])[0], model([x])[0]
+    assert expected["labels"].eq(90).all() and len(found["labels"]) > 10
+    assert detect_seg.label_categories(task, checkpoint["classes"])[found["labels"]].eq(90).all()
+    for key in expected.keys() - {"labels"}:   # boxes, scores and Mask R-CNN's masks
+        torch.testing.assert_close(found[key], expected[key], rtol=0, atol=0)
 
 
 # --- models ----------------------------------------------------------------------------------------
@@ -2841,9 +3002,9 @@ def test_pretrained_backbone_is_loaded_and_the_detectors_freeze_its_batchnorms(c
     segmentation = dense_trainer("semfpn", args + SEGMENTATION[2:]).model.backbone.body
     assert sum(isinstance(m, nn.BatchNorm2d) for m in segmentation.modules()) == len(norms) - 1  # they train
 
-    with pytest.raises(FileNotFoundError, match="nothere.pth"):
+    with pytest.raises(glnet.InputError, match="nothere.pth"):
         dense_trainer("maskrcnn", [*args[:-1], str(tmp_path / "nothere.pth"), *SMALL_DETECTOR])
-    with pytest.raises(ValueError, match="missing"):
+    with pytest.raises(glnet.InputError, match="missing"):
         dense_trainer("maskrcnn", [*args, *SMALL_DETECTOR, "--model", "glnet_4g"])
 
 
@@ -3436,7 +3597,7 @@ def test_semantic_fpn_training_lowers_the_loss_and_resumes(cache_dir, tmp_path, 
     assert os.path.isfile(tmp_path / "semfpn" / "best.pth")
 
     before = {name: file_bytes(tmp_path / "semfpn" / name) for name in os.listdir(tmp_path / "semfpn")}
-    with pytest.raises(ValueError, match="is a semfpn checkpoint of glnet_mini with 4 classes, but this run trains "
+    with pytest.raises(glnet.InputError, match="is a semfpn checkpoint of glnet_mini with 4 classes, but this run trains "
                                          "semfpn with glnet_4g and 4 classes"):
         detect_seg.main(args + ["--iters", "18", "--model", "glnet_4g"])
     assert {name: file_bytes(tmp_path / "semfpn" / name) for name in os.listdir(tmp_path / "semfpn")} == before
@@ -3516,14 +3677,14 @@ def test_mask_rcnn_run_evaluates_and_predict_draws(cache_dir, scenes, tmp_path, 
     evaluated = detect_seg.main(["--task", "maskrcnn", "--eval", "--cache-dir", str(cache_dir),
                                  "--output-dir", str(tmp_path), *QUIET])["maskrcnn"]
     assert evaluated["bbox_AP"] == pytest.approx(results["bbox_AP"], abs=1e-6)
-    with pytest.raises(ValueError, match="best.pth is a maskrcnn checkpoint, not semfpn: pass --task maskrcnn"):
+    with pytest.raises(glnet.InputError, match="best.pth is a maskrcnn checkpoint, not semfpn: pass --task maskrcnn"):
         detect_seg.main(["--task", "semfpn", "--eval", "--checkpoint", str(tmp_path / "maskrcnn" / "best.pth")])
 
     image = os.path.join(scenes, "val2017", sorted(os.listdir(os.path.join(scenes, "val2017")))[0])
     detect_seg.main(["--output-dir", str(tmp_path), "--predict", image, "--score-threshold", "0.0", *QUIET])
     assert drawn_differs(image, tmp_path / f"{os.path.basename(image)[:-4]}_maskrcnn.png")
     assert " detection(s) with score >= 0.0: " in capsys.readouterr().out
-    with pytest.raises(OSError, match="nothere.png"):
+    with pytest.raises(glnet.InputError, match="nothere.png"):
         detect_seg.main(["--output-dir", str(tmp_path), "--predict", str(tmp_path / "nothere.png")])
 
 

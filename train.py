@@ -4,9 +4,8 @@
     torchrun --nproc_per_node 16 train.py --recipe imagenet --model glnet_4g --data /path/to/imagenet
     python train.py --eval --checkpoint runs/glnet_mini-builtin/best.pth
 
-The one home of the training loop: `Trainer` runs every task of the project, a `Task` says what
-differs (data, loss, evaluation). A checkpoint is written atomically every epoch (and every
---checkpoint-every steps), and rerunning the same command resumes it to the step.
+The one training loop: `Trainer` runs every task of the project, a `Task` says what differs (data, loss, evaluation).
+Checkpoints are written atomically every epoch (and --checkpoint-every steps); rerunning resumes to the step.
 """
 
 import argparse
@@ -39,6 +38,7 @@ from torchvision.ops import roi_align
 from torchvision.transforms import v2
 
 import glnet
+from glnet import InputError
 
 # --- Config: the recipes (README.md, "Recipes", gives the source of every value) and the settings ---
 
@@ -66,12 +66,23 @@ CORES = len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", 1
 BENCH_BASELINES = ("swin_t", "convnext_tiny")  # torchvision's models of GLNet-STL's size
 
 
-def at_least(low):  # an argparse type: an int of at least `low`, else a usage error that says so
+class Parser(argparse.ArgumentParser):  # argparse's, a usage error in one line: prog: error: ... (see prog --help)
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def in_range(low, high=math.inf, kind=float, above=False):  # an argparse type: low <= value <= high (> low if above)
     def parse(text):
-        if int(text) < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {text}")
-        return int(text)
+        value = kind(text)
+        if not (value > low if above else value >= low) or value > high:
+            limits = f"{'greater than' if above else 'at least'} {low}" + f" and at most {high}" * (high < math.inf)
+            raise argparse.ArgumentTypeError(f"must be {limits}, got {text}")
+        return value
+    parse.__name__ = kind.__name__  # argparse's error for text that is no number: "invalid float value: 'x'"
     return parse
+
+
+at_least = functools.partial(in_range, kind=int)  # an argparse type: an int of at least the given value
 
 
 def option(default, help, **argparse_options):  # a settings field that is also a command-line flag
@@ -87,41 +98,40 @@ class Settings:
     iters: int | None = option(None, "optimizer steps in all, instead of --epochs", type=at_least(1))
     batch_size: int = option(32, "images per process per step", type=at_least(1))
     accum_steps: int = option(1, "micro-batches per step: global batch = batch x processes x this", type=at_least(1))
-    lr: float = option(1e-3, "peak learning rate at the task's reference global batch, scaled linearly")
-    min_lr: float = option(0.0, "where the decay ends")
-    weight_decay: float = option(0.05, "AdamW's; none on 1-D parameters (norms), biases and layer-scale gammas")
+    lr: float = option(1e-3, "peak lr at the reference global batch, scaled linearly", type=in_range(0, above=True))
+    min_lr: float = option(0.0, "where the decay ends", type=in_range(0))
+    weight_decay: float = option(0.05, "AdamW's; none on 1-D parameters, biases, layer-scale gammas", type=in_range(0))
     lr_schedule: str = option("cosine", "after the warm-up: decay to --min-lr", choices=["cosine", "poly", "step"])
-    lr_steps: tuple = option((), "the epochs at which --lr-schedule step drops the lr 10x")
-    warmup_epochs: float = option(0.0, "linear warm-up")
+    lr_steps: tuple = option((), "the epochs at which --lr-schedule step drops the lr 10x", type=at_least(1), nargs="+")
+    warmup_epochs: float = option(0.0, "linear warm-up", type=in_range(0))
     warmup_iters: int | None = option(None, "instead of --warmup-epochs", type=at_least(0))
-    warmup_factor: float = option(1e-3, "the warm-up starts at this fraction of the peak lr")
-    clip_grad: float = option(0.0, "max gradient norm, 0 = off")
-    drop_path: float | None = option(None, "GLNet's stochastic depth rate")
+    warmup_factor: float = option(1e-3, "the warm-up starts at this fraction of the peak lr", type=in_range(0, 1))
+    clip_grad: float = option(0.0, "max gradient norm, 0 = off", type=in_range(0))
+    drop_path: float | None = option(None, "GLNet's stochastic depth rate", type=in_range(0, 1))
     grad_checkpointing: bool = option(False, "recompute each GLNet block in the backward pass: less memory, more time")
-    ema_decay: float = option(0.0, "EMA of the weights, 0 = off")
+    ema_decay: float = option(0.0, "EMA of the weights, 0 = off", type=in_range(0, 1))
     amp: str = option("auto", "mixed precision: bf16 on GPU, none on CPU", choices=["auto", "bf16", "fp16", "none"])
     compile: bool = option(False, "torch.compile the model")
     workers: int = option(min(8, max(CORES - 1, 1)), "data loading processes per process", type=at_least(0))
     print_freq: int = option(20, "a progress line every N steps", type=at_least(1))
     checkpoint_every: int | None = option(None, "also write last.pth every N steps", type=at_least(1))
     eval_interval: int = option(1, "evaluate every N epochs and after the last", type=at_least(1))
-    seed: int = option(0, "seed of every random stream")
+    seed: int = option(0, "seed of every random stream", type=at_least(0))
     repeated_aug: int = option(1, "every image N times per epoch, over the ranks (DeiT's sampler)", type=at_least(1))
 
 
 @dataclasses.dataclass
 class ClassificationSettings(Settings):
-    recipe: str = option("builtin", "the other flags' defaults (imagenet with --data, builtin without)",
-                         choices=list(RECIPES))
+    recipe: str = option("builtin", "other flags' defaults: imagenet with --data, else builtin", choices=list(RECIPES))
     data: str | None = option(None, "ImageNet-layout folder: train/<class>/*, val/<class>/*; default: built-in")
     cache_dir: str = option(DEFAULT_CACHE, "where the built-in dataset is written once")
     image_size: int = option(224, "training crop; evaluation: resize / --crop-pct, center crop", type=at_least(32))
-    crop_pct: float = option(0.875, "evaluation: the center crop's share of the resized image (0.875: 256 for 224)")
+    crop_pct: float = option(0.875, "eval: crop / resized side (0.875: 224 of 256)", type=in_range(0, 1, above=True))
     randaugment: bool = option(False, "RandAugment(9, 0.5), timm's rand-m9-mstd0.5-inc1")
-    mixup: float = option(0.0, "MixUp alpha, 0 = off")
-    cutmix: float = option(0.0, "CutMix alpha, 0 = off")
-    label_smoothing: float = option(0.1, "of the targets (with token labels: of the teacher's)")
-    random_erasing: float = option(0.0, "probability of erasing a rectangle with per-pixel random values")
+    mixup: float = option(0.0, "MixUp alpha, 0 = off", type=in_range(0))
+    cutmix: float = option(0.0, "CutMix alpha, 0 = off", type=in_range(0))
+    label_smoothing: float = option(0.1, "of the targets (with token labels: of the teacher's)", type=in_range(0, 1))
+    random_erasing: float = option(0.0, "chance a rectangle is erased to per-pixel random values", type=in_range(0, 1))
     interpolation: str = option("bilinear", "of every resize and RandAugment", choices=["bilinear", "bicubic"])
     token_labels: str | None = option(None, "token labeling on these label maps (<labels>/<class>/<image>.pt)")
 
@@ -133,9 +143,7 @@ def add_settings_flags(parser, settings_class, defaults):
         kind = next(t for t in get_args(field.type) or (field.type,) if t is not type(None))
         if kind is bool:
             options["action"] = argparse.BooleanOptionalAction
-        elif kind is tuple:
-            options.update(type=int, nargs="+")
-        else:
+        elif kind is not tuple:  # a tuple's field gives nargs and its items' type
             options.setdefault("type", kind)
         parser.add_argument("--" + field.name.replace("_", "-"), default=argparse.SUPPRESS,
                             help=f"{field.metadata['help']} (default: {defaults(field)})", **options)
@@ -147,16 +155,20 @@ def field_values(settings_class, values):  # the entries of `values` that are fi
 
 # --- Distributed runs, checkpoints, logs ---------------------------------------------------------
 
-def setup_distributed() -> tuple[int, int, torch.device]:
-    """(rank, world_size, device): under torchrun the process group (nccl on CUDA, gloo on CPU)."""
+@contextlib.contextmanager
+def distributed():
+    """(rank, world_size, device) of a run; under torchrun its process group (nccl on CUDA, gloo on CPU) meanwhile."""
     if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+        yield 0, 1, torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+        return
     device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size(), device
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        yield dist.get_rank(), dist.get_world_size(), device
+    finally:
+        dist.destroy_process_group()
 
 
 def is_main_process() -> bool:
@@ -231,14 +243,10 @@ class ResumableDistributedSampler(DistributedSampler):
         super().__init__(*args, **kwargs)
         self.repeated_aug, self.start = repeated_aug, 0
 
-    def __iter__(self):
-        if self.repeated_aug == 1:
-            indices = super().__iter__()
-        else:
-            g = torch.Generator().manual_seed(self.seed + self.epoch)
-            repeated = torch.randperm(len(self.dataset), generator=g).repeat_interleave(self.repeated_aug)
-            indices = iter(repeated[self.rank::self.num_replicas][:self.num_samples].tolist())
-        return itertools.islice(indices, self.start, None)
+    def __iter__(self):  # with repeated_aug 1, DistributedSampler's own shuffled order
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        repeated = torch.randperm(len(self.dataset), generator=g).repeat_interleave(self.repeated_aug)
+        return itertools.islice(repeated[self.rank::self.num_replicas][:self.num_samples].tolist(), self.start, None)
 
     def __len__(self):
         return self.num_samples - self.start
@@ -268,7 +276,7 @@ class Trainer:
         self.global_batch = s.batch_size * world_size * s.accum_steps
         self.steps_per_epoch = len(self.sampler) // (s.batch_size * s.accum_steps)
         if self.steps_per_epoch == 0:
-            raise ValueError(f"{len(task.train_set)} training images are fewer than one global batch of "
+            raise InputError(f"{len(task.train_set)} training images are fewer than one global batch of "
                              f"{self.global_batch} (--batch-size {s.batch_size} x {world_size} processes x "
                              f"--accum-steps {s.accum_steps}): lower --batch-size or --accum-steps")
         self.total_steps = s.iters or s.epochs * self.steps_per_epoch
@@ -305,7 +313,7 @@ class Trainer:
         differ = ", ".join(sorted(set(checkpoint["model"]) ^ set(self.model.state_dict()))[:4])
         if old != new or differ:
             differ = f" (the models differ in {differ})" if differ else ""
-            raise ValueError(f"{path} is a {old[0]} checkpoint of {old[1]} with {old[2]} classes, but this run trains "
+            raise InputError(f"{path} is a {old[0]} checkpoint of {old[1]} with {old[2]} classes, but this run trains "
                              f"{new[0]} with {new[1]} and {new[2]} classes{differ}; use another --output-dir")
         for name in ("model", "optimizer", "scheduler", "scaler"):
             getattr(self, name).load_state_dict(checkpoint[name])
@@ -344,9 +352,8 @@ class Trainer:
     def train_step(self, micro_batches):
         """One optimizer step over the micro-batches (DDP syncs on the last); returns the mean loss."""
         total = 0.0
-        for i, batch in enumerate(micro_batches):
-            last = i == len(micro_batches) - 1
-            with contextlib.nullcontext() if last or self.world_size == 1 else self.ddp.no_sync():
+        for i, batch in enumerate(micro_batches, 1):
+            with contextlib.nullcontext() if i == len(micro_batches) or self.world_size == 1 else self.ddp.no_sync():
                 with autocast(self.device, self.settings.amp):
                     loss = self.task.loss(self.forward, batch)
                 if not torch.isfinite(loss):
@@ -432,17 +439,16 @@ class Trainer:
         return record
 
 
-def load_trained(path, build, **given):
+def load_trained(path, build, read=glnet.read_checkpoint, **given):
     """(model in eval mode, checkpoint) of a checkpoint file of this project (its 'args' say what it holds, merged
-    with `given`) or released (`given` names the model): `build(settings, num_classes)`, then a strict load."""
-    checkpoint = glnet.read_checkpoint(path)
+    with `given`) or released (`given` names the model): `read(path)`, `build(settings, num_classes)`, a strict load."""
+    checkpoint = read(path)
     settings = checkpoint.get("args", {}) | given
     if "model" not in settings:
-        raise ValueError(f"{path} was not written by this project, so it does not say which model it holds: pass "
+        raise InputError(f"{path} was not written by this project, so it does not say which model it holds: pass "
                          f"--model ({', '.join(glnet.MODELS)})")
     state_dict = glnet.unwrap_state_dict(checkpoint)
-    head = state_dict.get("head.weight")
-    num_classes = checkpoint.get("num_classes", 0 if head is None else head.shape[0])
+    num_classes = checkpoint.get("num_classes", len(state_dict.get("head.weight", ())))  # a classifier's rows
     model = build(settings, num_classes)
     glnet.load_checkpoint(model, state_dict) if isinstance(model, glnet.GLNet) else model.load_state_dict(state_dict)
     return model.eval(), checkpoint
@@ -495,7 +501,7 @@ def load_image(path):  # ImageFolder's loader, with an error that names the file
         with Image.open(path) as image:
             image.load()
     except (OSError, ValueError, SyntaxError) as e:
-        raise OSError(f"cannot read image {path}: {e}") from e
+        raise InputError(f"cannot read image {path}: {e}") from e
     return image if image.mode == "RGB" else image.convert("RGB")  # an RGB image as it is, not copied
 
 
@@ -511,7 +517,7 @@ def image_folder(data_dir, split, transform):
         return datasets.ImageFolder(root, transform=transform, loader=load_image)
     except FileNotFoundError as e:
         flat = os.path.isdir(root) and not any(entry.is_dir() for entry in os.scandir(root))
-        raise FileNotFoundError(f"{str(e).rstrip('.')}; expected the ImageNet layout, {root}/<class>/<image>" + flat * (
+        raise InputError(f"{str(e).rstrip('.')}; expected the ImageNet layout, {root}/<class>/<image>" + flat * (
             "; ImageNet's val tarball unpacks flat: sort it into a folder per synset (e.g. valprep.sh)")) from None
 
 
@@ -651,8 +657,8 @@ class TokenLabeledImages(Dataset):
                        os.walk(os.path.join(self.labels_dir, self.classes[label])) for name in names}
             missing += [path for path, _ in samples if self.path(path) not in present]
         if missing:
-            raise FileNotFoundError(f"{len(missing)} of {len(self.images)} training images have no label map, e.g. "
-                                    f"{missing[0]}: expected {self.path(missing[0])}, {self.expected}")
+            raise InputError(f"{len(missing)} of {len(self.images)} training images have no label map, e.g. "
+                             f"{missing[0]}: expected {self.path(missing[0])}, {self.expected}")
 
     def __len__(self):
         return len(self.images)
@@ -665,9 +671,9 @@ class TokenLabeledImages(Dataset):
         image, label_map = load_image(path), torch.load(self.path(path), weights_only=True)
         if not isinstance(label_map, torch.Tensor) or label_map.ndim != 4 or label_map.shape[:2] != (2, TOP_K):
             found = f"shape {tuple(label_map.shape)}" if torch.is_tensor(label_map) else type(label_map).__name__
-            raise ValueError(f"the label map {self.path(path)} of {path} holds {found}; expected {self.expected}")
+            raise InputError(f"the label map {self.path(path)} of {path} holds {found}; expected {self.expected}")
         if not 0 <= label_map[1].min() <= label_map[1].max() < len(self.classes):
-            raise ValueError(f"the label map {self.path(path)} of {path} holds class indices {label_map[1].min():.0f}-"
+            raise InputError(f"the label map {self.path(path)} of {path} holds class indices {label_map[1].min():.0f}-"
                              f"{label_map[1].max():.0f}; expected {self.expected}")
         if torch.rand(()) < 0.5:                                                # the horizontal flip
             image, label_map = v2.functional.horizontal_flip(image), label_map.flip(-1)
@@ -715,9 +721,7 @@ class MixToken:
 
 def token_labeling_loss(model, batch, device, mix_token):
     """LV-ViT's: cross-entropy with the crop labels mixed by lam (no ground truth) + 0.5 x the token labels'."""
-    images, _, crop_labels, token_labels = (t.to(device, non_blocking=True) for t in batch)
-    if device.type == "cuda":
-        images = images.contiguous(memory_format=torch.channels_last)
+    images, _, crop_labels, token_labels = (t.to(device, non_blocking=True) for t in batch)  # GLNet makes it NHWC
     class_logits, token_logits, lam = mix_token(model, images)
     crop_labels = lam * crop_labels + (1 - lam) * crop_labels.flip(0)
     token_loss = F.cross_entropy(token_logits.flatten(0, 1), token_labels.flatten(0, 1))
@@ -735,12 +739,12 @@ def make_token_labels(output, teacher_path, given, rank, world_size, device):
     """LV-ViT's label maps (2, 5, h, w) of every training image by a teacher, renamed into OUTPUT when complete."""
     output, tmp = os.path.abspath(output), os.path.abspath(output) + ".tmp"
     if os.path.isdir(output) and os.listdir(output):
-        raise FileExistsError(f"{output} is not empty: label maps go into a new folder (choose another or remove it)")
+        raise InputError(f"{output} is not empty: label maps go into a new folder (choose another or remove it)")
     teacher, s = from_checkpoint(teacher_path, given, device)
     images = image_folder(s.data, "train", v2.Compose([v2.Resize((s.image_size,) * 2, interpolation=s.interpolation,
                                                                  antialias=True), to_tensor]))
     if not TOP_K <= len(images.classes) <= 2048:  # class indices are exact in half precision up to 2048
-        raise ValueError(f"label maps hold the top-{TOP_K} of 5 to 2048 classes; {s.data} has {len(images.classes)}")
+        raise InputError(f"label maps hold the top-{TOP_K} of 5 to 2048 classes; {s.data} has {len(images.classes)}")
     if is_main_process():
         shutil.rmtree(tmp, ignore_errors=True)
     if dist.is_initialized():
@@ -831,7 +835,7 @@ def recipe_defaults(field):
 
 def parse_args(argv=None):
     """(every flag, the settings flags given on the command line)."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS)
+    parser = Parser(description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS)
     add_settings_flags(parser, ClassificationSettings, recipe_defaults)
     parser.add_argument("--eval", action="store_true", help="evaluate --checkpoint (released: with --model, --data)")
     parser.add_argument("--checkpoint")
@@ -849,9 +853,10 @@ def parse_args(argv=None):
     return args, field_values(ClassificationSettings, vars(args))
 
 
-def make_settings(given, trained=None):
-    """The one place where a recipe becomes settings: its values, then a checkpoint's, then the command line's."""
-    trained = trained or {}
+def make_settings(given, checkpoint=None):
+    """The one place where a recipe becomes settings: its, a checkpoint's (released: its recipe's), the flags'."""
+    released = {"recipe": "imagenet-tklb" if given.get("model", "").endswith("_tklb") else "imagenet"}
+    trained = {} if checkpoint is None else checkpoint.get("args", released)
     recipe = given.get("recipe") or trained.get("recipe") or (
         ("imagenet-tklb" if given.get("token_labels") else "imagenet") if given.get("data") else "builtin")
     values = field_values(ClassificationSettings, {**RECIPES[recipe], **trained, "recipe": recipe, **given})
@@ -861,10 +866,10 @@ def make_settings(given, trained=None):
     values.setdefault("output_dir", f"runs/{values['model']}-{data_name}{'-tklb' * bool(values.get('token_labels'))}")
     s = ClassificationSettings(**values)
     if (s.recipe == "imagenet-tklb" or s.model.endswith("_tklb")) and not s.token_labels and not trained:
-        raise ValueError(f"--recipe {s.recipe} with --model {s.model} trains with token labels: pass --token-labels "
+        raise InputError(f"--recipe {s.recipe} with --model {s.model} trains with token labels: pass --token-labels "
                          f"DIR (the NFNet-F6 maps, or make them with --make-token-labels DIR --teacher CHECKPOINT)")
     if s.token_labels and (s.mixup or s.cutmix):
-        raise ValueError(f"token labeling mixes with MixToken instead of mixup and cutmix: pass --mixup 0 --cutmix 0 "
+        raise InputError(f"token labeling mixes with MixToken instead of mixup and cutmix: pass --mixup 0 --cutmix 0 "
                          f"(got {s.mixup}, {s.cutmix})")
     return s
 
@@ -889,7 +894,7 @@ def build_trainer(s: ClassificationSettings, rank=0, world_size=1, device=torch.
     val_set = image_folder(data_dir, "val", eval_transform(s.image_size, s.interpolation, s.crop_pct))
     if train_set.classes != val_set.classes:
         differ = sorted(set(train_set.classes) ^ set(val_set.classes))[:5]
-        raise ValueError(f"the class folders of {data_dir}/train and {data_dir}/val differ in {differ}")
+        raise InputError(f"the class folders of {data_dir}/train and {data_dir}/val differ in {differ}")
     classes, num_classes = train_set.classes, len(train_set.classes)
     model = model or build_classifier(dataclasses.asdict(s), num_classes)
     if s.token_labels:
@@ -906,18 +911,12 @@ def build_trainer(s: ClassificationSettings, rank=0, world_size=1, device=torch.
     return Trainer(s, model, task, rank, world_size, device)
 
 
-def checkpoint_settings(checkpoint, given):
-    """The settings a checkpoint was trained with (a released one: as its recipe), the command line's over them."""
-    released = {"recipe": "imagenet-tklb" if given.get("model", "").endswith("_tklb") else "imagenet"}
-    return make_settings(given, checkpoint.get("args", released))
-
-
 def from_checkpoint(path, given, device):
     """(model, settings it was trained with and the command line's) of a checkpoint to evaluate or teach."""
     model, checkpoint = load_trained(path, build_classifier, **given)
     if "data" not in checkpoint.get("args", {}) and "data" not in given:
-        raise ValueError(f"{path} was not written by train.py, so it does not say which data it is for: pass --data")
-    s = checkpoint_settings(checkpoint, given)
+        raise InputError(f"{path} was not written by train.py, so it does not say which data it is for: pass --data")
+    s = make_settings(given, checkpoint)
     data = s.data or builtin_dataset(s.cache_dir, SHAPES_VERSION, make_shapes_dataset)
     return model.to(device), dataclasses.replace(s, data=data)
 
@@ -925,8 +924,7 @@ def from_checkpoint(path, given, device):
 def main(argv=None):
     """Train, --eval, --make-token-labels or --bench; returns the best top-1, metrics, label folder or timings."""
     args, given = parse_args(argv)
-    rank, world_size, device = setup_distributed()
-    try:
+    with distributed() as (rank, world_size, device):
         if "eval" in args:
             model, s = from_checkpoint(args.checkpoint, given, device)
             val_set = image_folder(s.data, "val", eval_transform(s.image_size, s.interpolation, s.crop_pct))
@@ -949,16 +947,13 @@ def main(argv=None):
         trainer.fit()
         log(f"done: best val top-1 {trainer.best:.2f}; python train.py --eval --checkpoint {s.output_dir}/best.pth")
         return {"best_top1": trainer.best}
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
-def run(main):  # a script as a command: an error in the flags, data or checkpoints it was given ends as one line
+def run(main):  # a script as a command: an InputError ends it as one line, exit status 2; others keep the traceback
     try:
         main()
-    except (ValueError, OSError) as e:  # the types of this project's input errors (argparse exits on a bad flag)
-        argparse.ArgumentParser().exit(2, f"{os.path.basename(sys.argv[0])}: error: {e}\n")
+    except InputError as e:
+        Parser().exit(2, f"{os.path.basename(sys.argv[0])}: error: {e}\n")
 
 
 if __name__ == "__main__":
