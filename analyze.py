@@ -189,7 +189,7 @@ def create(name, weights=None, pretrained=False):
             return __import__("timm").create_model(entry, pretrained=pretrained)
         return torch.hub.load(source, entry, source="local" if os.path.isdir(source) else "github",
                               trust_repo=True, pretrained=pretrained)
-    except OSError as e:  # offline: urllib's errors
+    except (OSError, RuntimeError) as e:  # offline: urllib's errors, torch.hub's
         where = weights and f"{weights.url} into {torch.hub.get_dir()}/checkpoints/"
         raise InputError(f"cannot download {name}'s {'weights' if where else 'code or weights'} ({e}); download "
                          f"{where or 'the repository and pass its folder as --model FOLDER:ENTRY'}") from e

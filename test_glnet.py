@@ -2560,6 +2560,9 @@ def test_downloads_that_fail_offline_name_what_to_put_where(hub, tmp_path, monke
     with pytest.raises(glnet.InputError, match=r"cannot download resnet18's weights .*; download https://download\.pytorch"
                                          rf"\.org/models/resnet18-.*\.pth into {tmp_path}/torch/hub/checkpoints/"):
         analyze.main(["evaluate", "--model", "resnet18", "--weights", "DEFAULT", "--data", "x", *FAST])
+    with pytest.raises(glnet.InputError, match=r"cannot download facebookresearch/dinov2:dinov2_vits14's code or weights "
+                                               r".*; download the repository and pass its folder as --model FOLDER:ENTRY"):
+        analyze.main(["evaluate", "--model", "facebookresearch/dinov2:dinov2_vits14", "--data", "x", *FAST])
     with pytest.raises(glnet.InputError, match="--weights V9: resnet18's weights are IMAGENET1K_V1, DEFAULT"):
         analyze.main(["evaluate", "--model", "resnet18", "--weights", "V9", "--data", "x", *FAST])
 
